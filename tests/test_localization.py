@@ -1,0 +1,205 @@
+"""MaxBoxAccV2 against a direct implementation of Choe et al.'s definition, and hand-computed cases."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from vitprobe import localization as loc
+
+# ---------------------------------------------------------------------------------------------------------
+# A direct, slow implementation written from the definition (wsolevaluation, multi-contour, multi-IoU):
+# flood fill for 8-connected foreground regions (outer contours) and 4-connected background holes (hole
+# contours, whose border pixels lie one pixel outside the hole); OpenCV boundingRect's x + w clipped to
+# W - 1; IoU with inclusive pixels; BoxAcc(τ, δ) mean of [best IoU ≥ δ]; max over τ; mean over δ.
+
+
+def _components(mask: np.ndarray, neighbours: list[tuple[int, int]]) -> list[list[tuple[int, int]]]:
+    h, w = mask.shape
+    seen = np.zeros_like(mask, dtype=bool)
+    comps = []
+    for y in range(h):
+        for x in range(w):
+            if mask[y, x] and not seen[y, x]:
+                stack, comp = [(y, x)], []
+                seen[y, x] = True
+                while stack:
+                    cy, cx = stack.pop()
+                    comp.append((cy, cx))
+                    for dy, dx in neighbours:
+                        ny, nx = cy + dy, cx + dx
+                        if 0 <= ny < h and 0 <= nx < w and mask[ny, nx] and not seen[ny, nx]:
+                            seen[ny, nx] = True
+                            stack.append((ny, nx))
+                comps.append(comp)
+    return comps
+
+
+N8 = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)]
+N4 = [(-1, 0), (1, 0), (0, -1), (0, 1)]
+
+
+def direct_boxes(mask: np.ndarray) -> list[tuple[int, int, int, int]]:
+    h, w = mask.shape
+    boxes = []
+    for comp in _components(mask, N8):
+        ys, xs = [p[0] for p in comp], [p[1] for p in comp]
+        boxes.append((min(xs), min(ys), min(max(xs) + 1, w - 1), min(max(ys) + 1, h - 1)))
+    if not boxes:
+        return [(0, 0, 0, 0)]
+    for comp in _components(~mask, N4):
+        ys, xs = [p[0] for p in comp], [p[1] for p in comp]
+        if min(ys) == 0 or min(xs) == 0 or max(ys) == h - 1 or max(xs) == w - 1:
+            continue
+        # the hole's border: foreground pixels 4-adjacent to it, from min - 1 to max + 1
+        boxes.append((min(xs) - 1, min(ys) - 1, min(max(xs) + 2, w - 1), min(max(ys) + 2, h - 1)))
+    return boxes
+
+
+def direct_iou(a: tuple, b: tuple) -> float:
+    iw = max(0, min(a[2], b[2]) - max(a[0], b[0]) + 1)
+    ih = max(0, min(a[3], b[3]) - max(a[1], b[1]) + 1)
+    inter = iw * ih
+    union = (a[2] - a[0] + 1) * (a[3] - a[1] + 1) + (b[2] - b[0] + 1) * (b[3] - b[1] + 1) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def direct_maxboxaccv2(maps: list[np.ndarray], gts: list[list[tuple]]) -> tuple[float, dict]:
+    taus = [i / 100 for i in range(100)]
+    per_delta = {}
+    for delta in (30, 50, 70):
+        accs = []
+        for tau in taus:
+            correct = 0
+            for m, gt in zip(maps, gts, strict=True):
+                best = max(direct_iou(p, g) for p in direct_boxes(m > tau) for g in gt)
+                correct += best >= delta / 100
+            accs.append(100 * correct / len(maps))
+        per_delta[delta] = max(accs)
+    return sum(per_delta.values()) / 3, per_delta
+
+
+def _normalise(m: np.ndarray) -> np.ndarray:
+    return (m - m.min()) / (m.max() - m.min())
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_hand_computed_single_blob() -> None:
+    # a 10x10 map with one bright 3x3 square at x 2..4, y 3..5
+    m = np.zeros((10, 10))
+    m[3:6, 2:5] = 1.0
+    boxes = loc.boxes_from_scoremap(m, 0.5)
+    # OpenCV boundingRect gives x=2, w=3 → x1 = x + w = 5; same for y: 3 + 3 = 6
+    assert boxes.tolist() == [[2, 3, 5, 6]]
+    # IoU with the GT box (2, 3, 4, 5) inclusive: areas 16 and 9, intersection 9 → 9 / 16
+    assert loc.box_iou(boxes, np.array([[2, 3, 4, 5]]))[0, 0] == pytest.approx(9 / 16)
+    res = loc.max_box_acc_v2([m], [np.array([[2, 3, 4, 5]])])
+    # best IoU at every τ in [0, 1) is 9/16 = 0.5625: correct at δ=30 and 50, wrong at 70
+    assert res.max_box_acc == {30: 100.0, 50: 100.0, 70: 0.0}
+    assert res.max_box_acc_v2 == pytest.approx(200 / 3)
+
+
+def test_empty_mask_gives_zero_box_and_edge_clipping() -> None:
+    assert loc.boxes_from_mask(np.zeros((5, 7), bool)).tolist() == [[0, 0, 0, 0]]
+    full = np.ones((5, 7), bool)
+    assert loc.boxes_from_mask(full).tolist() == [[0, 0, 6, 4]]  # x + w = 7 clipped to W - 1 = 6
+
+
+def test_hole_contours_are_boxes_too() -> None:
+    ring = np.zeros((9, 9), bool)
+    ring[1:8, 1:8] = True
+    ring[3:6, 3:6] = False  # a 3x3 hole at 3..5
+    boxes = sorted(map(tuple, loc.boxes_from_mask(ring).tolist()))
+    assert boxes == sorted([(1, 1, 8, 8), (2, 2, 7, 7)])
+    assert boxes == sorted(direct_boxes(ring))
+
+
+def test_diagonal_pixels_are_one_region() -> None:
+    m = np.zeros((6, 6), bool)
+    m[1, 1] = m[2, 2] = m[4, 4] = True  # (1,1)-(2,2) touch diagonally; (4,4) is separate
+    assert sorted(loc.boxes_from_mask(m).tolist()) == [[1, 1, 3, 3], [4, 4, 5, 5]]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_maxboxaccv2_equals_direct_implementation(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    maps, gts = [], []
+    for _ in range(6):
+        h, w = rng.integers(8, 15, size=2)
+        # smooth-ish random maps with several blobs, holes and plateaus
+        coarse = rng.random((4, 4))
+        m = np.kron(coarse, np.ones((4, 4)))[:h, :w] + 0.3 * rng.random((h, w))
+        m = np.round(_normalise(m), 2)  # ties at the τ grid exercise the strict '>'
+        maps.append(m)
+        k = rng.integers(1, 3)
+        gt = []
+        for _ in range(k):
+            x0, y0 = rng.integers(0, w - 3), rng.integers(0, h - 3)
+            gt.append((int(x0), int(y0), int(rng.integers(x0 + 1, w)), int(rng.integers(y0 + 1, h))))
+        gts.append(gt)
+    expected_v2, expected = direct_maxboxaccv2(maps, gts)
+    res = loc.max_box_acc_v2(maps, [np.array(g) for g in gts])
+    assert res.max_box_acc == pytest.approx(expected)
+    assert res.max_box_acc_v2 == pytest.approx(expected_v2)
+    for m in maps:  # the boxes themselves, at a few thresholds
+        for tau in (0.0, 0.3, 0.55, 0.9):
+            got = sorted(map(tuple, loc.boxes_from_scoremap(m, tau).tolist()))
+            assert got == sorted(direct_boxes(m > tau))
+
+
+def test_box_accuracy_streaming_counts() -> None:
+    acc = loc.BoxAccuracy(thresholds=(0.0, 0.5), iou_thresholds=(50,))
+    m = np.zeros((10, 10))
+    m[0:5, 0:5] = 1.0
+    acc.add(m, np.array([[0, 0, 4, 4]]))  # τ=0 and 0.5: box (0,0,5,5) vs (0,0,4,4): IoU 25/36 ≥ 0.5
+    acc.add(m, np.array([[6, 6, 9, 9]]))  # no overlap at either τ
+    assert acc.box_acc().tolist() == [[50.0, 50.0]]
+    assert acc.result().best_threshold == {50: 0.0}
+
+
+def test_xywh_conversion() -> None:
+    assert loc.xywh_to_xyxy([[60.0, 27.0, 325.0, 304.0]]).tolist() == [[60.0, 27.0, 385.0, 331.0]]
+
+
+def test_scoremap_upsampling_equals_bicubic_interpolate() -> None:
+    rng = np.random.default_rng(0)
+    patch = rng.random((4, 5))
+    got = loc.scoremap_at_image(patch, (40, 32))  # (W, H): the whole image is the model input
+    ref = F.interpolate(torch.tensor(patch)[None, None], size=(32, 40), mode="bicubic", align_corners=False)
+    ref = ref[0, 0].numpy()  # (32, 40)
+    np.testing.assert_allclose(got, _normalise(ref), atol=1e-9)
+    assert got.min() == 0.0 and got.max() == 1.0
+    assert not loc.scoremap_at_image(np.ones((3, 3)), (9, 9)).any()  # constant map → zeros
+
+
+def test_eval_input_view_matches_timm_transform() -> None:
+    from timm.data import create_transform
+
+    cfg = {"input_size": (3, 160, 160), "interpolation": "bilinear", "crop_pct": 0.95, "crop_mode": "center",
+           "mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}
+    w, h = 250, 200
+    xs = np.tile(np.arange(w, dtype=np.uint8)[None, :], (h, 1))  # pixel value = x coordinate
+    ys = np.tile(np.arange(h, dtype=np.uint8)[:, None], (1, w))  # pixel value = y coordinate
+    img = Image.fromarray(np.stack([xs, ys, np.zeros_like(xs)], axis=-1))
+    out = create_transform(**cfg, is_training=False)(img).numpy() * 255  # (3, 160, 160)
+    view = loc.eval_input_view((w, h), cfg)
+    # input pixel u's centre came from original x = (u + 0.5 + left) / scale - 0.5 (pixel-index units)
+    for u in (0, 80, 159):
+        x_expected = (u + 0.5 + view.left) / view.scale_x - 0.5
+        y_expected = (u + 0.5 + view.top) / view.scale_y - 0.5
+        assert out[0, 80, u] == pytest.approx(x_expected, abs=1.0)
+        assert out[1, u, 80] == pytest.approx(y_expected, abs=1.0)
+
+
+def test_scoremap_outside_the_crop_scores_zero() -> None:
+    cfg = {"input_size": (3, 32, 32), "crop_pct": 0.5, "crop_mode": "center"}
+    view = loc.eval_input_view((64, 64), cfg)  # resize to 64, crop the central 32x32
+    assert (view.left, view.top, view.scale_x) == (16.0, 16.0, 1.0)
+    s = loc.scoremap_at_image(np.arange(4.0).reshape(2, 2), (64, 64), view)
+    assert not s[:16].any() and not s[:, :16].any() and not s[48:].any() and not s[:, 48:].any()
+    assert s[16:48, 16:48].max() == 1.0
