@@ -1,0 +1,618 @@
+"""Datasets: a spec string `KIND:PATH` plus a split -> an `ImageDataset` of image paths, labels and boxes.
+
+Kinds: `imagefolder:DIR`, `imagenet:DIR`, `cub:DIR`, `csv:FILE` and
+`synthetic:needles[?n=..&classes=..&size=..&seed=..]` (see docs/datasets.md). Nothing here decides how
+images are resized: callers pass the backbone's transform. Every dataset has a `fingerprint`, the sha256 of
+its sorted (relative path, label) list, that caches record.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+import re
+from collections.abc import Callable, Iterable
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl
+
+import torch.utils.data
+from PIL import Image, UnidentifiedImageError
+
+from vitprobe.errors import DatasetError
+
+KINDS = ("imagefolder", "imagenet", "cub", "csv", "synthetic")
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
+)
+SPLIT_FOLDER_NAMES = ("train", "val", "valid", "validation", "test")  # sub-folders that are splits
+CUB_FILES = ("images.txt", "image_class_labels.txt", "train_test_split.txt", "classes.txt")
+CUB_SPLITS = ("train", "test", "all")
+ALL = "all"
+
+Box = tuple[float, float, float, float]  # (x, y, w, h) in original pixels
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Images on disk with integer labels, optional boxes, and a transform applied on access.
+
+    `__getitem__(i)` returns `(transform(image) or the PIL image, label, i)`; the index lets extraction write
+    tokens back in dataset order. Images are always RGB (see `load_image`).
+
+    Attributes:
+        spec: the spec string the dataset was opened from.
+        split: the split actually read (`all` when a folder has no split sub-folders).
+        kind: one of KINDS.
+        root: the folder relative paths (and the fingerprint) are taken against.
+        class_names: name of class k at index k (same list for every split of a dataset).
+        paths: absolute path of each image.
+        labels: class index of each image.
+        boxes: per image a list of (x, y, w, h) boxes in original pixels, or None when the dataset has none.
+        transform: callable applied to the PIL image in `__getitem__`; may be set after construction.
+        notes: things the user should know about how the spec was read (e.g. a split fallback).
+    """
+
+    def __init__(
+        self,
+        *,
+        spec: str,
+        split: str,
+        kind: str,
+        root: Path,
+        class_names: list[str],
+        paths: list[Path],
+        labels: list[int],
+        boxes: list[list[Box]] | None = None,
+        transform: Callable[[Image.Image], Any] | None = None,
+        notes: list[str] | None = None,
+    ) -> None:
+        assert len(paths) == len(labels), "one label per image"
+        assert boxes is None or len(boxes) == len(paths), "one box list per image"
+        self.spec = spec
+        self.split = split
+        self.kind = kind
+        self.root = root
+        self.class_names = class_names
+        self.paths = paths
+        self.labels = labels
+        self.boxes = boxes
+        self.transform = transform
+        self.notes = notes or []
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """sha256 hex of the sorted lines `"<relative path>\\t<label>\\n"` (UTF-8, POSIX paths under root).
+
+        It identifies which files carry which labels, not the pixels: regenerating a synthetic dataset with
+        the same parameters gives the same fingerprint; relabelling or adding one file changes it.
+        """
+        return fingerprint(self.relative_paths(), self.labels)
+
+    def relative_paths(self) -> list[str]:
+        """POSIX paths relative to `root` (absolute when an image lies outside it, e.g. in a CSV)."""
+        return [_relative(path, self.root) for path in self.paths]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[Any, int, int]:
+        image = self.load_image(i)
+        return (self.transform(image) if self.transform is not None else image), self.labels[i], i
+
+    def load_image(self, i: int) -> Image.Image:
+        """Image `i` as RGB: grayscale replicated, CMYK converted, palette and alpha composited on white."""
+        path = self.paths[i]
+        try:
+            with Image.open(path) as image:
+                image.load()
+                return to_rgb(image)
+        except FileNotFoundError as exc:
+            raise DatasetError(f"{self.spec}: missing image {path}", _hint_for(self.kind)) from exc
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:  # incl. Unidentified
+            raise DatasetError(
+                f"{self.spec}: cannot read image {path} ({type(exc).__name__}: {exc})",
+                "replace or remove the corrupt file",
+            ) from exc
+
+    def image_size(self, i: int) -> tuple[int, int]:
+        """(width, height) of image `i` as stored in the file (reads only the header)."""
+        path = self.paths[i]
+        try:
+            with Image.open(path) as image:
+                return image.size
+        except FileNotFoundError as exc:
+            raise DatasetError(f"{self.spec}: missing image {path}", _hint_for(self.kind)) from exc
+        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
+            raise DatasetError(
+                f"{self.spec}: cannot read image {path} ({type(exc).__name__}: {exc})",
+                "replace or remove the corrupt file",
+            ) from exc
+
+    def describe(self) -> dict[str, Any]:
+        """What `data show --json` prints and manifests record: counts, classes, boxes, fingerprint."""
+        return {
+            "spec": self.spec,
+            "kind": self.kind,
+            "split": self.split,
+            "root": str(self.root),
+            "num_images": len(self),
+            "num_classes": self.num_classes,
+            "class_names": list(self.class_names),
+            "has_boxes": self.boxes is not None,
+            "num_boxes": None if self.boxes is None else sum(len(b) for b in self.boxes),
+            "fingerprint": self.fingerprint,
+            "notes": list(self.notes),
+        }
+
+    def __repr__(self) -> str:
+        return (
+            f"ImageDataset(spec={self.spec!r}, split={self.split!r}, images={len(self)}, "
+            f"classes={self.num_classes}, boxes={self.boxes is not None})"
+        )
+
+
+def fingerprint(relative_paths: Iterable[str], labels: Iterable[int]) -> str:
+    """sha256 hex of the sorted `"<relative path>\\t<label>\\n"` lines (see `ImageDataset.fingerprint`)."""
+    h = hashlib.sha256()
+    for rel, label in sorted(zip(relative_paths, labels, strict=True)):
+        h.update(f"{rel}\t{int(label)}\n".encode())
+    return h.hexdigest()
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any PIL mode to RGB: alpha (RGBA, LA, palette transparency) is composited onto white,
+    16-bit and 32-bit grayscale are scaled to 8 bits, CMYK and YCbCr use PIL's conversion."""
+    if image.mode == "RGB":
+        return image.copy()  # detached from the (closed) file
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        import numpy as np
+
+        values = np.asarray(image, dtype=np.float64)
+        scale = 255.0 / 65535.0 if image.mode.startswith("I;16") or values.max(initial=0) > 255 else 1.0
+        if image.mode == "F" and values.max(initial=0) <= 1.0:
+            scale = 255.0
+        image = Image.fromarray(np.clip(np.rint(values * scale), 0, 255).astype(np.uint8), mode="L")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def parse_spec(spec: str) -> tuple[str, str]:
+    """Split `KIND:REST` and check KIND; REST is a path (or `needles?...` for synthetic)."""
+    kind, sep, rest = spec.partition(":")
+    if not sep or kind not in KINDS:
+        raise DatasetError(
+            f"unknown dataset spec {spec!r}: expected KIND:PATH with KIND one of {', '.join(KINDS)}",
+            "e.g. --data imagefolder:/data/flowers, cub:/data/CUB_200_2011 or synthetic:needles",
+        )
+    if not rest:
+        raise DatasetError(f"dataset spec {spec!r} has no path after {kind}:", f"write {kind}:PATH")
+    return kind, rest
+
+
+def open_dataset(
+    spec: str, split: str, *, transform: Callable[[Image.Image], Any] | None = None
+) -> ImageDataset:
+    """Open a dataset spec at one split.
+
+    Args:
+        spec: `imagefolder:DIR`, `imagenet:DIR`, `cub:DIR`, `csv:FILE` or `synthetic:needles[?k=v&...]`.
+        split: `train`, `val`, `test`, ... as the layout has them, or `all`.
+        transform: applied to each PIL image in `__getitem__` (usually `backbone.transform()`).
+
+    Raises:
+        DatasetError: unknown kind, missing files (the message names the expected file), unknown split.
+    """
+    kind, rest = parse_spec(spec)
+    opener = {
+        "imagefolder": _open_imagefolder,
+        "imagenet": _open_imagenet,
+        "cub": _open_cub,
+        "csv": _open_csv,
+        "synthetic": _open_synthetic,
+    }[kind]
+    dataset = opener(spec, rest, split)
+    dataset.transform = transform
+    return dataset
+
+
+def list_splits(spec: str) -> list[str]:
+    """The splits a spec offers, e.g. `["train", "test"]` for CUB or `["all"]` for a flat image folder."""
+    kind, rest = parse_spec(spec)
+    if kind == "imagefolder":
+        root = _existing_dir(spec, rest, "imagefolder")
+        return _split_folders(root) or [ALL]
+    if kind == "imagenet":
+        root = _existing_dir(spec, rest, "imagenet")
+        return [s for s in ("train", "val") if (root / s).is_dir()]
+    if kind in ("cub", "synthetic"):
+        return ["train", "test"]
+    path = _existing_file(spec, rest)
+    rows = _read_csv_rows(spec, path)
+    splits = sorted({row["split"] for row in rows if row.get("split")})
+    return splits or [ALL]
+
+
+def vitprobe_home() -> Path:
+    """`$VITPROBE_HOME`, default `~/.cache/vitprobe`: where generated datasets live."""
+    return Path(os.environ.get("VITPROBE_HOME", "~/.cache/vitprobe")).expanduser()
+
+
+# --------------------------------------------------------------------------------------------- image folders
+
+
+def _open_imagefolder(spec: str, rest: str, split: str) -> ImageDataset:
+    """`DIR/<class>/**/<image>`; with split folders (`DIR/train/<class>/...`) `split` picks one."""
+    top = _existing_dir(spec, rest, "imagefolder")
+    splits = _split_folders(top)
+    notes: list[str] = []
+    if splits:
+        if split not in splits:
+            raise DatasetError(
+                f"{spec}: no split folder {top / split} (split folders: {', '.join(splits)})",
+                f"use --split {' or --split '.join(splits)}",
+            )
+        folder = top / split
+        class_names = sorted({c for s in splits for c in _class_folders(top / s)})
+    else:
+        if split != ALL:
+            notes.append(f"{top} has no split folder {split!r}: reading all images in it (split 'all')")
+        folder, split = top, ALL
+        class_names = _class_folders(top)
+    if not class_names:
+        raise DatasetError(
+            f"{spec}: no class sub-folders in {folder}",
+            "an image folder needs DIR/<class name>/<image files>",
+        )
+    paths, labels = _scan_class_folders(folder, class_names)
+    if not paths:
+        raise DatasetError(
+            f"{spec}: no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {folder}",
+            "put images in DIR/<class name>/",
+        )
+    return ImageDataset(
+        spec=spec, split=split, kind="imagefolder", root=top, class_names=class_names,
+        paths=paths, labels=labels, notes=notes,
+    )  # fmt: skip
+
+
+def _open_imagenet(spec: str, rest: str, split: str) -> ImageDataset:
+    """`DIR/{train,val}/<synset>/<image>`; class index = sorted synset order (of train/ when present)."""
+    root = _existing_dir(spec, rest, "imagenet")
+    if split not in ("train", "val"):
+        raise DatasetError(f"{spec}: unknown split {split!r} for ImageNet", "use --split train or val")
+    folder = root / split
+    if not folder.is_dir():
+        raise DatasetError(
+            f"{spec}: missing folder {folder}",
+            "point at the folder that holds train/ and val/ (each with one sub-folder per synset)",
+        )
+    reference = root / "train" if (root / "train").is_dir() else folder
+    synsets = _class_folders(reference)
+    if not synsets:
+        raise DatasetError(f"{spec}: no synset folders in {reference}", "expected train/n01440764/...")
+    extra = sorted(set(_class_folders(folder)) - set(synsets))
+    if extra:
+        raise DatasetError(
+            f"{spec}: {folder} has class folders not in {reference}: {', '.join(extra[:5])}",
+            "train/ and val/ must use the same synset folders",
+        )
+    paths, labels = _scan_class_folders(folder, synsets)
+    if not paths:
+        raise DatasetError(
+            f"{spec}: no images in synset folders under {folder}",
+            "val/ must be sorted into synset folders too (e.g. with the LOC_val_solution.csv labels)",
+        )
+    names, notes = synsets, []
+    mapping = next((p for p in (root / "LOC_synset_mapping.txt", root.parent / "LOC_synset_mapping.txt")
+                    if p.is_file()), None)  # fmt: skip
+    if mapping is not None:
+        words = _read_synset_mapping(spec, mapping)
+        names = [words.get(s, s) for s in synsets]
+        notes.append(f"class names from {mapping}")
+    return ImageDataset(
+        spec=spec, split=split, kind="imagenet", root=root, class_names=names,
+        paths=paths, labels=labels, notes=notes,
+    )  # fmt: skip
+
+
+def _read_synset_mapping(spec: str, path: Path) -> dict[str, str]:
+    """`n01440764 tench, Tinca tinca` lines -> {synset: first name}."""
+    words: dict[str, str] = {}
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        synset, _, text = line.strip().partition(" ")
+        if not text:
+            raise DatasetError(f"{spec}: {path} line {number} is not 'SYNSET names'", "fix the file")
+        words[synset] = text.split(",")[0].strip()
+    return words
+
+
+def _split_folders(top: Path) -> list[str]:
+    return [name for name in SPLIT_FOLDER_NAMES if (top / name).is_dir()]
+
+
+def _class_folders(folder: Path) -> list[str]:
+    """Sorted names of the visible sub-folders of `folder`."""
+    return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
+
+
+def _scan_class_folders(folder: Path, class_names: list[str]) -> tuple[list[Path], list[int]]:
+    """Images under `folder/<class>/` (recursively, sorted), labelled by the class's index."""
+    paths: list[Path] = []
+    labels: list[int] = []
+    for label, name in enumerate(class_names):
+        class_dir = folder / name
+        if not class_dir.is_dir():
+            continue
+        found: list[Path] = []
+        for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            found.extend(
+                Path(dirpath) / f
+                for f in filenames
+                if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS
+            )
+        found.sort()
+        paths.extend(found)
+        labels.extend([label] * len(found))
+    return paths, labels
+
+
+# ----------------------------------------------------------------------------------------- CUB and synthetic
+
+
+def _open_cub(spec: str, rest: str, split: str, *, kind: str = "cub") -> ImageDataset:
+    """The official CUB_200_2011 layout (DIR or DIR/CUB_200_2011); labels 1-based in the files -> 0-based."""
+    root = _existing_dir(spec, rest, "cub")
+    if not (root / "images.txt").is_file() and (root / "CUB_200_2011" / "images.txt").is_file():
+        root = root / "CUB_200_2011"
+    for name in CUB_FILES:
+        if not (root / name).is_file():
+            raise DatasetError(
+                f"{spec}: missing {root / name}",
+                "point --data at the CUB_200_2011 folder (the one with images.txt and images/)",
+            )
+    if split not in CUB_SPLITS:
+        raise DatasetError(f"{spec}: unknown split {split!r} for CUB", "use --split train, test or all")
+    images = _read_id_table(spec, root / "images.txt", 1)
+    labels_by_id = _read_id_table(spec, root / "image_class_labels.txt", 1)
+    is_train = _read_id_table(spec, root / "train_test_split.txt", 1)
+    classes = _read_id_table(spec, root / "classes.txt", 1)
+    box_file = root / "bounding_boxes.txt"
+    boxes_by_id = _read_id_table(spec, box_file, 4) if box_file.is_file() else None
+    notes = [] if boxes_by_id is not None else [f"no {box_file}: the dataset has no boxes"]
+
+    class_ids = sorted(classes, key=int)
+    if [int(c) for c in class_ids] != list(range(1, len(class_ids) + 1)):
+        raise DatasetError(f"{spec}: {root / 'classes.txt'} ids are not 1..K", "restore the original file")
+    class_names = [_strip_number(classes[c][0]) for c in class_ids]
+
+    paths: list[Path] = []
+    labels: list[int] = []
+    boxes: list[list[Box]] = []
+    for image_id in sorted(images, key=int):
+        for table, name in ((labels_by_id, "image_class_labels.txt"), (is_train, "train_test_split.txt")):
+            if image_id not in table:
+                raise DatasetError(f"{spec}: image id {image_id} missing from {root / name}", "restore it")
+        if split != ALL and (is_train[image_id][0] == "1") != (split == "train"):
+            continue
+        label = int(labels_by_id[image_id][0]) - 1
+        if not 0 <= label < len(class_names):
+            raise DatasetError(
+                f"{spec}: image id {image_id} has class {label + 1}, not in {root / 'classes.txt'}",
+                "restore the original files",
+            )
+        paths.append(root / "images" / images[image_id][0])
+        labels.append(label)
+        if boxes_by_id is not None:
+            if image_id not in boxes_by_id:
+                raise DatasetError(f"{spec}: image id {image_id} missing from {box_file}", "restore the file")
+            x, y, w, h = (float(v) for v in boxes_by_id[image_id])
+            boxes.append([(x, y, w, h)])
+    if paths and not paths[0].is_file():
+        raise DatasetError(
+            f"{spec}: missing image {paths[0]} (listed in {root / 'images.txt'})",
+            "point --data at the CUB_200_2011 folder that holds images/",
+        )
+    return ImageDataset(
+        spec=spec, split=split, kind=kind, root=root, class_names=class_names, paths=paths, labels=labels,
+        boxes=boxes if boxes_by_id is not None else None, notes=notes,
+    )  # fmt: skip
+
+
+def _read_id_table(spec: str, path: Path, columns: int) -> dict[str, list[str]]:
+    """`<id> <value> ...` lines -> {id: values}; `columns` values per line (the last one may hold spaces)."""
+    table: dict[str, list[str]] = {}
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.split(maxsplit=columns)
+        if len(parts) != columns + 1:
+            raise DatasetError(
+                f"{spec}: {path} line {number} has {len(parts)} fields, expected {columns + 1}: {line!r}",
+                "restore the original file",
+            )
+        table[parts[0]] = parts[1:]
+    return table
+
+
+def _strip_number(name: str) -> str:
+    """`001.Black_footed_Albatross` -> `Black_footed_Albatross`."""
+    return re.sub(r"^\d+\.", "", name)
+
+
+def _open_synthetic(spec: str, rest: str, split: str) -> ImageDataset:
+    """`synthetic:needles[?n=2000&classes=10&size=224&seed=0]`: made once in $VITPROBE_HOME, read as CUB."""
+    from vitprobe.synthetic import SyntheticConfig, ensure_synthetic
+
+    name, _, query = rest.partition("?")
+    if name != "needles":
+        raise DatasetError(f"unknown synthetic dataset {name!r} in {spec!r}", "use synthetic:needles")
+    params: dict[str, int] = {}
+    allowed = ("n", "classes", "size", "seed")
+    for key, value in parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query)):
+        if key not in allowed:
+            raise DatasetError(f"{spec}: unknown parameter {key!r}", f"use {', '.join(allowed)}")
+        try:
+            params[key] = int(value)
+        except ValueError as exc:
+            raise DatasetError(f"{spec}: {key}={value!r} is not an integer", f"e.g. {key}=10") from exc
+    if split not in CUB_SPLITS:
+        raise DatasetError(f"{spec}: unknown split {split!r}", "use --split train, test or all")
+    root = ensure_synthetic(SyntheticConfig(**params), vitprobe_home())
+    return _open_cub(spec, str(root), split, kind="synthetic")
+
+
+# --------------------------------------------------------------------------------------------- CSV
+
+
+def _open_csv(spec: str, rest: str, split: str) -> ImageDataset:
+    """`path,label[,x,y,w,h][,split]` with a header; rows sharing a path add boxes to one image."""
+    path = _existing_file(spec, rest)
+    rows = _read_csv_rows(spec, path)
+    root = path.parent
+    has_boxes = "x" in rows[0]
+    has_split = "split" in rows[0]
+
+    raw_labels = [row["label"].strip() for row in rows]
+    if all(re.fullmatch(r"\d+", label) for label in raw_labels):
+        class_names = [str(k) for k in range(max(int(label) for label in raw_labels) + 1)]
+        index = {name: k for k, name in enumerate(class_names)}
+        raw_labels = [str(int(label)) for label in raw_labels]
+    else:
+        class_names = sorted(set(raw_labels))
+        index = {name: k for k, name in enumerate(class_names)}
+
+    notes: list[str] = []
+    if has_split:
+        available = sorted({row["split"].strip() for row in rows})
+        if split != ALL and split not in available:
+            raise DatasetError(
+                f"{spec}: no rows with split {split!r} in {path} (splits: {', '.join(available)})",
+                f"use --split {' or --split '.join(available)} or all",
+            )
+    elif split != ALL:
+        notes.append(f"{path} has no split column: reading every row (split 'all')")
+        split = ALL
+
+    order: dict[str, int] = {}
+    paths: list[Path] = []
+    labels: list[int] = []
+    boxes: list[list[Box]] = []
+    for number, (row, label_text) in enumerate(zip(rows, raw_labels, strict=True), 2):
+        if has_split and split != ALL and row["split"].strip() != split:
+            continue
+        rel = row["path"].strip()
+        if not rel:
+            raise DatasetError(f"{spec}: {path} line {number} has an empty path", "fill in or remove the row")
+        label = index[label_text]
+        if rel not in order:
+            order[rel] = len(paths)
+            image = Path(rel).expanduser()
+            paths.append(image if image.is_absolute() else root / image)
+            labels.append(label)
+            boxes.append([])
+        elif labels[order[rel]] != label:
+            raise DatasetError(
+                f"{spec}: {path} line {number} gives {rel} label {label_text!r}, an earlier row another",
+                "one label per image",
+            )
+        if has_boxes:
+            box = _csv_box(spec, path, number, row)
+            if box is not None:
+                boxes[order[rel]].append(box)
+    if not paths:
+        raise DatasetError(f"{spec}: {path} has no rows for split {split!r}", "add rows or pick a split")
+    return ImageDataset(
+        spec=spec, split=split, kind="csv", root=root, class_names=class_names, paths=paths, labels=labels,
+        boxes=boxes if has_boxes else None, notes=notes,
+    )  # fmt: skip
+
+
+def _read_csv_rows(spec: str, path: Path) -> list[dict[str, str]]:
+    """Rows of a dataset CSV as dicts; checks the header (path, label, optional x,y,w,h and split)."""
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        header = [h.strip() for h in (reader.fieldnames or [])]
+        reader.fieldnames = header
+        rows = list(reader)
+    missing = [c for c in ("path", "label") if c not in header]
+    if missing:
+        raise DatasetError(
+            f"{spec}: {path} has no column {', '.join(missing)} in its header {header}",
+            "the first row must name the columns: path,label[,x,y,w,h][,split]",
+        )
+    box_columns = [c for c in ("x", "y", "w", "h") if c in header]
+    if box_columns and len(box_columns) != 4:
+        raise DatasetError(
+            f"{spec}: {path} has box columns {box_columns}; boxes need all of x,y,w,h",
+            "add the missing columns",
+        )
+    if not rows:
+        raise DatasetError(f"{spec}: {path} has a header but no rows", "add one row per image")
+    for number, row in enumerate(rows, 2):
+        if None in row or any(row.get(c) is None for c in ("path", "label")):
+            raise DatasetError(f"{spec}: {path} line {number} does not match the header", "fix the row")
+    return rows
+
+
+def _csv_box(spec: str, path: Path, number: int, row: dict[str, str]) -> Box | None:
+    """The row's (x, y, w, h), or None when all four cells are empty."""
+    cells = [row[c].strip() for c in ("x", "y", "w", "h")]
+    if not any(cells):
+        return None
+    try:
+        x, y, w, h = (float(c) for c in cells)
+    except ValueError as exc:
+        raise DatasetError(
+            f"{spec}: {path} line {number} has a box that is not four numbers: {cells}",
+            "write x,y,w,h in pixels, or leave all four empty",
+        ) from exc
+    return (x, y, w, h)
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+def _existing_dir(spec: str, rest: str, kind: str) -> Path:
+    root = Path(rest).expanduser().resolve()
+    if not root.is_dir():
+        raise DatasetError(f"{spec}: folder {root} does not exist", _hint_for(kind))
+    return root
+
+
+def _existing_file(spec: str, rest: str) -> Path:
+    path = Path(rest).expanduser().resolve()
+    if not path.is_file():
+        raise DatasetError(f"{spec}: file {path} does not exist", _hint_for("csv"))
+    return path
+
+
+def _hint_for(kind: str) -> str:
+    return {
+        "imagefolder": "point at a folder of class sub-folders (optionally inside train/ val/ test/)",
+        "imagenet": "point at the folder that holds train/ and val/",
+        "cub": "point --data at the CUB_200_2011 folder (the one with images.txt and images/)",
+        "csv": "point at a CSV with a header path,label[,x,y,w,h][,split]; relative paths resolve "
+        "against the CSV's folder",
+        "synthetic": "delete the folder under $VITPROBE_HOME/synthetic to regenerate it",
+    }[kind]
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return path.as_posix()
