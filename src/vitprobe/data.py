@@ -243,6 +243,17 @@ def list_splits(spec: str) -> list[str]:
     return splits or [ALL]
 
 
+def summarize(spec: str, split: str | None = None) -> dict[str, Any]:
+    """What `vitprobe data show` prints: `{"spec": spec, "splits": {split: ImageDataset.describe()}}`.
+
+    Args:
+        spec: a dataset spec.
+        split: one split, or None for every split the spec offers (`list_splits`).
+    """
+    splits = [split] if split is not None else list_splits(spec)
+    return {"spec": spec, "splits": {name: open_dataset(spec, name).describe() for name in splits}}
+
+
 def vitprobe_home() -> Path:
     """`$VITPROBE_HOME`, default `~/.cache/vitprobe`: where generated datasets live."""
     return Path(os.environ.get("VITPROBE_HOME", "~/.cache/vitprobe")).expanduser()
