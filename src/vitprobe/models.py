@@ -1,20 +1,169 @@
 """Backbones: presets (name → timm architecture, weights source, remap) and `load_backbone()`.
 
-OWNER NOTE (skeleton): the `Backbone` class below is the interface the rest of vitprobe uses
-(extract, analysis). Presets, checkpoint loading and the load report are filled in by the models work.
+A backbone is a timm ViT built with `num_classes=0` and its final norm kept, loaded *strictly*: the remapped
+state dict must match the architecture key for key and shape for shape, or `KeyMismatchError` lists what
+differs and why. timm's own pretrained loading (which turns `strict` off when `num_classes` differs) is
+never used; weights files are fetched and read by `vitprobe.checkpoints`, renamed by `vitprobe.remap`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import difflib
+import re
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import cache
 from typing import TYPE_CHECKING, Any
 
-from vitprobe.errors import ModelError
+from vitprobe.errors import CheckpointError, KeyMismatchError, ModelError
+from vitprobe.remap import (
+    LAYOUT_TITLES,
+    Remapped,
+    remap_any,
+    remap_beitv2,
+    remap_dino,
+    remap_dinov2_family,
+    remap_ibot_family,
+    remap_ijepa_family,
+    remap_mae,
+)
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+TIMM_PREFIX = "timm:"
+
+
+@dataclass(frozen=True)
+class Preset:
+    """One supported self-supervised backbone: where its architecture and weights come from."""
+
+    name: str
+    timm: str  # timm architecture, with its pretrained tag where timm has one (sets the data config)
+    family: str  # "MIM" (masked image modelling) or "JEA" (joint-embedding architecture)
+    method: str  # the paper's method name
+    weights: str  # default weights: "hf-hub:REPO" (timm's converted copy) or the official URL
+    remap: Callable[..., Remapped]  # reads the official layouts of this method (and timm's layout)
+    license: str  # license of the weights
+    has_cls: bool  # whether the token sequence starts with a [cls] token
+    patch: int  # patch size in pixels
+    paper: str  # arXiv id of the method's paper
+    timm_kwargs: Mapping[str, Any] = field(default_factory=dict)  # extra create_model arguments
+    notes: str = ""
+
+
+def _imagenet_cfg() -> dict[str, Any]:
+    """Data config for presets without a timm tag: ImageNet mean/std, bicubic, 0.9 center crop."""
+    return {
+        "pretrained_cfg_overlay": {
+            "mean": IMAGENET_MEAN,
+            "std": IMAGENET_STD,
+            "interpolation": "bicubic",
+            "crop_pct": 0.9,
+        }
+    }
+
+
+_BEITV2_PRETRAIN_ARCH = {
+    "use_shared_rel_pos_bias": True,  # BEiT-v2 pretraining: one relative position bias shared by all blocks
+    "use_rel_pos_bias": False,
+    "use_abs_pos_emb": False,
+    "global_pool": "token",  # keeps `norm` (the default "avg" would replace it by an untrained fc_norm)
+}
+_MAE_URL = "https://dl.fbaipublicfiles.com/mae/pretrain/"
+_DINO_URL = "https://dl.fbaipublicfiles.com/dino/"
+_DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/"
+_BEITV2_URL = "https://conversationhub.blob.core.windows.net/beit-share-public/beitv2/"
+_BEITV2_MIRROR = "https://github.com/addf400/files/releases/download/BEiT-v2/"
+_IBOT_URL = "https://lf3-nlp-opensource.bytetos.com/obj/nlp-opensource/archive/2022/ibot/"
+_IJEPA_URL = "https://dl.fbaipublicfiles.com/ijepa/"
+
+# fmt: off
+PRESETS: dict[str, Preset] = {
+    "mae-b16": Preset(
+        name="mae-b16", timm="vit_base_patch16_224.mae", family="MIM", method="MAE", paper="2111.06377",
+        weights="hf-hub:timm/vit_base_patch16_224.mae", remap=remap_mae, license="cc-by-nc-4.0",
+        has_cls=True, patch=16, notes=f"official file: {_MAE_URL}mae_pretrain_vit_base.pth",
+    ),
+    "mae-l16": Preset(
+        name="mae-l16", timm="vit_large_patch16_224.mae", family="MIM", method="MAE", paper="2111.06377",
+        weights="hf-hub:timm/vit_large_patch16_224.mae", remap=remap_mae, license="cc-by-nc-4.0",
+        has_cls=True, patch=16, notes=f"official file: {_MAE_URL}mae_pretrain_vit_large.pth",
+    ),
+    "mae-h14": Preset(
+        name="mae-h14", timm="vit_huge_patch14_224.mae", family="MIM", method="MAE", paper="2111.06377",
+        weights="hf-hub:timm/vit_huge_patch14_224.mae", remap=remap_mae, license="cc-by-nc-4.0",
+        has_cls=True, patch=14, notes=f"official file: {_MAE_URL}mae_pretrain_vit_huge.pth",
+    ),
+    "dino-s16": Preset(
+        name="dino-s16", timm="vit_small_patch16_224.dino", family="JEA", method="DINO", paper="2104.14294",
+        weights="hf-hub:timm/vit_small_patch16_224.dino", remap=remap_dino, license="apache-2.0",
+        has_cls=True, patch=16,
+        notes=f"official file: {_DINO_URL}dino_deitsmall16_pretrain/dino_deitsmall16_pretrain.pth",
+    ),
+    "dino-b16": Preset(
+        name="dino-b16", timm="vit_base_patch16_224.dino", family="JEA", method="DINO", paper="2104.14294",
+        weights="hf-hub:timm/vit_base_patch16_224.dino", remap=remap_dino, license="apache-2.0",
+        has_cls=True, patch=16,
+        notes=f"official file: {_DINO_URL}dino_vitbase16_pretrain/dino_vitbase16_pretrain.pth",
+    ),
+    "dino-s8": Preset(
+        name="dino-s8", timm="vit_small_patch8_224.dino", family="JEA", method="DINO", paper="2104.14294",
+        weights="hf-hub:timm/vit_small_patch8_224.dino", remap=remap_dino, license="apache-2.0",
+        has_cls=True, patch=8,
+        notes=f"official file: {_DINO_URL}dino_deitsmall8_pretrain/dino_deitsmall8_pretrain.pth",
+    ),
+    "dino-b8": Preset(
+        name="dino-b8", timm="vit_base_patch8_224.dino", family="JEA", method="DINO", paper="2104.14294",
+        weights="hf-hub:timm/vit_base_patch8_224.dino", remap=remap_dino, license="apache-2.0",
+        has_cls=True, patch=8,
+        notes=f"official file: {_DINO_URL}dino_vitbase8_pretrain/dino_vitbase8_pretrain.pth",
+    ),
+    "beitv2-b16": Preset(
+        name="beitv2-b16", timm="beitv2_base_patch16_224", family="MIM", method="BEiT-v2", paper="2208.06366",
+        weights=f"{_BEITV2_URL}beitv2_base_patch16_224_pt1k.pth", remap=remap_beitv2, license="mit",
+        has_cls=True, patch=16, timm_kwargs={**_BEITV2_PRETRAIN_ARCH, **_imagenet_cfg()},
+        notes="self-supervised pt1k weights, not timm's fine-tuned beitv2 tags; "
+        f"mirror: {_BEITV2_MIRROR}beitv2_base_patch16_224_pt1k.pth",
+    ),
+    "beitv2-l16": Preset(
+        name="beitv2-l16", timm="beitv2_large_patch16_224", family="MIM", method="BEiT-v2",
+        paper="2208.06366",
+        weights=f"{_BEITV2_URL}beitv2_large_patch16_224_pt1k.pth", remap=remap_beitv2, license="mit",
+        has_cls=True, patch=16, timm_kwargs={**_BEITV2_PRETRAIN_ARCH, **_imagenet_cfg()},
+        notes="self-supervised pt1k weights, not timm's fine-tuned beitv2 tags; "
+        f"mirror: {_BEITV2_MIRROR}beitv2_large_patch16_224_pt1k.pth",
+    ),
+    "ibot-b16": Preset(
+        name="ibot-b16", timm="vit_base_patch16_224", family="MIM", method="iBOT", paper="2111.07832",
+        weights=f"{_IBOT_URL}vitb_16/checkpoint_teacher.pth", remap=remap_ibot_family, license="apache-2.0",
+        has_cls=True, patch=16, timm_kwargs=_imagenet_cfg(),
+        notes="ImageNet-1k teacher; masked image modelling with self-distillation (DINO loss on [cls])",
+    ),
+    "ijepa-h14": Preset(
+        name="ijepa-h14", timm="vit_huge_patch14_gap_224.in1k_ijepa", family="JEA", method="I-JEPA",
+        paper="2301.08243", weights=f"{_IJEPA_URL}IN1K-vit.h.14-300e.pth.tar", remap=remap_ijepa_family,
+        license="cc-by-nc-4.0", has_cls=False, patch=14,
+        notes="no [cls] token; loads the target encoder, which the paper evaluates "
+        "(--branch encoder: the context encoder, which timm loads)",
+    ),
+    "dinov2-s14": Preset(
+        name="dinov2-s14", timm="vit_small_patch14_dinov2.lvd142m", family="JEA", method="DINOv2",
+        paper="2304.07193", weights="hf-hub:timm/vit_small_patch14_dinov2.lvd142m", remap=remap_dinov2_family,
+        license="apache-2.0", has_cls=True, patch=14,
+        notes=f"518 px input; official file: {_DINOV2_URL}dinov2_vits14/dinov2_vits14_pretrain.pth",
+    ),
+    "dinov2-b14": Preset(
+        name="dinov2-b14", timm="vit_base_patch14_dinov2.lvd142m", family="JEA", method="DINOv2",
+        paper="2304.07193", weights="hf-hub:timm/vit_base_patch14_dinov2.lvd142m", remap=remap_dinov2_family,
+        license="apache-2.0", has_cls=True, patch=14,
+        notes=f"518 px input; official file: {_DINOV2_URL}dinov2_vitb14/dinov2_vitb14_pretrain.pth",
+    ),
+}
+# fmt: on
 
 
 @dataclass
@@ -30,9 +179,14 @@ class LoadReport:
     dropped: list[str] = field(default_factory=list)  # keys the remap dropped (decoder, heads, ...)
     num_params: int = 0
     notes: list[str] = field(default_factory=list)
+    layout: str | None = None  # the official layout the file had (a key of vitprobe.remap.LAYOUTS)
+    branch: str | None = None  # sub-network taken from a multi-network file (teacher, target_encoder)
+    arch_overrides: dict[str, Any] = field(
+        default_factory=dict
+    )  # create_model arguments changed by the caller
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "checkpoint_id": self.checkpoint_id}
 
     @property
     def checkpoint_id(self) -> str:
@@ -115,11 +269,15 @@ class Backbone:
         """Token sequences (B, T, D) at the output of the given blocks, before the final norm."""
         idx = self.layer_indices(layers)
         outs = self.model.forward_intermediates(
-            images, indices=sorted(set(idx)), norm=False, output_fmt="NLC",
-            intermediates_only=True, return_prefix_tokens=True,
+            images,
+            indices=sorted(set(idx)),
+            norm=False,
+            output_fmt="NLC",
+            intermediates_only=True,
+            return_prefix_tokens=True,
         )
         by_block = {}
-        for block, out in zip(sorted(set(idx)), outs):
+        for block, out in zip(sorted(set(idx)), outs, strict=True):
             if isinstance(out, tuple):  # (patches (B, N, D), prefix (B, P, D))
                 patches, prefix = out
                 out = torch_cat([prefix, patches], dim=1)  # (B, P + N, D)
@@ -133,31 +291,355 @@ def torch_cat(tensors: list[torch.Tensor], dim: int) -> torch.Tensor:
     return torch.cat(tensors, dim=dim)
 
 
-def create_timm_backbone(timm_name: str, **kwargs: Any) -> nn.Module:
-    """Build a timm architecture without weights, with no head and the final norm kept."""
+@dataclass(frozen=True)
+class LoadConfig:
+    """How to load a backbone; embedded in the configs of the commands that run one."""
+
+    model: str  # preset name (`vitprobe models list`) or timm:NAME
+    checkpoint: str | None = (
+        None  # official file, URL or hf-hub:REPO; None loads the preset's default weights
+    )
+    random_init: bool = False  # random weights, for tests and the offline demo; every output says so
+    branch: str | None = (
+        None  # teacher/student (DINO, iBOT) or target_encoder/encoder (I-JEPA); None = default
+    )
+    device: str | None = None  # where the model ends up; None keeps it on the CPU
+
+
+def get_preset(name: str) -> Preset:
+    """The preset called `name`.
+
+    Raises:
+        ModelError: unknown name (the message suggests close names).
+    """
+    if name in PRESETS:
+        return PRESETS[name]
+    close = difflib.get_close_matches(name, list(PRESETS), n=3)
+    suggestion = f"did you mean {', '.join(close)}? " if close else ""
+    raise ModelError(
+        f"unknown model {name!r}",
+        f"{suggestion}use a preset from `vitprobe models list` or timm:NAME for any timm model",
+    )
+
+
+def create_timm_backbone(timm_name: str, *, device: str | None = None, **kwargs: Any) -> nn.Module:
+    """Build a timm architecture without weights, with no head and the final norm kept.
+
+    Args:
+        timm_name: a timm model name, optionally with a pretrained tag (which sets the data config only).
+        device: "meta" builds without allocating memory (parameter counts, shapes); anything else builds on
+            the CPU.
+        **kwargs: extra `timm.create_model` arguments (architecture overrides such as `img_size`).
+    """
     import timm
+    import torch
 
     try:
-        model = timm.create_model(timm_name, pretrained=False, num_classes=0, **kwargs)
+        with torch.device("meta" if device == "meta" else "cpu"):
+            model = timm.create_model(timm_name, pretrained=False, num_classes=0, **kwargs)
     except RuntimeError as exc:  # timm raises RuntimeError for unknown names
-        raise ModelError(f"unknown timm model {timm_name!r}", "see timm.list_models() for names") from exc
+        raise ModelError(
+            f"cannot build timm model {timm_name!r}: {exc}", "see timm.list_models() for names"
+        ) from exc
     if not hasattr(model, "blocks") or not hasattr(model, "patch_embed"):
-        raise ModelError(f"{timm_name!r} is not a plain ViT", "vitprobe probes ViT-style models (blocks + patch_embed)")
+        raise ModelError(
+            f"{timm_name!r} is not a plain ViT", "vitprobe probes ViT-style models (blocks + patch_embed)"
+        )
+    img_size = tuple(int(s) for s in model.patch_embed.img_size)
+    cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+    if (
+        tuple(cfg.get("input_size", (3, *img_size))[1:]) != img_size
+    ):  # an img_size override: keep transforms in step
+        model.pretrained_cfg = model.default_cfg = {**cfg, "input_size": (3, *img_size)}
     return model.eval()
 
 
+@cache
+def preset_num_params(name: str) -> int:
+    """Parameter count of a preset's backbone, built on the meta device (no memory is allocated)."""
+    preset = get_preset(name)
+    model = create_timm_backbone(preset.timm, device="meta", **preset.timm_kwargs)
+    return sum(p.numel() for p in model.parameters())
+
+
+def preset_rows() -> list[dict[str, Any]]:
+    """One row per preset for `vitprobe models list`: name, family, architecture, params, weights, license."""
+    return [
+        {
+            "name": p.name,
+            "family": p.family,
+            "method": p.method,
+            "arch": p.timm,
+            "params": preset_num_params(p.name),
+            "patch": p.patch,
+            "has_cls": p.has_cls,
+            "weights": p.weights,
+            "license": p.license,
+            "paper": f"arXiv:{p.paper}",
+            "notes": p.notes,
+        }
+        for p in PRESETS.values()
+    ]
+
+
 def load_backbone(
-    name: str, *, checkpoint: str | None = None, random_init: bool = False, device: str | None = None
+    name: str,
+    *,
+    checkpoint: str | None = None,
+    random_init: bool = False,
+    device: str | None = None,
+    branch: str | None = None,
+    arch_overrides: Mapping[str, Any] | None = None,
 ) -> Backbone:
-    """Build `name` (preset or `timm:NAME`) and load its weights. SKELETON: only random init of timm: names."""
-    if not random_init or checkpoint is not None:
-        raise NotImplementedError("skeleton: weights loading is filled in by the models work")
-    timm_name = name.removeprefix("timm:")
-    model = create_timm_backbone(timm_name)
-    if device is not None:
-        model = model.to(device)
-    report = LoadReport(
-        model=name, timm_name=timm_name, source="random-init", sha256=None, random_init=True,
-        num_params=sum(p.numel() for p in model.parameters()),
+    """Build `name` (a preset or `timm:NAME`) and load its weights strictly.
+
+    Args:
+        name: preset name (`mae-b16`, ...) or `timm:NAME`.
+        checkpoint: weights file, http(s) URL or `hf-hub:REPO[:FILE]` in an official layout of the preset's
+            method or in timm's layout; None loads the default weights (the preset's source, or timm's hub
+            copy for `timm:NAME`).
+        random_init: build with random weights instead (the report says so).
+        device: where the model ends up ("cpu", "cuda:0", ...; "meta" only with `random_init`); None = CPU.
+        branch: which network of a multi-network file: teacher/student (DINO, iBOT full checkpoints) or
+            target_encoder/encoder (I-JEPA); None takes the one the method evaluates.
+        arch_overrides: extra `timm.create_model` arguments (e.g. a tiny `embed_dim`/`depth` in tests);
+            recorded in the report.
+
+    Raises:
+        ModelError: unknown name, or contradictory options.
+        CheckpointError: unreadable, unsafe or unrecognised file; KeyMismatchError when it does not fit.
+        WeightsUnavailableError: offline (HF_HUB_OFFLINE=1) and the default weights are not cached.
+    """
+    if random_init and checkpoint is not None:
+        raise ModelError("--random-init and --checkpoint were both given", "use one of them")
+    device = None if device is None else str(device)
+    if device == "meta" and not random_init:
+        raise ModelError("the meta device holds no weights", "use device='meta' only with random_init=True")
+    overrides = dict(arch_overrides or {})
+    if name.startswith(TIMM_PREFIX):
+        timm_name, kwargs, remap, default_weights = name.removeprefix(TIMM_PREFIX), {}, remap_any, None
+    else:
+        preset = get_preset(name)
+        timm_name, kwargs, remap, default_weights = (
+            preset.timm,
+            dict(preset.timm_kwargs),
+            preset.remap,
+            preset.weights,
+        )
+    model = create_timm_backbone(
+        timm_name, device=device if device == "meta" else None, **{**kwargs, **overrides}
     )
+    report = LoadReport(
+        model=name,
+        timm_name=timm_name,
+        source="random-init",
+        sha256=None,
+        random_init=True,
+        arch_overrides=overrides,
+    )
+    if overrides:
+        report.notes.append(f"architecture overridden: {overrides}")
+    if random_init:
+        report.notes.append("random weights: NOT a pretrained model")
+    else:
+        _load_weights(
+            model, report, checkpoint or default_weights or _timm_default_weights(timm_name), remap, branch
+        )
+    if device not in (None, "meta"):
+        model = model.to(device)
+    report.num_params = sum(p.numel() for p in model.parameters())
+    if isinstance(getattr(model, "norm", None), _identity_type()) and not isinstance(
+        model.fc_norm, _identity_type()
+    ):
+        report.notes.append(
+            "this architecture normalises after pooling (fc_norm); cached tokens are un-normalised"
+        )
     return Backbone(model=model, report=report)
+
+
+def load_backbone_from_config(config: LoadConfig, **kwargs: Any) -> Backbone:
+    """`load_backbone` with the options of a `LoadConfig` (kwargs: e.g. `arch_overrides`)."""
+    return load_backbone(
+        config.model,
+        checkpoint=config.checkpoint,
+        random_init=config.random_init,
+        device=config.device,
+        branch=config.branch,
+        **kwargs,
+    )
+
+
+def _identity_type() -> type:
+    from torch import nn
+
+    return nn.Identity
+
+
+def _timm_default_weights(timm_name: str) -> str:
+    """timm's hub copy of `timm_name`'s default pretrained weights, as an `hf-hub:` spec."""
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(timm_name)
+    if cfg is not None and cfg.hf_hub_id:
+        repo = cfg.hf_hub_id if cfg.hf_hub_id != "timm/" else f"timm/{timm_name}"
+        return f"hf-hub:{repo}"
+    if cfg is not None and cfg.url:
+        return cfg.url
+    raise CheckpointError(
+        f"timm has no pretrained weights for {timm_name!r}",
+        "pass a weights file with --checkpoint, or --random-init",
+    )
+
+
+def _load_weights(
+    model: nn.Module, report: LoadReport, source: str, remap: Callable[..., Remapped], branch: str | None
+) -> None:
+    """Fetch `source`, read it safely, remap it and load it strictly; fill in the report."""
+    from vitprobe.checkpoints import fetch_checkpoint, read_checkpoint, sha256_file
+
+    path = fetch_checkpoint(source)
+    try:
+        remapped = remap(read_checkpoint(path), branch=branch)
+        load_state_dict_strict(
+            model,
+            remapped.state_dict,
+            what=f"{path} ({LAYOUT_TITLES[remapped.layout]})",
+            model_name=report.model,
+        )
+    except CheckpointError as exc:
+        if str(path) in exc.message:
+            raise
+        raise type(exc)(f"{path}: {exc.message}", exc.hint) from exc
+    report.source = source if "://" in source or source.startswith("hf-hub:") else str(path.resolve())
+    report.sha256 = sha256_file(path)
+    report.random_init = False
+    report.layout = remapped.layout
+    report.branch = remapped.branch
+    report.remapped = remapped.renamed
+    report.dropped = list(remapped.dropped)
+    report.notes.extend(remapped.notes)
+
+
+def load_state_dict_strict(
+    model: nn.Module,
+    state_dict: Mapping[str, torch.Tensor],
+    *,
+    what: str = "the checkpoint",
+    model_name: str | None = None,
+) -> None:
+    """Copy `state_dict` into `model`, requiring the same keys and shapes (non-persistent buffers excluded).
+
+    Raises:
+        KeyMismatchError: lists the first 10 missing, unexpected and mis-shaped keys with their counts,
+            and the likely cause.
+    """
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    shapes = [
+        f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in sorted(set(expected) & set(state_dict))
+        if tuple(state_dict[k].shape) != tuple(expected[k].shape)
+    ]
+    if missing or unexpected or shapes:
+        name = model_name or type(model).__name__
+        parts = [f"{what} does not fit {name}:"]
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatches", shapes)):
+            if items:
+                more = f" (+{len(items) - 10} more)" if len(items) > 10 else ""
+                parts.append(f"{len(items)} {label} keys: {', '.join(items[:10])}{more};")
+        parts.append(f"likely cause: {likely_cause(state_dict, model, name, missing, unexpected)}")
+        raise KeyMismatchError(
+            " ".join(parts),
+            "pass a checkpoint made for this architecture, or the matching preset (`vitprobe models list`)",
+        )
+    model.load_state_dict(dict(state_dict), strict=True)
+
+
+_VIT_SIZES = {
+    (192, 12): "ViT-Ti",
+    (384, 12): "ViT-S",
+    (768, 12): "ViT-B",
+    (1024, 24): "ViT-L",
+    (1280, 32): "ViT-H",
+    (1408, 40): "ViT-g",
+    (1536, 40): "ViT-g",
+}
+
+
+def _shape_of(dim: int | None, depth: int | None, patch: int | None) -> str:
+    size = _VIT_SIZES.get((dim, depth), "ViT") if dim else "ViT"
+    return f"{size}{f'/{patch}' if patch else ''} (dim {dim}, {depth} blocks)"
+
+
+def _arch_of_state_dict(sd: Mapping[str, torch.Tensor]) -> tuple[int | None, int | None, int | None]:
+    """(dim, depth, patch) read from a ViT-style state dict, None where the keys do not say."""
+    proj = sd.get("patch_embed.proj.weight")
+    dim = int(proj.shape[0]) if proj is not None else None
+    if dim is None and "cls_token" in sd:
+        dim = int(sd["cls_token"].shape[-1])
+    blocks = {int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))}
+    patch = int(proj.shape[-1]) if proj is not None and proj.ndim == 4 else None
+    return dim, (max(blocks) + 1 if blocks else None), patch
+
+
+def likely_cause(
+    state_dict: Mapping[str, torch.Tensor],
+    model: nn.Module,
+    name: str,
+    missing: Sequence[str],
+    unexpected: Sequence[str],
+) -> str:
+    """One sentence guessing why a state dict does not fit a model (size, prefix, layout or fine-tuning)."""
+    expected = model.state_dict()
+    file_arch = _arch_of_state_dict(state_dict)
+    model_arch = _arch_of_state_dict(expected)
+    if file_arch[0] and (file_arch[:2] != model_arch[:2] or (file_arch[2] and file_arch[2] != model_arch[2])):
+        return f"looks like a {_shape_of(*file_arch)} checkpoint but {name} is a {_shape_of(*model_arch)}"
+    for prefix in ("module.", "backbone.", "encoder.", "model.", "trunk."):
+        if unexpected and sum(k.startswith(prefix) for k in unexpected) >= len(unexpected) / 2:
+            return f"the file's keys carry a {prefix!r} prefix that this layout does not strip"
+    if any(k.startswith("fc_norm.") for k in unexpected) and any(k.startswith("norm.") for k in missing):
+        return (
+            "a fine-tuned checkpoint (fc_norm after average pooling); presets expect self-supervised weights"
+        )
+    if (
+        any("attn.relative_position_bias_table" in k for k in unexpected)
+        and "rel_pos_bias.relative_position_bias_table" in missing
+    ):
+        return "per-block relative position bias (BEiT fine-tuned or v1), but this model shares one bias"
+    if "rel_pos_bias.relative_position_bias_table" in unexpected:
+        return "a shared relative position bias (BEiT-v2 pretraining), but this model has none"
+    if (
+        "pos_embed" in state_dict
+        and "pos_embed" in expected
+        and state_dict["pos_embed"].shape != expected["pos_embed"].shape
+    ):
+        return (
+            f"position embeddings of shape {tuple(state_dict['pos_embed'].shape)} in the file vs "
+            f"{tuple(expected['pos_embed'].shape)} in the model: another image size, or with/without [cls]"
+        )
+    if any(k.endswith(".ls1.gamma") for k in missing) or any(k.endswith(".ls1.gamma") for k in unexpected):
+        return "layer scale (ls1/ls2.gamma) present in only one of file and model"
+    return f"the file was saved from a different architecture than {name}"
+
+
+def describe_backbone(backbone: Backbone) -> dict[str, Any]:
+    """Everything `vitprobe models show` prints: the load report plus tokens, sizes and preprocessing."""
+    cfg = backbone.data_config()
+    return {
+        **backbone.report.to_dict(),
+        "image_size": list(cfg["input_size"][1:]),
+        "mean": list(cfg["mean"]),
+        "std": list(cfg["std"]),
+        "interpolation": cfg["interpolation"],
+        "crop_pct": cfg["crop_pct"],
+        "patch_size": backbone.patch_size,
+        "grid": list(backbone.grid),
+        "num_prefix_tokens": backbone.num_prefix_tokens,
+        "has_cls": backbone.has_cls,
+        "num_reg_tokens": backbone.num_reg_tokens,
+        "depth": backbone.depth,
+        "dim": backbone.dim,
+        "final_norm": type(backbone.final_norm).__name__,
+    }

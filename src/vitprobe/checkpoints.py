@@ -1,0 +1,211 @@
+"""Checkpoint files: safe reading (.pth/.pt/.pth.tar/.safetensors), URL and Hugging Face hub downloads.
+
+Nothing here executes code from a file: pickles are read with `torch.load(weights_only=True)`, which only
+rebuilds tensors and plain containers. The single extra type allowed is `argparse.Namespace`, because the
+official MAE, DINO, iBOT and BEiT training checkpoints store their command line as `args`.
+
+Downloads honour `HF_HUB_OFFLINE=1` (for the hub *and* plain URLs): when offline and the file is not cached,
+`WeightsUnavailableError` names the file and how to pass it with `--checkpoint`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from vitprobe.errors import CheckpointError, WeightsUnavailableError
+from vitprobe.files import sha256_file
+
+__all__ = [
+    "HF_HUB_PREFIX",
+    "cache_dir",
+    "download_url",
+    "fetch_checkpoint",
+    "hf_hub_file",
+    "is_offline",
+    "is_url",
+    "read_checkpoint",
+    "sha256_file",
+]
+
+HF_HUB_PREFIX = "hf-hub:"
+_TRUTHY = {"1", "true", "yes", "on"}
+_PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar", ".pkl")
+
+
+def is_offline() -> bool:
+    """True when `HF_HUB_OFFLINE` (read at call time, not import time) asks for no network access."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUTHY:
+        return True
+    try:
+        from huggingface_hub import constants
+    except ImportError:  # pragma: no cover - huggingface_hub is a dependency
+        return False
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def is_url(spec: str) -> bool:
+    """True for http(s) URLs (the only remote scheme vitprobe downloads from besides `hf-hub:`)."""
+    return urlparse(spec).scheme in ("http", "https")
+
+
+def cache_dir() -> Path:
+    """Where downloaded checkpoints live: `$VITPROBE_CACHE/checkpoints`, else torch hub's checkpoint folder.
+
+    Sharing torch hub's folder (`$TORCH_HOME/hub/checkpoints`) reuses files torch or timm already fetched.
+    """
+    root = os.environ.get("VITPROBE_CACHE")
+    if root:
+        return Path(root).expanduser() / "checkpoints"
+    import torch
+
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def _hf_cache_dir() -> Path | None:
+    """`$VITPROBE_CACHE/hf-hub` when set (tests, isolated runs); None keeps huggingface_hub's own cache."""
+    root = os.environ.get("VITPROBE_CACHE")
+    return Path(root).expanduser() / "hf-hub" if root else None
+
+
+def download_url(url: str) -> Path:
+    """Download `url` into `cache_dir()` once (atomically) and return the local file.
+
+    Raises:
+        WeightsUnavailableError: offline and not cached, or the download failed.
+    """
+    name = Path(urlparse(url).path).name or "checkpoint.pth"
+    dst = cache_dir() / name
+    if dst.is_file():
+        return dst
+    hint = f"download {url} on a machine with network access and pass it with --checkpoint /path/to/{name}"
+    if is_offline():
+        raise WeightsUnavailableError(
+            f"{name} is needed but not cached in {dst.parent}, and HF_HUB_OFFLINE=1 forbids downloading it",
+            f"{hint}, or copy it into {dst.parent}, or unset HF_HUB_OFFLINE",
+        )
+    import torch
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:  # writes to a temporary file and renames it, so a partial download is never mistaken for the file
+        torch.hub.download_url_to_file(url, str(dst), progress=sys.stderr.isatty())
+    except Exception as exc:  # URLError, HTTPError, timeouts, disk full: all mean "no weights"
+        raise WeightsUnavailableError(f"could not download {url}: {exc}", hint) from exc
+    return dst
+
+
+def hf_hub_file(repo_id: str, filename: str = "model.safetensors") -> Path:
+    """Fetch `filename` from the Hugging Face hub repo `repo_id` (cached; offline-aware) and return its path.
+
+    Raises:
+        WeightsUnavailableError: offline and not cached, or the hub cannot be reached.
+    """
+    from huggingface_hub import hf_hub_download
+
+    offline = is_offline()
+    cache = _hf_cache_dir()
+    url = f"https://huggingface.co/{repo_id}/resolve/main/{filename}"
+    try:
+        path = hf_hub_download(
+            repo_id, filename, cache_dir=str(cache) if cache else None, local_files_only=offline
+        )
+    except Exception as exc:  # LocalEntryNotFoundError, OfflineModeIsEnabled, HTTP errors, no network
+        why = "HF_HUB_OFFLINE=1 is set and it is not in the local cache" if offline else f"{exc}"
+        raise WeightsUnavailableError(
+            f"{filename} from hf-hub:{repo_id} is needed: {why}",
+            f"download {url} where there is network access and pass it with --checkpoint /path/to/{filename}"
+            + (", or unset HF_HUB_OFFLINE" if offline else ""),
+        ) from exc
+    return Path(path)
+
+
+def fetch_checkpoint(spec: str) -> Path:
+    """Turn a weights spec into a local file: a path, an http(s) URL or `hf-hub:REPO[:FILENAME]`.
+
+    Raises:
+        CheckpointError: a local path that does not exist.
+        WeightsUnavailableError: a remote file that cannot be fetched.
+    """
+    if spec.startswith(HF_HUB_PREFIX):
+        repo, _, filename = spec.removeprefix(HF_HUB_PREFIX).partition(":")
+        return hf_hub_file(repo, filename or "model.safetensors")
+    if is_url(spec):
+        return download_url(spec)
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise CheckpointError(
+            f"checkpoint file {path} does not exist",
+            "pass the path of a .pth, .pt, .pth.tar or .safetensors file (or an http(s) URL)",
+        )
+    return path
+
+
+def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a checkpoint's top-level mapping on the CPU without running code from the file.
+
+    `.safetensors` files are read with safetensors; anything else with `torch.load(weights_only=True)`,
+    allowing `argparse.Namespace` (the `args` entry of official training checkpoints) and nothing else.
+
+    Raises:
+        CheckpointError: the file needs arbitrary code to unpickle, is corrupt, or is not a mapping.
+    """
+    path = Path(path)
+    if path.name.endswith(".safetensors"):
+        return _read_safetensors(path)
+    if path.suffix.lower() not in _PICKLE_SUFFIXES:
+        raise CheckpointError(
+            f"{path} is not a checkpoint format vitprobe reads (suffix {path.suffix or 'none'!r})",
+            "use a .safetensors file or a torch-saved .pth/.pt/.pth.tar/.bin file",
+        )
+    obj = _torch_load_safely(path)
+    if not isinstance(obj, dict):
+        raise CheckpointError(
+            f"{path} holds a {type(obj).__name__}, not a state dict or a checkpoint mapping",
+            "save the model's state_dict() (a dict of tensors), not the module itself",
+        )
+    return obj
+
+
+def _read_safetensors(path: Path) -> dict[str, Any]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return dict(load_file(str(path), device="cpu"))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file: {exc}", "re-download the file"
+        ) from exc
+
+
+def _torch_load_safely(path: Path) -> Any:
+    import argparse
+    import pickle
+
+    import torch
+
+    try:
+        with warnings.catch_warnings(), torch.serialization.safe_globals([argparse.Namespace]):
+            warnings.simplefilter("ignore")  # protocol-version chatter from the weights-only unpickler
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "weights only" not in str(exc).lower():  # not a pickle at all: truncated or another format
+            raise CheckpointError(
+                f"{path} is not a readable torch checkpoint: {exc}", "re-download the file"
+            ) from exc
+        match = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        what = f"the Python object {match.group(1)}" if match else "Python objects other than tensors"
+        raise CheckpointError(
+            f"refused to load {path}: unpickling it would need {what}, which can run arbitrary code",
+            "only load files you trust; re-save the weights as a plain state dict "
+            "(torch.save(model.state_dict(), ...)) or as .safetensors and pass that file",
+        ) from exc
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise CheckpointError(
+            f"{path} is not a readable torch checkpoint: {exc}", "re-download the file"
+        ) from exc
