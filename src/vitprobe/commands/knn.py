@@ -1,10 +1,95 @@
-"""`vitprobe knn` command."""
+"""`vitprobe knn` command: parse options, build a KnnConfig, call `vitprobe.knn.run_knn`, print a table."""
 
 from __future__ import annotations
 
-from vitprobe.commands._stub import not_implemented
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from vitprobe.commands.options import DeviceOpt
+from vitprobe.errors import ProbeError
+
+console = Console(highlight=False)
 
 
-def knn() -> None:
-    """Not implemented yet."""
-    not_implemented("knn")
+class KnnPool(str, Enum):
+    cls = "cls"
+    mean = "mean"
+
+
+def parse_ks(text: str) -> tuple[int, ...]:
+    """`10,20,100` -> (10, 20, 100)."""
+    try:
+        ks = tuple(int(part) for part in text.replace(" ", "").split(",") if part)
+    except ValueError:
+        raise ProbeError(
+            f"--k {text!r} is not a comma-separated list of integers", "e.g. --k 10,20,100,200"
+        ) from None
+    if not ks:
+        raise ProbeError("--k is empty", "e.g. --k 20")
+    return ks
+
+
+def knn(
+    train: Annotated[
+        Path,
+        typer.Option(
+            "--train", exists=True, file_okay=False, help="Token cache of the train split (the neighbours)."
+        ),
+    ],
+    test: Annotated[
+        Path, typer.Option("--test", exists=True, file_okay=False, help="Token cache of the test split.")
+    ],
+    k: Annotated[str, typer.Option("--k", help="Neighbour counts, comma-separated.")] = "10,20,100,200",
+    temperature: Annotated[
+        float, typer.Option("--temperature", help="T in the exp(sim / T) weights.")
+    ] = 0.07,
+    pool: Annotated[
+        KnnPool, typer.Option("--pool", help="[cls] token or mean of patch tokens.")
+    ] = KnnPool.cls,
+    layer: Annotated[
+        int | None,
+        typer.Option(
+            "--layer", help="Block to use when the cache holds several (default: the deepest stored)."
+        ),
+    ] = None,
+    final_norm: Annotated[
+        bool,
+        typer.Option("--final-norm", help="Apply the backbone's final LayerNorm (from the cache) first."),
+    ] = False,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Test rows per batch.")] = 256,
+    device: DeviceOpt = "auto",
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", file_okay=False, help="Directory for knn.json.")
+    ] = None,
+) -> None:
+    """Weighted k-NN (DINO protocol) of a test cache against a train cache: top-1 / top-5 per k."""
+    from vitprobe.knn import KnnConfig, run_knn
+
+    cfg = KnnConfig(
+        ks=parse_ks(k),
+        temperature=temperature,
+        pool=pool.value,
+        layer=layer,
+        final_norm=final_norm,
+        batch_size=batch_size,
+        device=device,
+    )
+    results = run_knn(train, test, cfg, out)
+    table = Table(
+        title=f"k-NN ({cfg.pool}, block {results['layer']}, T={cfg.temperature:g}), "
+        f"{results['num_train']} train / {results['num_test']} test"
+    )
+    for column in ("k", "top-1", "top-5"):
+        table.add_column(column, justify="right")
+    for kk, m in results["knn"].items():
+        table.add_row(kk, f"{100 * m['top1']:.2f}", f"{100 * m['top5']:.2f}")
+    console.print(table)
+    for warning in results["warnings"]:
+        console.print(f"[bold yellow]warning:[/] {warning}")
+    if out is not None:
+        console.print(f"results: {out / 'knn.json'}")

@@ -1,0 +1,280 @@
+"""Probe heads: read-outs that turn cached tokens into one feature vector, then BatchNorm → Linear.
+
+A head never sees images or a backbone: it takes a `Tokens` batch (the [cls] token, register tokens and
+patch tokens of one block, as stored in a token cache) and returns logits. Every read-out ends in the
+linear-probe head of MAE (He et al., 2022, "Masked Autoencoders Are Scalable Vision Learners", §A.2) that
+Beyond [cls] (Przewięźlikowski et al., 2024) also uses: `BatchNorm1d(affine=False, eps=1e-6) → Linear`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vitprobe.errors import ProbeError
+
+POOLS = ("cls", "mean", "cls+mean", "abmilp", "attentive")
+ABMILP_ACTS = ("tanh", "relu")
+ABMILP_CONTENTS = ("patch", "all")
+
+
+@dataclass
+class Tokens:
+    """One batch of cached tokens from one block; absent parts are None.
+
+    Attributes:
+        cls: the [cls] token (B, D), None for models without one or caches that did not keep it.
+        patches: patch tokens (B, N, D) in row-major grid order, None for pooled or cls-only caches.
+        reg: register tokens (B, R, D), None when the model has none.
+        mean: the mean of the patch tokens (B, D), stored only by pooled caches.
+    """
+
+    cls: torch.Tensor | None = None
+    patches: torch.Tensor | None = None
+    reg: torch.Tensor | None = None
+    mean: torch.Tensor | None = None
+
+    @property
+    def prefix(self) -> torch.Tensor | None:
+        """[cls] then register tokens (B, P, D), the order a ViT keeps them in; None if there are none."""
+        parts = []
+        if self.cls is not None:
+            parts.append(self.cls[:, None])  # (B, 1, D)
+        if self.reg is not None:
+            parts.append(self.reg)
+        return torch.cat(parts, dim=1) if parts else None
+
+    def patch_mean(self) -> torch.Tensor:
+        """Mean of the patch tokens (B, D), from the patches when present, else the stored mean."""
+        if self.patches is not None:
+            return self.patches.mean(dim=1)
+        assert self.mean is not None, "mean read-out on a batch without patches or mean"
+        return self.mean
+
+    def to(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> Tokens:
+        """Move every part to `device` as `dtype` (caches may store bf16; heads train in fp32)."""
+
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device=device, dtype=dtype, non_blocking=True)
+
+        return Tokens(
+            cls=move(self.cls), patches=move(self.patches), reg=move(self.reg), mean=move(self.mean)
+        )
+
+
+def apply_final_norm(tokens: Tokens, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> Tokens:
+    """Apply the backbone's final LayerNorm to every token (what timm's `forward_features` returns).
+
+    A stored mean cannot be normalised after the fact (the mean of normalised tokens is not the normalised
+    mean), so a pooled batch keeps `mean=None` here and the mean read-out then needs patches.
+    """
+
+    def norm(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else F.layer_norm(t, (t.shape[-1],), weight.to(t), bias.to(t), eps)
+
+    return Tokens(cls=norm(tokens.cls), patches=norm(tokens.patches), reg=norm(tokens.reg), mean=None)
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """A read-out and its options; the name a head is saved and reported under is `name`."""
+
+    pool: str = "cls"  # one of POOLS
+    abmilp_depth: int = (
+        0  # extra Linear(D, D)+act layers before the score; 0 = the paper's D+1-parameter score
+    )
+    abmilp_act: str = "tanh"  # activation of those extra layers (Beyond [cls] tries tanh and relu)
+    abmilp_content: str = "patch"  # "patch": patch tokens only (the paper's best); "all": [cls]/registers too
+    queries: int = 4  # learnable queries of the attentive read-out
+
+    def __post_init__(self) -> None:
+        if self.pool not in POOLS:
+            raise ProbeError(f"unknown read-out {self.pool!r}", f"use one of {', '.join(POOLS)}")
+        if self.abmilp_act not in ABMILP_ACTS:
+            raise ProbeError(
+                f"unknown --abmilp-act {self.abmilp_act!r}", f"use one of {', '.join(ABMILP_ACTS)}"
+            )
+        if self.abmilp_content not in ABMILP_CONTENTS:
+            raise ProbeError(
+                f"unknown --abmilp-content {self.abmilp_content!r}",
+                f"use one of {', '.join(ABMILP_CONTENTS)}",
+            )
+        if self.abmilp_depth < 0 or self.queries < 1:
+            raise ProbeError("--abmilp-depth must be >= 0 and --queries >= 1", "pass a non-negative depth")
+
+    @property
+    def name(self) -> str:
+        return self.pool
+
+    @property
+    def needs_patches(self) -> bool:
+        """Whether the read-out needs per-token patches (not a pooled cache)."""
+        return self.pool in ("abmilp", "attentive")
+
+    @property
+    def needs_cls(self) -> bool:
+        return self.pool in ("cls", "cls+mean")
+
+    def options(self) -> dict[str, Any]:
+        """The options that matter for this pool, for results and saved-head JSON."""
+        if self.pool == "abmilp":
+            return {k: v for k, v in asdict(self).items() if k.startswith("abmilp_")}
+        if self.pool == "attentive":
+            return {"queries": self.queries}
+        return {}
+
+
+class ClsReadout(nn.Module):
+    """The [cls] token: the standard linear probe (MAE §A.2; DINO; Beyond [cls] baseline)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.out_dim = dim
+
+    def forward(self, tokens: Tokens) -> tuple[torch.Tensor, None]:
+        if tokens.cls is None:
+            raise ProbeError(
+                "the cls read-out needs a [cls] token, and this batch has none", "use --pool mean"
+            )
+        return tokens.cls, None
+
+
+class MeanReadout(nn.Module):
+    """Mean of the patch tokens ("global average pooling", MAE §A.2 / Beyond [cls] `pos` features)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.out_dim = dim
+
+    def forward(self, tokens: Tokens) -> tuple[torch.Tensor, None]:
+        return tokens.patch_mean(), None
+
+
+class ClsMeanReadout(nn.Module):
+    """[cls] concatenated with the patch mean (Beyond [cls] `both` features; DINOv2 linear eval)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.out_dim = 2 * dim
+
+    def forward(self, tokens: Tokens) -> tuple[torch.Tensor, None]:
+        if tokens.cls is None:
+            raise ProbeError("the cls+mean read-out needs a [cls] token", "use --pool mean")
+        return torch.cat([tokens.cls, tokens.patch_mean()], dim=-1), None  # (B, 2D)
+
+
+class AbMILPReadout(nn.Module):
+    """Attention-based MIL pooling as in Beyond [cls] (Przewięźlikowski et al., 2024, arXiv:2412.03215, §4).
+
+    After Ilse et al., 2018 ("Attention-based Deep Multiple Instance Learning"). Each token z_i of the bag
+    gets a score s_i = softmax_i(f(z_i)) with f(z) = w·z + b at depth 0 (D + 1 parameters), and the bag is
+    z = Σ_i s_i z_i. `depth` adds Linear(D, D)+act layers before the score (the paper's `--abmilp_depth`
+    counts the score layer too, so its depth 1 is our depth 0). The bag is the patch tokens ("patch", the
+    paper's setting for MAE) or the prefix tokens and patches ("all").
+    """
+
+    def __init__(self, dim: int, *, depth: int = 0, act: str = "tanh", content: str = "patch") -> None:
+        super().__init__()
+        self.out_dim = dim
+        self.content = content
+        layers: list[nn.Module] = []
+        for _ in range(depth):
+            layers += [nn.Linear(dim, dim), nn.Tanh() if act == "tanh" else nn.ReLU()]
+        layers.append(nn.Linear(dim, 1))
+        self.score = nn.Sequential(*layers)
+
+    def bag(self, tokens: Tokens) -> torch.Tensor:
+        """The tokens to pool (B, T, D): patches, or prefix tokens then patches."""
+        if tokens.patches is None:
+            raise ProbeError("the abmilp read-out needs patch tokens", "extract the cache with --tokens all")
+        prefix = tokens.prefix
+        if self.content == "all" and prefix is not None:
+            return torch.cat([prefix, tokens.patches], dim=1)  # (B, P + N, D)
+        return tokens.patches
+
+    def forward(self, tokens: Tokens) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pooled features (B, D) and the scores over the patch tokens (B, N) (prefix scores dropped)."""
+        bag = self.bag(tokens)
+        scores = self.score(bag).squeeze(-1).softmax(dim=1)  # (B, T)
+        pooled = torch.einsum("bt,btd->bd", scores, bag)  # (B, D)
+        num_patches = tokens.patches.shape[1]
+        return pooled, scores[:, -num_patches:]  # (B, N)
+
+
+class AttentiveReadout(nn.Module):
+    """Multi-query cross-attention pooling: efficient probing (EP) of Psomas et al., 2025, arXiv:2506.10178.
+
+    Q learnable queries q_j attend over the patch tokens with the tokens themselves as keys (no key
+    projection): a_j = softmax_i(q_j·x_i / √D). The values V = x W_v (D → D) are split into Q chunks of
+    D/Q channels; chunk j of the output is Σ_i a_j,i V_i[chunk j], and the Q chunks concatenate back to D.
+    """
+
+    def __init__(self, dim: int, *, queries: int = 4) -> None:
+        super().__init__()
+        if dim % queries:
+            raise ProbeError(
+                f"the attentive read-out needs dim {dim} divisible by --queries {queries}",
+                "pick a number of queries that divides the token dimension",
+            )
+        self.out_dim = dim
+        self.num_queries = queries
+        self.queries = nn.Parameter(torch.randn(queries, dim) * 0.02)
+        self.value = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, tokens: Tokens) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pooled features (B, D) and the attention of each query over the patches (B, Q, N)."""
+        if tokens.patches is None:
+            raise ProbeError(
+                "the attentive read-out needs patch tokens", "extract the cache with --tokens all"
+            )
+        x = tokens.patches  # (B, N, D)
+        b, n, d = x.shape
+        attn = (torch.einsum("qd,bnd->bqn", self.queries, x) * d**-0.5).softmax(dim=-1)  # (B, Q, N)
+        values = self.value(x).reshape(b, n, self.num_queries, d // self.num_queries)  # (B, N, Q, D/Q)
+        pooled = torch.einsum("bqn,bnqc->bqc", attn, values).reshape(b, d)  # (B, Q, D/Q) -> (B, D)
+        return pooled, attn
+
+
+class ProbeHead(nn.Module):
+    """A read-out, then the MAE linear-probe head BatchNorm1d(affine=False, eps=1e-6) → Linear.
+
+    The Linear starts as in MAE's `main_linprobe.py`: weights from a truncated normal with std 0.01, bias 0.
+    """
+
+    def __init__(self, readout: nn.Module, num_classes: int) -> None:
+        super().__init__()
+        self.readout = readout
+        self.norm = nn.BatchNorm1d(readout.out_dim, affine=False, eps=1e-6)
+        self.linear = nn.Linear(readout.out_dim, num_classes)
+        nn.init.trunc_normal_(self.linear.weight, std=0.01)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, tokens: Tokens) -> torch.Tensor:
+        """Logits (B, C)."""
+        return self.forward_with_scores(tokens)[0]
+
+    def forward_with_scores(self, tokens: Tokens) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits (B, C) and per-patch scores ((B, N) abmilp, (B, Q, N) attentive, else None)."""
+        features, scores = self.readout(tokens)
+        return self.linear(self.norm(features)), scores
+
+
+def build_head(spec: HeadSpec, dim: int, num_classes: int) -> ProbeHead:
+    """A fresh head for `spec` on D-dimensional tokens; parameters come from torch's global RNG."""
+    if spec.pool == "cls":
+        readout: nn.Module = ClsReadout(dim)
+    elif spec.pool == "mean":
+        readout = MeanReadout(dim)
+    elif spec.pool == "cls+mean":
+        readout = ClsMeanReadout(dim)
+    elif spec.pool == "abmilp":
+        readout = AbMILPReadout(
+            dim, depth=spec.abmilp_depth, act=spec.abmilp_act, content=spec.abmilp_content
+        )
+    else:
+        readout = AttentiveReadout(dim, queries=spec.queries)
+    return ProbeHead(readout, num_classes)
