@@ -180,8 +180,14 @@ def test_scoremap_upsampling_equals_bicubic_interpolate() -> None:
 def test_eval_input_view_matches_timm_transform() -> None:
     from timm.data import create_transform
 
-    cfg = {"input_size": (3, 160, 160), "interpolation": "bilinear", "crop_pct": 0.95, "crop_mode": "center",
-           "mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}
+    cfg = {
+        "input_size": (3, 160, 160),
+        "interpolation": "bilinear",
+        "crop_pct": 0.95,
+        "crop_mode": "center",
+        "mean": (0.0, 0.0, 0.0),
+        "std": (1.0, 1.0, 1.0),
+    }
     w, h = 250, 200
     xs = np.tile(np.arange(w, dtype=np.uint8)[None, :], (h, 1))  # pixel value = x coordinate
     ys = np.tile(np.arange(h, dtype=np.uint8)[:, None], (1, w))  # pixel value = y coordinate

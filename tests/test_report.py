@@ -1,0 +1,135 @@
+"""`vitprobe report`: reads run JSONs, never recomputes; HTML / Markdown / JSON / GitHub outputs."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from report_fixtures import make_run
+from vitprobe.cli import app
+from vitprobe.report import RANDOM_INIT_WARNING, ReportConfig, ReportError, collect_report, write_report
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def runs(tmp_path: Path) -> list[Path]:
+    return [
+        make_run(tmp_path, "mae-tiny", cls=0.5, abmilp=0.7, cls_self=0.4),
+        make_run(tmp_path, "dino-tiny", cls=0.6, abmilp=0.65, random_init=False, with_analyses=False),
+    ]
+
+
+def test_collect_reads_every_piece(runs: list[Path]) -> None:
+    report = collect_report(runs)
+    assert report["format"] == "vitprobe-report" and report["version"] == 1
+    assert report["random_init"] is True  # one of the two runs has random weights
+    mae, dino = report["runs"]
+    assert mae["provenance"]["random_init"] and mae["provenance"]["checkpoint"] == "random-init"
+    assert not dino["provenance"]["random_init"] and dino["provenance"]["checkpoint"] == "ab" * 32
+    assert mae["provenance"]["dataset"] == "synthetic:needles" and mae["provenance"]["fingerprint"] == "f00d"
+    acc = {a["readout"]: a for a in mae["accuracy"]}
+    assert acc["cls"]["top1"] == pytest.approx(50.0) and acc["abmilp"]["top1"] == pytest.approx(70.0)
+    assert acc["abmilp"]["delta_top1_vs_cls"] == pytest.approx(20.0)
+    assert acc["mean"]["delta_top1_vs_cls"] == pytest.approx(10.0)
+    assert acc["k-NN cls k=10"]["top1"] == pytest.approx(48.0)
+    # weakest classes: lowest first; class_i has top1 + 5 (i - 4) points
+    assert [w["class"] for w in mae["weakest_classes"]["cls"]] == [f"class_{i}" for i in range(5)]
+    assert mae["weakest_classes"]["cls"][0]["accuracy"] == pytest.approx(30.0)
+    # learning curve of the chosen blr (0.1), not the other one
+    assert mae["learning_curves"]["abmilp"]["series"]["holdout_top1"] == pytest.approx([20.0, 65.0, 70.0])
+    assert mae["attention"]["cls_self"] == [0.15, 0.3, 0.4]
+    assert mae["localization"]["abmilp"]["max_box_acc_v2"] == 30.0
+    # the run without analyses still renders, with notes saying what was skipped
+    assert dino["attention"] is None and dino["frequency"] is None
+    assert "attention.json not found: skipped" in dino["notes"]
+
+
+def test_why_cls_loses_table(runs: list[Path]) -> None:
+    rows = {r["model"]: r for r in collect_report(runs)["why_cls_loses"]}
+    mae = rows["mae-tiny"]
+    assert mae["abmilp_gain"] == pytest.approx(20.0)
+    assert mae["cls_self_last"] == 0.4 and mae["cls_entropy_last"] == 3.9
+    assert mae["high_frequency_ratio_last"] == 0.125
+    assert (mae["maxboxaccv2_cls"], mae["maxboxaccv2_abmilp"]) == (20.0, 30.0)
+    assert (
+        rows["dino-tiny"]["abmilp_gain"] == pytest.approx(5.0) and rows["dino-tiny"]["cls_self_last"] is None
+    )
+
+
+def test_html_is_self_contained_and_escaped(tmp_path: Path, runs: list[Path]) -> None:
+    evil = make_run(tmp_path, "<b>evil</b>", cls=0.1, abmilp=0.2, with_analyses=False)
+    out = write_report(ReportConfig(runs=tuple(map(str, [*runs, evil])), out=str(tmp_path / "r.html")))
+    text = (tmp_path / "r.html").read_text()
+    assert text == out.text
+    assert "<b>evil</b>" not in text and "&lt;b&gt;evil&lt;/b&gt;" in text
+    assert RANDOM_INIT_WARNING.split(":")[0] in text
+    srcs = re.findall(r'<img src="([^"]+)"', text)
+    assert len(srcs) >= 6  # cross-model attention/frequency plots, learning curves, the runs' own figures
+    assert all(s.startswith("data:image/") for s in srcs)
+    assert not re.search(r'(src|href)="(https?:|file:|/)', text)  # nothing outside the file
+    for s in srcs:  # every embedded image decodes to a real PNG
+        assert base64.b64decode(s.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
+    assert '<table id="accuracy">' in text and '<table id="why-cls-loses">' in text
+    assert "selected on the test set" not in text  # holdout selection is not labelled optimistic
+
+
+def test_markdown_writes_figures_next_to_it(tmp_path: Path, runs: list[Path]) -> None:
+    out = write_report(
+        ReportConfig(runs=tuple(map(str, runs)), out=str(tmp_path / "rep" / "r.md"), format="md")
+    )
+    text = out.path.read_text()
+    refs = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
+    assert refs and len(refs) == len(out.figure_files)
+    for ref in refs:
+        assert (tmp_path / "rep" / ref).is_file()
+    assert "| mae-tiny ⚠ random weights | synthetic:needles | abmilp | 70.0 | 95.0 | +20.0 |" in text
+
+
+def test_json_is_the_collected_report(tmp_path: Path, runs: list[Path]) -> None:
+    write_report(ReportConfig(runs=tuple(map(str, runs)), out=str(tmp_path / "r.json"), format="json"))
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["format"] == "vitprobe-report"
+    assert [r["name"] for r in data["runs"]] == ["mae-tiny", "dino-tiny"]
+
+
+def test_github_summary_appends_to_step_summary(
+    tmp_path: Path, runs: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    summary = tmp_path / "summary.md"
+    summary.write_text("earlier step\n")
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
+    result = runner.invoke(app, ["report", *map(str, runs), "--format", "github"])
+    assert result.exit_code == 0, result.output
+    text = summary.read_text()
+    assert text.startswith("earlier step\n")
+    assert (
+        "> [!WARNING]" in text and "| dino-tiny | synthetic:needles | abmilp | 65.0 | 95.0 | +5.0 |" in text
+    )
+    assert "data:image" not in text  # compact: no figures
+
+
+def test_cli_writes_html_and_reports_missing_dirs(tmp_path: Path, runs: list[Path]) -> None:
+    out = tmp_path / "report.html"
+    result = runner.invoke(app, ["report", str(runs[0]), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert out.is_file() and "random weights" in result.output
+    bad = runner.invoke(app, ["report", str(tmp_path / "nope")])
+    assert bad.exit_code == 1 and "no such run directory" in " ".join(bad.output.split())
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ReportError, match="none of results.json"):
+        collect_report([empty])
+    assert runner.invoke(app, ["report", str(runs[0]), "--format", "pdf"]).exit_code == 1
+
+
+def test_only_results_json_still_renders(tmp_path: Path) -> None:
+    run = make_run(tmp_path, "solo", cls=0.3, abmilp=0.4, with_analyses=False)
+    (run / "knn.json").unlink()
+    out = write_report(ReportConfig(runs=(str(run),), out=str(tmp_path / "solo.html")))
+    assert '<table id="accuracy">' in out.text and "knn.json not found: skipped" in out.text
