@@ -29,7 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from vitprobe.errors import CacheError
-from vitprobe.files import atomic_path, read_json, sha256_file, write_json
+from vitprobe.files import atomic_path, read_json, sha256_file
 
 FORMAT_NAME = "vitprobe-token-cache"
 FORMAT_VERSION = 1
@@ -457,10 +457,10 @@ def write_shard(directory: Path, index: int, start: int, tensors: dict[str, torc
     """
     n = int(tensors["indices"].shape[0])
     name = shard_file(index)
-    metadata = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "start": str(start),
-                "stop": str(start + n)}
+    metadata = _metadata(start=start, stop=start + n)
     with atomic_path(directory / name) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        _readable(tmp)
         digest = sha256_file(tmp)
     return ShardInfo(file=name, start=start, stop=start + n, sha256=digest)
 
@@ -471,15 +471,31 @@ def write_final_norm(directory: Path, norm: torch.nn.Module) -> dict[str, Any]:
     info: dict[str, Any] = {"file": None, "type": type(norm).__name__, "eps": getattr(norm, "eps", None)}
     if state:
         with atomic_path(directory / FINAL_NORM_FILE) as tmp:
-            save_file(state, str(tmp), metadata={"format": FORMAT_NAME, "type": info["type"]})
+            save_file(state, str(tmp), metadata=_metadata(type=info["type"]))
+            _readable(tmp)
         info["file"] = FINAL_NORM_FILE
     return info
 
 
+def _metadata(**fields: Any) -> dict[str, str]:
+    """safetensors header metadata as ONE key: the library writes several keys in random order, which
+    would make the bytes (and sha256) of identical shards differ between runs."""
+    return {FORMAT_NAME: json.dumps({"format_version": FORMAT_VERSION, **fields}, sort_keys=True)}
+
+
 def write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
     """Replace manifest.json atomically (readers see the old or the new one, never a mix)."""
-    manifest = {**manifest, "updated": utc_now()}
-    write_json(directory / MANIFEST_FILE, manifest)
+    text = json.dumps({**manifest, "updated": utc_now()}, indent=2) + "\n"
+    with atomic_path(Path(directory) / MANIFEST_FILE) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+        _readable(tmp)
+
+
+def _readable(path: Path) -> None:
+    """Give a temp file (created 0600) the usual permissions, so caches can be shared with other users."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def read_manifest(directory: Path) -> dict[str, Any] | None:

@@ -1,10 +1,110 @@
-"""`vitprobe extract` command."""
+"""`vitprobe extract` command: parse options, build an ExtractConfig, call `vitprobe.extract`, print."""
 
 from __future__ import annotations
 
-from vitprobe.commands._stub import not_implemented
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from vitprobe.commands.options import CheckpointOpt, DataOpt, DeviceOpt, ModelOpt, RandomInitOpt, SplitOpt
+from vitprobe.errors import VitprobeError
 
 
-def extract() -> None:
-    """Not implemented yet."""
-    not_implemented("extract")
+class Dtype(str, Enum):
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class Store(str, Enum):
+    fp16 = "fp16"
+    bf16 = "bf16"
+    fp32 = "fp32"
+
+
+class Tokens(str, Enum):
+    all = "all"
+    cls = "cls"
+    pooled = "pooled"
+
+
+def parse_layers(text: str) -> tuple[int, ...]:
+    """`-1,-4` -> (-1, -4)."""
+    try:
+        layers = tuple(int(part) for part in text.replace(" ", "").split(",") if part)
+    except ValueError:
+        raise VitprobeError(f"--layers {text!r} is not a comma-separated list of block numbers",
+                            "e.g. --layers -1 or --layers=-1,-4,6") from None
+    if not layers:
+        raise VitprobeError("--layers is empty", "e.g. --layers -1")
+    return layers
+
+
+def extract(
+    model: ModelOpt,
+    data: DataOpt,
+    split: SplitOpt,
+    out: Annotated[Path, typer.Option(
+        "--out", "-o", help="Cache directory (created; resumed if interrupted).", file_okay=False)],
+    checkpoint: CheckpointOpt = None,
+    random_init: RandomInitOpt = False,
+    layers: Annotated[str, typer.Option(
+        "--layers", help="Blocks to store, comma-separated; negative counts from the end (-1 = last).")
+    ] = "-1",
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")] = 64,
+    workers: Annotated[int, typer.Option("--workers", min=0, help="DataLoader worker processes.")] = 4,
+    device: DeviceOpt = "auto",
+    dtype: Annotated[Dtype, typer.Option(
+        "--dtype", help="Compute dtype; auto = bf16 autocast on CUDA, fp32 on CPU.")] = Dtype.auto,
+    store: Annotated[Store, typer.Option("--store", help="Dtype of the stored tokens.")] = Store.fp16,
+    tokens: Annotated[Tokens, typer.Option(
+        "--tokens", help="all = [cls] + registers + patches; cls = [cls] only; pooled = [cls] + patch mean.")
+    ] = Tokens.all,
+    views: Annotated[int, typer.Option(
+        "--views", min=0, help="Augmented views per image (random-resized-crop + flip); 0 = eval transform.")
+    ] = 0,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of random init and of the views.")] = 0,
+    limit: Annotated[int | None, typer.Option("--limit", min=1, help="Only the first N images.")] = None,
+    shard_size: Annotated[int | None, typer.Option(
+        "--shard-size", min=1, help="Samples per shard (default: about 1 GB per shard).")] = None,
+    resume: Annotated[bool, typer.Option(
+        "--resume/--no-resume", help="Continue an interrupted cache from its last complete shard.")] = True,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="Replace a finished or different cache.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Start even if the disk looks too small.")] = False,
+) -> None:
+    """Run a backbone once over a dataset split and write [cls] + patch tokens into a token cache.
+
+    Tokens are the outputs of the chosen blocks **before** the final norm; the norm's parameters are saved
+    too. Works under `torchrun --nproc_per_node N -m vitprobe extract ...` (one cache, split by rank).
+    """
+    from rich.console import Console
+
+    from vitprobe.extract import ExtractConfig, format_bytes
+    from vitprobe.extract import extract as run_extract
+
+    config = ExtractConfig(
+        model=model, data=data, split=split, out=out, checkpoint=checkpoint, random_init=random_init,
+        layers=parse_layers(layers), batch_size=batch_size, workers=workers, device=device, dtype=dtype.value,
+        store=store.value, tokens=tokens.value, views=views, seed=seed, limit=limit, shard_size=shard_size,
+        resume=resume, overwrite=overwrite, force=force,
+    )
+    console = Console(stderr=True, highlight=False)
+    result = run_extract(config, console=console)
+    if not result.is_main:
+        return
+    if result.skipped:
+        console.print(
+            f"[green]cache complete[/]: {result.num_samples:,} samples in {result.num_shards} shards, "
+            f"{format_bytes(result.cache_bytes)} at {result.path}"
+        )
+        return
+    ranks = f" on {result.world_size} processes" if result.world_size > 1 else ""
+    console.print(
+        f"[green]done[/]: {result.new_samples:,} samples extracted in {result.seconds:.1f} s{ranks} "
+        f"({result.images_per_s:,.1f} images/s); cache {result.num_samples:,} samples, {result.num_shards} "
+        f"shards, {format_bytes(result.cache_bytes)} at {result.path}"
+    )
