@@ -666,11 +666,14 @@ def _line_plot(
             markersize=3,
             label=str(name),
         )
+    if not unit_x:
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # blocks, layers and epochs are whole numbers
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(True, alpha=0.3)
-    if len(series) > 1 or len(series) == 1:
-        ax.legend(fontsize=7, loc="best")
+    ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
