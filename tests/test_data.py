@@ -227,6 +227,33 @@ def test_imagenet_layout(tmp_path: Path) -> None:
         open_dataset(spec, "val")
 
 
+def test_imagenet_flat_val_from_loc_solution(tmp_path: Path) -> None:
+    """The Kaggle layout: ILSVRC/Data/CLS-LOC/{train,val}, LOC_*.{csv,txt} three levels up, val/ flat."""
+    top = tmp_path / "ILSVRC" / "Data" / "CLS-LOC"
+    for synset in ("n01", "n02"):
+        _png(top / "train" / synset / f"{synset}_0.png")
+    _png(top / "val" / "ILSVRC2012_val_00000001.png", size=(8, 6))
+    _png(top / "val" / "ILSVRC2012_val_00000002.png", size=(8, 6))
+    (tmp_path / "LOC_val_solution.csv").write_text(
+        "ImageId,PredictionString\n"
+        "ILSVRC2012_val_00000002,n01 1 2 5 6 n01 0 0 3 3 \n"
+        "ILSVRC2012_val_00000001,n02 2 1 7 4 \n"
+        "ILSVRC2012_val_00000003,n01 0 0 1 1 \n"  # not on disk: skipped
+    )
+    val = open_dataset(f"imagenet:{top}", "val")
+    assert [p.name for p in val.paths] == ["ILSVRC2012_val_00000001.png", "ILSVRC2012_val_00000002.png"]
+    assert val.labels == [1, 0]
+    assert val.boxes == [[(2.0, 1.0, 5.0, 3.0)], [(1.0, 2.0, 4.0, 4.0), (0.0, 0.0, 3.0, 3.0)]]
+    unknown_synset = "ImageId,PredictionString\nILSVRC2012_val_00000001,n09 1 1 2 2\n"
+    (tmp_path / "LOC_val_solution.csv").write_text(unknown_synset)
+    with pytest.raises(DatasetError, match="LOC_val_solution.csv line 2"):
+        open_dataset(f"imagenet:{top}", "val")
+    (tmp_path / "LOC_val_solution.csv").unlink()
+    with pytest.raises(DatasetError, match="no images in synset folders") as info:
+        open_dataset(f"imagenet:{top}", "val")
+    assert "LOC_val_solution.csv" in (info.value.hint or "")
+
+
 # --------------------------------------------------------------------------------------------- CUB
 
 

@@ -105,6 +105,16 @@ def test_spec_generates_once_under_vitprobe_home(tmp_path: Path, monkeypatch: py
     assert [p.name for p in (tmp_path / "home" / "synthetic").iterdir()] == [root.name]  # no temp dirs left
 
 
+def test_a_foreign_folder_in_home_is_not_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VITPROBE_HOME", str(tmp_path))
+    foreign = tmp_path / "synthetic" / SyntheticConfig(n=8, classes=2, size=32).name
+    foreign.mkdir(parents=True)
+    (foreign / "images.txt").write_text("1 x.png\n")
+    with pytest.raises(DatasetError, match="has no synthetic.json") as info:
+        open_dataset("synthetic:needles?n=8&classes=2&size=32", "train")
+    assert str(foreign) in (info.value.hint or "")
+
+
 @pytest.mark.parametrize(
     ("spec", "fragment"),
     [

@@ -239,7 +239,7 @@ def list_splits(spec: str) -> list[str]:
         return ["train", "test"]
     path = _existing_file(spec, rest)
     rows = _read_csv_rows(spec, path)
-    splits = sorted({row["split"] for row in rows if row.get("split")})
+    splits = sorted({row["split"].strip() for row in rows if (row.get("split") or "").strip()})
     return splits or [ALL]
 
 
@@ -298,7 +298,12 @@ def _open_imagefolder(spec: str, rest: str, split: str) -> ImageDataset:
 
 
 def _open_imagenet(spec: str, rest: str, split: str) -> ImageDataset:
-    """`DIR/{train,val}/<synset>/<image>`; class index = sorted synset order (of train/ when present)."""
+    """`DIR/{train,val}/<synset>/<image>`; class index = sorted synset order (of train/ when present).
+
+    A flat `val/` (the official ILSVRC2012_val_*.JPEG files) is labelled from `LOC_val_solution.csv`, which
+    also gives boxes; it and `LOC_synset_mapping.txt` (class names) are looked up in DIR and its parents
+    (the Kaggle layout keeps them three levels above ILSVRC/Data/CLS-LOC).
+    """
     root = _existing_dir(spec, rest, "imagenet")
     if split not in ("train", "val"):
         raise DatasetError(f"{spec}: unknown split {split!r} for ImageNet", "use --split train or val")
@@ -312,29 +317,76 @@ def _open_imagenet(spec: str, rest: str, split: str) -> ImageDataset:
     synsets = _class_folders(reference)
     if not synsets:
         raise DatasetError(f"{spec}: no synset folders in {reference}", "expected train/n01440764/...")
-    extra = sorted(set(_class_folders(folder)) - set(synsets))
-    if extra:
-        raise DatasetError(
-            f"{spec}: {folder} has class folders not in {reference}: {', '.join(extra[:5])}",
-            "train/ and val/ must use the same synset folders",
-        )
-    paths, labels = _scan_class_folders(folder, synsets)
+    notes: list[str] = []
+    boxes: list[list[Box]] | None = None
+    solution = _find_upwards(root, "LOC_val_solution.csv")
+    if split == "val" and not _class_folders(folder) and solution is not None:
+        paths, labels, boxes = _read_val_solution(spec, solution, folder, synsets)
+        notes.append(f"labels and boxes from {solution}")
+    else:
+        extra = sorted(set(_class_folders(folder)) - set(synsets))
+        if extra:
+            raise DatasetError(
+                f"{spec}: {folder} has class folders not in {reference}: {', '.join(extra[:5])}",
+                "train/ and val/ must use the same synset folders",
+            )
+        paths, labels = _scan_class_folders(folder, synsets)
     if not paths:
         raise DatasetError(
             f"{spec}: no images in synset folders under {folder}",
-            "val/ must be sorted into synset folders too (e.g. with the LOC_val_solution.csv labels)",
+            f"sort {split}/ into synset folders, or put LOC_val_solution.csv next to train/ and val/",
         )
-    names, notes = synsets, []
-    mapping = next((p for p in (root / "LOC_synset_mapping.txt", root.parent / "LOC_synset_mapping.txt")
-                    if p.is_file()), None)  # fmt: skip
+    names = synsets
+    mapping = _find_upwards(root, "LOC_synset_mapping.txt")
     if mapping is not None:
         words = _read_synset_mapping(spec, mapping)
         names = [words.get(s, s) for s in synsets]
         notes.append(f"class names from {mapping}")
     return ImageDataset(
         spec=spec, split=split, kind="imagenet", root=root, class_names=names,
-        paths=paths, labels=labels, notes=notes,
+        paths=paths, labels=labels, boxes=boxes, notes=notes,
     )  # fmt: skip
+
+
+def _find_upwards(folder: Path, name: str, levels: int = 3) -> Path | None:
+    """`folder/name` or the same name in one of the next `levels` parents, whichever comes first."""
+    for candidate in [folder, *folder.parents][: levels + 1]:
+        if (candidate / name).is_file():
+            return candidate / name
+    return None
+
+
+def _read_val_solution(
+    spec: str, path: Path, folder: Path, synsets: list[str]
+) -> tuple[list[Path], list[int], list[list[Box]]]:
+    """`ImageId,PredictionString` rows (`n01751748 x0 y0 x1 y1 ...`) -> paths, labels, boxes (x, y, w, h).
+
+    Only images present in `folder` are kept, so a subset of val/ on disk works.
+    """
+    index = {synset: k for k, synset in enumerate(synsets)}
+    files = {
+        os.path.splitext(e.name)[0]: Path(e.path)
+        for e in os.scandir(folder)
+        if e.is_file() and os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS
+    }
+    entries: list[tuple[Path, int, list[Box]]] = []
+    with open(path, newline="", encoding="utf-8") as f:
+        for number, row in enumerate(csv.DictReader(f), 2):
+            fields = (row.get("PredictionString") or "").split()
+            image_id = row.get("ImageId")
+            if not image_id or not fields or len(fields) % 5 or fields[0] not in index:
+                raise DatasetError(
+                    f"{spec}: {path} line {number} is not 'ImageId,SYNSET x0 y0 x1 y1 ...' (known synset)",
+                    "use the LOC_val_solution.csv of the ImageNet release",
+                )
+            if image_id not in files:
+                continue
+            groups = [fields[i : i + 5] for i in range(0, len(fields), 5)]  # (synset, x0, y0, x1, y1) each
+            box_list = [(float(x0), float(y0), float(x1) - float(x0), float(y1) - float(y0))
+                        for _, x0, y0, x1, y1 in groups]  # fmt: skip
+            entries.append((files[image_id], index[fields[0]], box_list))
+    entries.sort(key=lambda entry: entry[0])
+    return [e[0] for e in entries], [e[1] for e in entries], [e[2] for e in entries]
 
 
 def _read_synset_mapping(spec: str, path: Path) -> dict[str, str]:

@@ -155,6 +155,11 @@ def ensure_synthetic(config: SyntheticConfig, home: Path) -> Path:
     target = home / "synthetic" / config.name
     if (target / "synthetic.json").is_file():
         return target
+    if target.exists() and any(target.iterdir()):
+        raise DatasetError(
+            f"synthetic needles: {target} exists but has no synthetic.json (not made by vitprobe)",
+            f"delete {target}; it is regenerated on the next use",
+        )
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
