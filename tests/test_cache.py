@@ -1,0 +1,208 @@
+"""Token caches without a model: layout, writing, lazy reading, validation and the lock."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from vitprobe.cache import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    LOCK_FILE,
+    MANIFEST_FILE,
+    ShardInfo,
+    TokenCache,
+    bytes_per_sample,
+    lock_cache,
+    open_cache,
+    shard_entries,
+    shard_layout,
+    write_final_norm,
+    write_manifest,
+    write_shard,
+)
+from vitprobe.errors import CacheError
+
+GRID, DIM, LAYERS = (2, 3), 4, [5, 3]
+
+
+def _manifest(num_samples: int, shards: list[ShardInfo], *, complete: bool, tokens: str = "all") -> dict:
+    return {
+        "format": FORMAT_NAME, "format_version": FORMAT_VERSION,
+        "model": {"spec": "timm:toy", "timm_name": "toy", "checkpoint": "random-init", "random_init": True,
+                  "source": "random-init"},
+        "layers": LAYERS, "grid": list(GRID), "dim": DIM, "num_prefix_tokens": 2, "has_cls": True,
+        "num_reg_tokens": 1, "tokens": tokens, "store_dtype": "fp16", "views": 0, "seed": 0,
+        "dataset": {"spec": "imagefolder:x", "split": "train", "fingerprint": "f" * 64,
+                    "class_names": ["a", "b", "c"], "num_classes": 3},
+        "num_samples": num_samples, "shard_size": 4, "shards": shard_entries(shards),
+        "final_norm": {"file": None, "type": "Identity", "eps": None}, "complete": complete,
+    }
+
+
+def _rows(start: int, stop: int) -> dict[str, torch.Tensor]:
+    """Tensors of rows [start, stop) whose values encode (row, layer, token, channel), exact in fp16."""
+    n, (h, w), L = stop - start, GRID, len(LAYERS)
+    rows = torch.arange(start, stop, dtype=torch.float32)
+    base = rows.view(n, 1, 1, 1) * 200 + torch.arange(L).view(1, L, 1, 1) * 100  # (n, L, 1, 1)
+    patches = base + torch.arange(h * w).view(1, 1, h * w, 1) * 10 + torch.arange(DIM).view(1, 1, 1, DIM)
+    return {
+        "patches": patches.half(),  # (n, L, P, D)
+        "cls": (base[:, :, 0] - 1 + torch.zeros(DIM)).half(),  # (n, L, D)
+        "reg": (base - 2 + torch.zeros(1, 1, 1, DIM)).half(),  # (n, L, 1, D)
+        "labels": (torch.arange(start, stop) % 3).long(),
+        "indices": torch.arange(start, stop).long() * 7,
+    }
+
+
+def _write_cache(path: Path, num_samples: int = 10, shard_size: int = 4, *, complete: bool = True
+                 ) -> TokenCache:
+    shards = [write_shard(path, i, s, _rows(s, min(s + shard_size, num_samples)))
+              for i, s in enumerate(range(0, num_samples, shard_size))]
+    norm = torch.nn.LayerNorm(DIM, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.arange(DIM) + 1.0)
+    manifest = _manifest(num_samples, shards, complete=complete)
+    manifest["final_norm"] = write_final_norm(path, norm)
+    write_manifest(path, manifest)
+    return open_cache(path, require_complete=complete)
+
+
+def test_layout_shapes_for_every_token_mode() -> None:
+    common = dict(grid=(14, 14), dim=768, has_cls=True, store_dtype="fp16", views=0)
+    all_one = shard_layout(tokens="all", num_layers=1, num_reg_tokens=0, **common)
+    assert {k: s.shape for k, s in all_one.items()} == {
+        "patches": (196, 768), "cls": (768,), "labels": (), "indices": ()}
+    # ImageNet train x ViT-B/16 in fp16 is about 388 GB, as the issue says
+    assert bytes_per_sample(all_one) == 197 * 768 * 2 + 16
+    assert round(1_281_167 * bytes_per_sample(all_one) / 1e9) == 388
+    several = shard_layout(tokens="all", num_layers=2, num_reg_tokens=4, **{**common, "views": 2})
+    assert several["patches"].shape == (2, 196, 768) and several["reg"].shape == (2, 4, 768)
+    assert several["cls"].shape == (2, 768) and several["views"].dtype == torch.int64
+    cls_only = shard_layout(tokens="cls", num_layers=1, num_reg_tokens=4, **common)
+    assert set(cls_only) == {"cls", "labels", "indices"}
+    pooled = shard_layout(tokens="pooled", num_layers=1, num_reg_tokens=0, **{**common, "has_cls": False})
+    assert set(pooled) == {"mean", "labels", "indices"}
+    with pytest.raises(CacheError, match="no.*cls|has none"):
+        shard_layout(tokens="cls", num_layers=1, num_reg_tokens=0, **{**common, "has_cls": False})
+
+
+def test_write_then_read_rows_keys_and_order(tmp_path: Path) -> None:
+    cache = _write_cache(tmp_path)
+    assert [(s.start, s.stop) for s in cache.shards] == [(0, 4), (4, 8), (8, 10)]
+    assert cache.num_samples == 10 and cache.layers == LAYERS and cache.grid == GRID and cache.dim == DIM
+    assert cache.has_cls and cache.num_reg_tokens == 1 and cache.num_classes == 3 and cache.complete
+    assert cache.keys == ["patches", "cls", "reg", "labels", "indices"]
+    torch.testing.assert_close(cache.labels(), torch.arange(10) % 3, rtol=0, atol=0)
+    torch.testing.assert_close(cache.indices(), torch.arange(10) * 7, rtol=0, atol=0)
+    part = cache.read_shard(1, ["patches", "indices"], rows=slice(1, 3))
+    assert set(part) == {"patches", "indices"}
+    assert part["patches"].shape == (2, 2, 6, 4) and part["patches"].dtype == torch.float16
+    # row 5 (shard 1, row 1), layer 1, token 4, channel 3 holds 5*200 + 100 + 40 + 3
+    assert part["patches"][0, 1, 4, 3].item() == 1143
+    torch.testing.assert_close(part["indices"], torch.tensor([35, 42]))
+    order = [e["indices"][0].item() // 7 for e in cache.iter_shards(["indices"], order=[2, 0, 1])]
+    assert order == [8, 0, 4]
+    norm = cache.final_norm_state()
+    torch.testing.assert_close(norm["weight"], torch.arange(4) + 1.0)
+    assert cache.manifest["final_norm"] == {"file": "final_norm.safetensors", "type": "LayerNorm",
+                                            "eps": 1e-6}
+    prov = cache.provenance()
+    assert prov["checkpoint"] == "random-init" and prov["layers"] == LAYERS
+    assert prov["fingerprint"] == "f" * 64 and prov["dataset"] == "imagefolder:x"
+    with pytest.raises(CacheError, match="no tensor 'mean'"):
+        cache.read_shard(0, ["mean"])
+    with pytest.raises(CacheError, match="shard 3 does not exist"):
+        cache.read_shard(3)
+
+
+def test_same_tensors_give_the_same_bytes(tmp_path: Path) -> None:
+    a = write_shard(tmp_path / "a", 0, 0, _rows(0, 3))
+    b = write_shard(tmp_path / "b", 0, 0, _rows(0, 3))
+    assert a.sha256 == b.sha256
+    assert (tmp_path / "a" / a.file).read_bytes() == (tmp_path / "b" / b.file).read_bytes()
+
+
+def test_open_cache_refuses_missing_incomplete_and_foreign(tmp_path: Path) -> None:
+    with pytest.raises(CacheError, match="does not exist") as info:
+        open_cache(tmp_path / "nope")
+    assert "vitprobe extract" in info.value.hint
+    tmp_path.joinpath("empty").mkdir()
+    with pytest.raises(CacheError, match="has no manifest.json"):
+        open_cache(tmp_path / "empty")
+
+    partial = tmp_path / "partial"
+    _write_cache(partial, complete=False)
+    with pytest.raises(CacheError, match=r"incomplete \(10 of 10|incomplete") as info:
+        open_cache(partial)
+    assert "resume" in info.value.hint
+    manifest = json.loads((partial / MANIFEST_FILE).read_text())
+    manifest["shards"] = manifest["shards"][:2]
+    write_manifest(partial, manifest)
+    with pytest.raises(CacheError, match="8 of 10 samples written"):
+        open_cache(partial)
+    assert open_cache(partial, require_complete=False).num_written == 8
+
+    newer = tmp_path / "newer"
+    _write_cache(newer)
+    manifest = json.loads((newer / MANIFEST_FILE).read_text())
+    write_manifest(newer, {**manifest, "format_version": FORMAT_VERSION + 1})
+    with pytest.raises(CacheError, match="format version 2") as info:
+        open_cache(newer)
+    assert "upgrade" in info.value.hint
+    write_manifest(newer, {**manifest, "format": "something-else"})
+    with pytest.raises(CacheError, match="not a vitprobe token-cache manifest"):
+        open_cache(newer)
+
+
+def test_open_cache_checks_files_shapes_and_hashes(tmp_path: Path) -> None:
+    _write_cache(tmp_path)
+    manifest = json.loads((tmp_path / MANIFEST_FILE).read_text())
+    write_manifest(tmp_path, {**manifest, "dim": 5})  # the shards hold D = 4
+    with pytest.raises(CacheError, match="does not match the manifest"):
+        open_cache(tmp_path)
+    write_manifest(tmp_path, manifest)
+    # flip one byte of tensor data: the header still parses, only verify=True notices
+    shard = tmp_path / "shard-00001.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    open_cache(tmp_path)
+    with pytest.raises(CacheError, match="corrupt"):
+        open_cache(tmp_path, verify=True)
+    shard.unlink()
+    with pytest.raises(CacheError, match="shard-00001.safetensors listed in the manifest is missing"):
+        open_cache(tmp_path)
+
+
+def test_open_cache_checks_shard_ranges(tmp_path: Path) -> None:
+    _write_cache(tmp_path)
+    manifest = json.loads((tmp_path / MANIFEST_FILE).read_text())
+    manifest["shards"][1]["start"] = 5
+    write_manifest(tmp_path, manifest)
+    with pytest.raises(CacheError, match="rows start at 4"):
+        open_cache(tmp_path)
+
+
+def test_lock_refuses_a_second_writer_and_names_stale_locks(tmp_path: Path) -> None:
+    with lock_cache(tmp_path) as lock:
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+        with pytest.raises(CacheError, match=f"being written by pid {os.getpid()}"):
+            with lock_cache(tmp_path):
+                pass
+    assert not (tmp_path / LOCK_FILE).exists()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    import socket
+
+    (tmp_path / LOCK_FILE).write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname()}))
+    with pytest.raises(CacheError, match="stale lock") as info:
+        with lock_cache(tmp_path):
+            pass
+    assert f"delete {tmp_path / LOCK_FILE}" in info.value.hint
