@@ -643,3 +643,8 @@ def describe_backbone(backbone: Backbone) -> dict[str, Any]:
         "dim": backbone.dim,
         "final_norm": type(backbone.final_norm).__name__,
     }
+
+
+def inspect_model(config: LoadConfig) -> dict[str, Any]:
+    """`vitprobe models show`: load the backbone as configured and describe it."""
+    return describe_backbone(load_backbone_from_config(config))

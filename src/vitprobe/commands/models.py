@@ -1,15 +1,118 @@
-"""`vitprobe models` commands."""
+"""`vitprobe models list|show`: the preset table, and what loading one model gives (its load report)."""
 
 from __future__ import annotations
 
+import json
+from typing import Annotated, Any
+from urllib.parse import urlparse
+
 import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
 
-from vitprobe.commands._stub import not_implemented
+from vitprobe.commands.options import CheckpointOpt, JsonOpt, RandomInitOpt
 
-app = typer.Typer(help="models commands.", no_args_is_help=True)
+app = typer.Typer(help="List the supported backbones and inspect how one loads.", no_args_is_help=True)
+console = Console(highlight=False)
+
+BranchOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--branch",
+        help="Network to take from a multi-network file: teacher/student (DINO, iBOT) or "
+        "target_encoder/encoder (I-JEPA). Default: the one the method evaluates.",
+    ),
+]
 
 
-@app.command("todo")
-def todo() -> None:
-    """Not implemented yet."""
-    not_implemented("models")
+@app.command("list")
+def list_models(as_json: JsonOpt = False) -> None:
+    """Table of presets: family (MIM/JEA), timm architecture, parameters, patch, [cls], weights, license."""
+    from vitprobe.models import preset_rows
+
+    rows = preset_rows()
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    table = Table(title="vitprobe presets (any timm model also works as timm:NAME)")
+    for header in ("name", "family", "params", "patch", escape("[cls]")):
+        table.add_column(header, no_wrap=True)
+    for header in ("timm architecture", "weights", "license"):
+        table.add_column(header, overflow="fold")
+    for r in rows:
+        table.add_row(
+            r["name"], r["family"], f"{r['params'] / 1e6:.1f}M", str(r["patch"]),
+            "yes" if r["has_cls"] else "no", r["arch"], _short_source(r["weights"]), r["license"],
+        )
+    console.print(table)
+
+
+@app.command("show")
+def show(
+    name: Annotated[str, typer.Argument(help="Preset name (see `vitprobe models list`) or timm:NAME.")],
+    checkpoint: CheckpointOpt = None,
+    random_init: RandomInitOpt = False,
+    branch: BranchOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Build and load NAME, then print the load report: source, sha256, keys remapped and dropped,
+    parameters, image size, mean/std, interpolation, patch grid, prefix tokens, depth and width."""
+    from vitprobe.models import LoadConfig, inspect_model
+
+    config = LoadConfig(model=name, checkpoint=checkpoint, random_init=random_init, branch=branch)
+    info = inspect_model(config)
+    if as_json:
+        typer.echo(json.dumps(info, indent=2))
+        return
+    _print_report(info)
+
+
+def _print_report(info: dict[str, Any]) -> None:
+    table = Table(show_header=False, title=f"{escape(info['model'])} ({escape(info['timm_name'])})")
+    table.add_column("field", style="bold", no_wrap=True)
+    table.add_column("value", overflow="fold")
+    weights = escape(info["source"])
+    if info["random_init"]:
+        weights = "[bold red]RANDOM INIT: not a pretrained model[/]"
+    dropped, branch = info["dropped"], info["branch"]
+    cls = escape("[cls]")
+    rows = [
+        ("weights", weights),
+        ("sha256", info["sha256"] or "-"),
+        ("layout", escape(info["layout"] or "-") + (f", branch {escape(branch)}" if branch else "")),
+        ("keys renamed", str(info["remapped"])),
+        ("keys dropped", f"{len(dropped)}" + (f": {escape(_summarise(dropped))}" if dropped else "")),
+        ("parameters", f"{info['num_params']:,} ({info['num_params'] / 1e6:.1f}M)"),
+        ("image size", "x".join(map(str, info["image_size"]))),
+        ("mean / std", f"{_fmt(info['mean'])} / {_fmt(info['std'])}"),
+        ("interpolation, crop", f"{info['interpolation']}, crop_pct {info['crop_pct']}"),
+        ("patch, grid", f"{info['patch_size']} px, {info['grid'][0]}x{info['grid'][1]} patches"),
+        ("prefix tokens", f"{info['num_prefix_tokens']} ({cls}: {'yes' if info['has_cls'] else 'no'}, "
+         f"registers: {info['num_reg_tokens']})"),
+        ("depth, dim", f"{info['depth']} blocks, {info['dim']}"),
+        ("final norm", info["final_norm"]),
+    ]
+    rows += [("note", escape(note)) for note in info["notes"]]
+    for field, value in rows:
+        table.add_row(field, value)
+    console.print(table)
+
+
+def _fmt(values: list[float]) -> str:
+    return "(" + ", ".join(f"{v:.3f}" for v in values) + ")"
+
+
+def _summarise(keys: list[str], limit: int = 6) -> str:
+    """Group dropped keys by their first name part: `decoder_blocks.* (96), mask_token`."""
+    groups: dict[str, list[str]] = {}
+    for key in keys:
+        groups.setdefault(key.split(".")[0], []).append(key)
+    parts = [keys[0] if keys == [head] else f"{head}.* ({len(keys)})" for head, keys in groups.items()]
+    more = f", ... ({len(parts) - limit} more groups)" if len(parts) > limit else ""
+    return ", ".join(parts[:limit]) + more
+
+
+def _short_source(weights: str) -> str:
+    """`hf-hub:timm/...` -> `timm hub`; an official URL -> its host (the full source is in --json)."""
+    return "timm hub" if weights.startswith("hf-hub:timm/") else urlparse(weights).netloc or weights
