@@ -1,4 +1,4 @@
-"""Probe heads: read-outs against their reference formulas written out here, and the shared BN → Linear head."""
+"""Probe heads: read-outs against reference formulas written out here, and the shared BN → Linear head."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Probe training: schedule, LARS step, holdout, streaming, one-pass multi-head equality, determinism, accuracy."""
+"""Probe training: schedule, LARS, holdout, streaming, one-pass multi-head equality, determinism, accuracy."""
 
 from __future__ import annotations
 
@@ -135,7 +135,8 @@ def test_results_are_deterministic_for_a_seed() -> None:
     cfg = small_cfg(pools=("abmilp",), optimizer="lars", lr_grid=(1.0,))
     first = train_probes(train, test, cfg, specs_of(cfg), keys=["patches"])["readouts"]["abmilp"]
     second = train_probes(train, test, cfg, specs_of(cfg), keys=["patches"])["readouts"]["abmilp"]
-    other = train_probes(train, test, replace(cfg, seed=1), specs_of(cfg), keys=["patches"])["readouts"]["abmilp"]
+    other = train_probes(train, test, replace(cfg, seed=1), specs_of(cfg), keys=["patches"])
+    other = other["readouts"]["abmilp"]
     for k, v in first["head"].state_dict().items():
         assert torch.equal(v, second["head"].state_dict()[k])
     assert first["run"].curves == second["run"].curves
