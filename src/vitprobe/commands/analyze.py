@@ -1,15 +1,140 @@
-"""`vitprobe analyze` commands."""
+"""`vitprobe analyze` commands: attention statistics and frequency analysis (JSON + figures)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated
+
 import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
 
-from vitprobe.commands._stub import not_implemented
+from vitprobe.commands.options import (
+    CheckpointOpt,
+    DataOpt,
+    DeviceOpt,
+    ModelOpt,
+    OutDirOpt,
+    RandomInitOpt,
+    SplitOpt,
+)
 
-app = typer.Typer(help="analyze commands.", no_args_is_help=True)
+app = typer.Typer(
+    help="Analyses that explain probing results: attention statistics, Fourier spectra of token maps.",
+    no_args_is_help=True,
+)
+console = Console(highlight=False)
+
+LimitOpt = Annotated[
+    int, typer.Option("--limit", min=0, help="Images to analyse, evenly spaced over the split (0 = all).")
+]
+BatchSizeOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")]
+WorkersOpt = Annotated[int, typer.Option("--workers", min=0, help="DataLoader worker processes.")]
+CompareOpt = Annotated[
+    list[Path] | None,
+    typer.Option(
+        "--compare",
+        help="Earlier `--out` directory of the same analysis to overlay on the figures (repeat for several).",
+    ),
+]
 
 
-@app.command("todo")
-def todo() -> None:
-    """Not implemented yet."""
-    not_implemented("analyze")
+@app.command("attention")
+def attention(
+    model: ModelOpt,
+    data: DataOpt,
+    split: SplitOpt,
+    out: OutDirOpt,
+    checkpoint: CheckpointOpt = None,
+    random_init: RandomInitOpt = False,
+    limit: LimitOpt = 1000,
+    batch_size: BatchSizeOpt = 32,
+    workers: WorkersOpt = 4,
+    device: DeviceOpt = "auto",
+    rollout: Annotated[
+        bool, typer.Option("--rollout", help="Also compute attention rollout [cls]→patch maps.")
+    ] = False,
+    maps: Annotated[int, typer.Option("--maps", min=0, help="Images shown in the attention-map grid.")] = 8,
+    compare: CompareOpt = None,
+) -> None:
+    """Per block × head attention statistics ([cls] share, entropies, distance, magnitudes) + figures."""
+    from vitprobe.analysis.attention import AttentionConfig, run_attention
+
+    config = AttentionConfig(
+        model=model,
+        data=data,
+        split=split,
+        out=str(out),
+        checkpoint=checkpoint,
+        random_init=random_init,
+        limit=limit or None,
+        batch_size=batch_size,
+        num_workers=workers,
+        device=device,
+        rollout=rollout,
+        n_maps=maps,
+        compare=tuple(str(p) for p in compare or ()),
+    )
+    run = run_attention(config)
+    stats = run.result["stats"]
+    table = Table(
+        title=f"attention: {escape(run.result['label'])}, {run.result['n_images']} images (head means)"
+    )
+    shown = [s for s in ("cls_self", "cls_entropy", "patch_entropy", "attention_distance") if s in stats]
+    table.add_column("block", justify="right")
+    for name in shown:
+        table.add_column(name, justify="right")
+    for block, *values in zip(run.result["blocks"], *(stats[s]["mean"] for s in shown), strict=False):
+        table.add_row(str(block), *(f"{v:.3f}" for v in values))
+    console.print(table)
+    _print_written(run.json_path, [run.maps_path] if run.maps_path else [], run.figures)
+
+
+@app.command("frequency")
+def frequency(
+    model: ModelOpt,
+    data: DataOpt,
+    split: SplitOpt,
+    out: OutDirOpt,
+    checkpoint: CheckpointOpt = None,
+    random_init: RandomInitOpt = False,
+    limit: LimitOpt = 1000,
+    batch_size: BatchSizeOpt = 32,
+    workers: WorkersOpt = 4,
+    device: DeviceOpt = "auto",
+    compare: CompareOpt = None,
+) -> None:
+    """Fourier analysis of the token maps: Δ log amplitude vs frequency per layer, high-frequency headline."""
+    from vitprobe.analysis.frequency import FrequencyConfig, run_frequency
+
+    config = FrequencyConfig(
+        model=model,
+        data=data,
+        split=split,
+        out=str(out),
+        checkpoint=checkpoint,
+        random_init=random_init,
+        limit=limit or None,
+        batch_size=batch_size,
+        num_workers=workers,
+        device=device,
+        compare=tuple(str(p) for p in compare or ()),
+    )
+    run = run_frequency(config)
+    result = run.result
+    table = Table(title=f"frequency: {escape(result['label'])}, {result['n_images']} images")
+    for column in ("layer", f"Δ log amp @ {result['frequency'][-1]:.2f}π", "high-freq energy ratio"):
+        table.add_column(column, justify="right")
+    for layer, head, ratio in zip(
+        result["layers"], result["headline"], result["high_freq_energy_ratio"], strict=False
+    ):
+        table.add_row(layer, f"{head:.3f}", f"{ratio:.3f}")
+    console.print(table)
+    _print_written(run.json_path, [], run.figures)
+
+
+def _print_written(json_path: Path, others: list[Path], figures: list[Path]) -> None:
+    console.print(f"wrote {escape(str(json_path))}")
+    for path in [*others, *figures]:
+        console.print(f"      {escape(str(path))}")

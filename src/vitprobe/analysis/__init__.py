@@ -1,0 +1,198 @@
+"""Analysis passes: the shared machinery (subset, loader, forward pass, provenance) of `vitprobe analyze`.
+
+Each analysis (`attention`, `frequency`) hooks a backbone, streams a deterministic subset of a dataset
+through it once, accumulates sums (never per-image tensors) and writes one results JSON plus figures.
+Nothing here imports torch at module import, so `vitprobe.analysis.plots` stays usable without torch.
+"""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from vitprobe.errors import VitprobeError
+from vitprobe.files import read_json
+
+if TYPE_CHECKING:
+    import torch
+    from torch.utils.data import Dataset
+
+    from vitprobe.models import Backbone
+
+SCHEMA_VERSION = 1  # bump when a key of attention.json / frequency.json changes meaning
+
+
+def select_indices(total: int, limit: int | None) -> list[int]:
+    """Evenly spaced, deterministic image indices: all of them when `limit` is None, 0 or >= `total`.
+
+    Evenly spaced rather than the first `limit`: class-sorted datasets (ImageFolder, CUB) would otherwise
+    contribute only their first few classes.
+    """
+    if total <= 0:
+        raise VitprobeError("the dataset split has no images", "check --data and --split")
+    if not limit or limit >= total:
+        return list(range(total))
+    return sorted({round(i * (total - 1) / max(limit - 1, 1)) for i in range(limit)})
+
+
+def open_subset(
+    spec: str, split: str, backbone: Backbone, limit: int | None
+) -> tuple[Dataset, dict[str, Any]]:
+    """Open `spec`/`split` with the backbone's eval transform and keep `limit` evenly spaced images.
+
+    Returns:
+        The subset (a torch Dataset of (image, label, index)) and the data provenance for the results JSON.
+    """
+    from torch.utils.data import Subset
+
+    from vitprobe.data import open_dataset
+
+    dataset = open_dataset(spec, split, transform=backbone.transform())
+    indices = select_indices(len(dataset), limit)
+    info = {
+        "spec": spec,
+        "split": split,
+        "fingerprint": _attr_or_call(dataset, "fingerprint"),
+        "size": len(dataset),
+        "n_images": len(indices),
+        "selection": "all" if len(indices) == len(dataset) else f"{len(indices)} evenly spaced indices",
+    }
+    return Subset(dataset, indices), info
+
+
+def _attr_or_call(obj: Any, name: str) -> Any:
+    value = getattr(obj, name, None)
+    return value() if callable(value) else value
+
+
+def make_loader(dataset: Dataset, *, batch_size: int, num_workers: int, device: torch.device) -> Any:
+    """A sequential (deterministic order) DataLoader over the subset."""
+    from torch.utils.data import DataLoader
+
+    if batch_size < 1:
+        raise VitprobeError(f"--batch-size must be at least 1, got {batch_size}", "use e.g. --batch-size 32")
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+        drop_last=False,
+    )
+
+
+def forward_pass(
+    backbone: Backbone,
+    loader: Any,
+    device: torch.device,
+    *,
+    on_images: Callable[[torch.Tensor], None] | None = None,
+    description: str = "analysing",
+) -> int:
+    """Run every batch of `loader` through the backbone (fp32, no grad); the caller's hooks do the work.
+
+    Args:
+        backbone: the model, already on `device`.
+        loader: yields (images (B, 3, H, W), labels, indices).
+        device: where the batches go.
+        on_images: called with each batch of (transformed) images before the forward, e.g. to keep thumbnails.
+        description: progress-bar label.
+
+    Returns:
+        The number of images seen.
+    """
+    import torch
+
+    seen = 0
+    with progress_bar(len(loader.dataset), description) as advance, torch.inference_mode():
+        for batch in loader:
+            images = batch[0].to(device, dtype=torch.float32, non_blocking=True)  # (B, 3, H, W)
+            if on_images is not None:
+                on_images(images)
+            backbone.model.forward_features(images)
+            seen += images.shape[0]
+            advance(images.shape[0])
+    return seen
+
+
+@contextmanager
+def progress_bar(total: int, description: str) -> Iterator[Callable[[int], None]]:
+    """A rich progress bar on a terminal (silent otherwise); yields `advance(n)`."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    console = Console(stderr=True)
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not console.is_terminal,
+        transient=True,
+    ) as progress:
+        task = progress.add_task(description, total=total)
+        yield lambda n: progress.advance(task, n)
+
+
+def backbone_info(backbone: Backbone) -> dict[str, Any]:
+    """Token layout and size of the backbone, as recorded in results."""
+    model = backbone.model
+    return {
+        "class": type(model).__name__,
+        "depth": backbone.depth,
+        "dim": backbone.dim,
+        "num_heads": int(model.blocks[0].attn.num_heads),
+        "patch_size": backbone.patch_size,
+        "grid": list(backbone.grid),
+        "img_size": list(backbone.data_config()["input_size"][1:]),
+        "has_cls": backbone.has_cls,
+        "num_prefix_tokens": backbone.num_prefix_tokens,
+        "num_reg_tokens": backbone.num_reg_tokens,
+    }
+
+
+def versions() -> dict[str, str]:
+    """Versions of the software that produced a result."""
+    import numpy
+    import timm
+    import torch
+
+    from vitprobe import __version__
+
+    return {
+        "vitprobe": __version__,
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "numpy": numpy.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def read_results(paths: Sequence[str | Path], filename: str) -> list[dict[str, Any]]:
+    """Read earlier results for `--compare`: each path is a run directory holding `filename`, or the file.
+
+    Raises:
+        VitprobeError: a path without the file, or a file of another kind or schema.
+    """
+    kind = Path(filename).stem
+    out = []
+    for path in map(Path, paths):
+        file = path / filename if path.is_dir() else path
+        if not file.is_file():
+            raise VitprobeError(
+                f"--compare {path}: no {filename} there",
+                f"point --compare at the --out directory of an earlier `vitprobe analyze {kind}` run",
+            )
+        result = read_json(file)
+        if result.get("kind") != kind or result.get("schema_version") != SCHEMA_VERSION:
+            raise VitprobeError(
+                f"--compare {file}: not a {kind} result of schema {SCHEMA_VERSION} "
+                f"(kind={result.get('kind')!r}, schema={result.get('schema_version')!r})",
+                f"re-run `vitprobe analyze {kind}` for that model with this vitprobe version",
+            )
+        out.append(result)
+    return out
