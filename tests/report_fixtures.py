@@ -129,10 +129,10 @@ def make_run(
         "schema_version": 1,
         "random_init": random_init,
         "layers": ["embed", "block 1", "block 2", "block 3"],
-        "frequencies": [0.0, 0.5, 1.0],
+        "frequency": [0.0, 0.5, 1.0],
         "delta_log_amplitude": [[0.0, -0.5, -1.0], [0.0, -0.4, -0.8], [0.0, -0.3, -0.6], [0.0, -0.2, -0.4]],
         "headline": [-1.0, -0.8, -0.6, -0.4],
-        "high_frequency_ratio": [0.30, 0.25, 0.2, 0.125],
+        "high_freq_energy_ratio": [0.30, 0.25, 0.2, 0.125],
     }
     (run / "frequency.json").write_text(json.dumps(frequency))
     localization = {

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -209,3 +212,101 @@ def test_scoremap_outside_the_crop_scores_zero() -> None:
     s = loc.scoremap_at_image(np.arange(4.0).reshape(2, 2), (64, 64), view)
     assert not s[:16].any() and not s[:, :16].any() and not s[48:].any() and not s[:, 48:].any()
     assert s[16:48, 16:48].max() == 1.0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The `analyze localization` pass on a tiny random ViT and generated needles
+
+
+@pytest.fixture(scope="module")
+def needles(tmp_path_factory: pytest.TempPathFactory) -> str:
+    from vitprobe.synthetic import make_synthetic
+
+    root = tmp_path_factory.mktemp("needles") / "data"
+    make_synthetic(root, n=16, classes=4, size=96, seed=0)
+    return f"cub:{root}"
+
+
+def test_cls_attention_maps_equal_timm_unfused_attention(needles: str) -> None:
+    from vitprobe.analysis import make_loader, open_subset
+    from vitprobe.models import load_backbone
+
+    torch.manual_seed(0)
+    backbone = load_backbone("timm:test_vit", random_init=True)
+    subset, _ = open_subset(needles, "test", backbone, 5)
+    loader = make_loader(subset, batch_size=4, num_workers=0, device=torch.device("cpu"))
+    maps, indices = loc.cls_attention_maps(backbone, loader, torch.device("cpu"))
+    assert maps.shape == (5, *backbone.grid) and indices.tolist() == list(subset.indices)
+    # reference: timm's own unfused attention of the last block, caught after softmax (attn_drop's input)
+    attn_mod = backbone.model.blocks[-1].attn
+    attn_mod.fused_attn = False
+    caught = []
+    handle = attn_mod.attn_drop.register_forward_hook(lambda m, args, out: caught.append(args[0]))
+    with torch.inference_mode():
+        backbone.model.forward_features(torch.stack([subset[i][0] for i in range(5)]))
+    handle.remove()
+    ref = caught[0][:, :, 0, backbone.num_prefix_tokens :].mean(1).reshape(5, *backbone.grid)  # (B, h, w)
+    np.testing.assert_allclose(maps, ref.numpy(), rtol=1e-5, atol=1e-7)
+
+
+def test_run_localization_writes_json_and_figures(needles: str, tmp_path: Path) -> None:
+    from safetensors.numpy import save_file
+
+    from vitprobe.data import open_dataset
+    from vitprobe.models import load_backbone
+
+    dataset = open_dataset(needles, "test")
+    dc = load_backbone("timm:test_vit", random_init=True).data_config()
+    gh, gw = 10, 10
+    oracle = np.zeros((len(dataset), gh, gw), dtype=np.float32)  # 1 on the patches under the true box
+    for i in range(len(dataset)):
+        w, h = dataset.image_size(i)
+        view = loc.eval_input_view((w, h), dc)
+        x, y, bw, bh = dataset.boxes[i][0]
+        cx = ((x + bw / 2) * view.scale_x - view.left) / view.width * gw  # box centre in patch units
+        cy = ((y + bh / 2) * view.scale_y - view.top) / view.height * gh
+        oracle[i, int(np.clip(cy, 0, gh - 1)), int(np.clip(cx, 0, gw - 1))] = 1.0
+    maps_file = tmp_path / "maps.safetensors"
+    save_file({"maps": oracle, "indices": np.arange(len(dataset), dtype=np.int64)}, str(maps_file))
+    config = loc.LocalizationConfig(
+        data=needles,
+        split="test",
+        out=str(tmp_path / "run"),
+        model="timm:test_vit",
+        random_init=True,
+        abmilp_maps=str(maps_file),
+        n_figures=3,
+        limit=6,
+    )
+    run = loc.run_localization(config)
+    saved = json.loads(run.json_path.read_text())
+    assert saved["kind"] == "localization" and saved["random_init"] is True
+    assert set(saved["maps"]) == {"cls_attention", "abmilp"}
+    assert saved["maps"]["cls_attention"]["num_images"] == 6 and saved["maps"]["abmilp"]["num_images"] == 6
+    for rel in saved["figures"]:
+        assert (tmp_path / "run" / rel).read_bytes()[:4] == b"\x89PNG"
+    # the pass scores exactly what the metric gives on the same score maps
+    from vitprobe.analysis import select_indices
+
+    rows = select_indices(len(dataset), 6)  # the evenly spaced subset --limit picks
+    sizes = {i: dataset.image_size(i) for i in rows}
+    direct = loc.max_box_acc_v2(
+        [loc.scoremap_at_image(oracle[i], sizes[i], loc.eval_input_view(sizes[i], dc)) for i in rows],
+        [loc.xywh_to_xyxy(dataset.boxes[i]) for i in rows],
+    )
+    assert saved["maps"]["abmilp"]["max_box_acc_v2"] == pytest.approx(direct.max_box_acc_v2)
+    # an oracle map centred on the object localises it at IoU 0.3 on every image
+    assert saved["maps"]["abmilp"]["max_box_acc"]["30"] == 100.0
+
+
+def test_localization_refusals(tmp_path: Path, needles: str) -> None:
+    with pytest.raises(loc.LocalizationError, match="nothing to score"):
+        loc.run_localization(loc.LocalizationConfig(data=needles, split="test", out=str(tmp_path)))
+    with pytest.raises(loc.LocalizationError, match="no such file"):
+        loc.read_exported_maps(tmp_path / "missing.safetensors")
+    with pytest.raises(loc.LocalizationError, match="eval transform"):
+        loc.run_localization(
+            loc.LocalizationConfig(
+                data=needles, split="test", out=str(tmp_path), abmilp_maps=str(tmp_path / "m.safetensors")
+            )
+        )

@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -305,8 +306,294 @@ def best_box(scoremap: np.ndarray, gt_boxes_xyxy: np.ndarray, threshold: float) 
     return boxes[int(box_iou(boxes, gt_boxes_xyxy).max(axis=1).argmax())]
 
 
+# ----------------------------------------------------------------------------------------------------------
+# `vitprobe analyze localization`
+
+SCHEMA_VERSION = 1  # bump when a key of localization.json changes meaning
+MAP_SOURCES = {
+    "cls_attention": "[cls]→patch attention of the last block, heads averaged (post-softmax, patch keys)",
+    "abmilp": "the trained AbMILP head's softmax scores over patches (`probe --predict --export-maps`)",
+}
+
+
+@dataclass(frozen=True)
+class LocalizationConfig:
+    """How `vitprobe analyze localization` runs; written into localization.json."""
+
+    data: str  # dataset spec with boxes (cub:, synthetic:needles, csv: with x,y,w,h)
+    split: str  # split the maps belong to (the probe's test split)
+    out: str  # directory for localization.json and the box figures
+    model: str | None = None  # backbone for the [cls] attention maps; None: only --abmilp-maps are scored
+    checkpoint: str | None = None  # its official checkpoint file or URL
+    random_init: bool = False  # random weights (tests, offline demo); every output says so
+    abmilp_maps: str | None = None  # safetensors from `probe --predict --export-maps` ("maps", "indices")
+    cache: str | None = None  # token cache of those maps: gives the eval transform and the backbone identity
+    limit: int | None = None  # evenly spaced images to score ([cls] pass and AbMILP maps alike); None = all
+    batch_size: int = 32  # images per forward pass for the [cls] maps
+    num_workers: int = 0  # DataLoader workers for the [cls] pass
+    device: str = "auto"  # auto = CUDA when available
+    n_figures: int = 6  # images drawn with their true and predicted boxes, per map
+
+
+@dataclass
+class LocalizationRun:
+    """What `run_localization` wrote."""
+
+    json_path: Path
+    figures: list[Path]
+    result: dict[str, Any]
+
+
+def cls_attention_maps(backbone: Any, loader: Any, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """The last block's [cls]→patch attention, heads averaged, for every image of `loader`.
+
+    Uses the explicit attention of `vitprobe.analysis.attention` (timm's fused SDPA hides the weights).
+
+    Returns:
+        maps (n, h, w) float32 and the dataset indices (n,) they belong to.
+    """
+    from vitprobe.analysis import forward_pass
+    from vitprobe.analysis.attention import TokenLayout, attention_hooks
+
+    layout = TokenLayout.of(backbone)
+    last = backbone.depth - 1
+    h, w = layout.grid
+    maps: list[np.ndarray] = []
+
+    def on_block(block: int, x: torch.Tensor, attn: torch.Tensor, y: torch.Tensor) -> None:
+        if block == last:
+            cls_row = attn[:, :, 0, layout.num_prefix :].float().mean(1)  # (B, H, N) -> (B, N)
+            maps.append(cls_row.reshape(-1, h, w).cpu().numpy())  # (B, N) -> (B, h, w)
+
+    with attention_hooks(backbone.model, on_block):
+        forward_pass(backbone, loader, device, description="[cls] maps")
+    indices = np.asarray(loader.dataset.indices, dtype=np.int64)
+    return np.concatenate(maps), indices
+
+
+def read_exported_maps(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """Maps (n, h, w) and dataset indices (n,) from `vitprobe probe --predict HEAD --export-maps FILE`."""
+    from safetensors.numpy import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise LocalizationError(
+            f"--abmilp-maps {path}: no such file",
+            "write it with `vitprobe probe --predict RUN/heads/abmilp.safetensors --cache CACHE "
+            "--export-maps FILE`",
+        )
+    tensors = load_file(str(path))
+    if "maps" not in tensors or "indices" not in tensors or tensors["maps"].ndim != 3:
+        raise LocalizationError(
+            f"{path}: expected tensors 'maps' (n, h, w) and 'indices' (n,), found {sorted(tensors)}",
+            "pass the file written by `vitprobe probe --predict ... --export-maps FILE`",
+        )
+    maps, indices = tensors["maps"].astype(np.float32), tensors["indices"].astype(np.int64)
+    if len(maps) != len(indices):
+        raise LocalizationError(f"{path}: {len(maps)} maps but {len(indices)} indices", "re-export the maps")
+    return maps, indices
+
+
+def score_maps(
+    maps: np.ndarray,
+    indices: np.ndarray,
+    dataset: Any,
+    data_config: Mapping[str, Any],
+    *,
+    n_keep: int = 0,
+    on_progress: Any = None,
+) -> tuple[MaxBoxAccResult, list[tuple[int, np.ndarray]]]:
+    """MaxBoxAccV2 of per-patch maps (n, h, w) against the dataset's boxes, in original image pixels.
+
+    Args:
+        maps: one per-patch map per image.
+        indices: the dataset index of each map.
+        dataset: a `vitprobe.data.ImageDataset` with `boxes` and `image_size(i)`.
+        data_config: the eval transform the maps were made under (timm data config).
+        n_keep: keep the score maps of this many leading images (for figures).
+        on_progress: called with 1 after each image.
+
+    Returns:
+        The metric and [(dataset index, score map (H, W))] for the kept images.
+    """
+    if dataset.boxes is None:
+        raise LocalizationError(
+            f"{dataset.spec} ({dataset.split}) has no boxes",
+            "localisation needs boxes: cub:DIR, synthetic:needles or csv: with x,y,w,h columns",
+        )
+    acc = BoxAccuracy()
+    kept: list[tuple[int, np.ndarray]] = []
+    for patch_map, index in zip(maps, indices, strict=True):
+        index = int(index)
+        if not 0 <= index < len(dataset):
+            raise LocalizationError(
+                f"a map for dataset index {index}, but {dataset.spec} ({dataset.split}) has "
+                f"{len(dataset)} images",
+                "score maps against the dataset split they were made from",
+            )
+        size = dataset.image_size(index)
+        scoremap = scoremap_at_image(patch_map, size, eval_input_view(size, data_config))
+        acc.add(scoremap, xywh_to_xyxy(dataset.boxes[index]))
+        if len(kept) < n_keep:
+            kept.append((index, scoremap))
+        if on_progress is not None:
+            on_progress(1)
+    return acc.result(), kept
+
+
+def run_localization(config: LocalizationConfig) -> LocalizationRun:
+    """`vitprobe analyze localization`: MaxBoxAccV2 of [cls] attention and/or AbMILP maps; JSON + figures."""
+    from vitprobe.analysis import make_loader, open_subset, progress_bar, select_indices, versions
+    from vitprobe.data import open_dataset
+    from vitprobe.devices import resolve_device
+    from vitprobe.files import read_json, write_json
+
+    if config.model is None and config.abmilp_maps is None:
+        raise LocalizationError(
+            "nothing to score: give --model (for [cls] attention maps) and/or --abmilp-maps FILE",
+            "e.g. vitprobe analyze localization --model mae-b16 --data cub:DIR --split test --out RUN",
+        )
+    dataset = open_dataset(config.data, config.split)
+    if dataset.boxes is None:
+        raise LocalizationError(
+            f"{config.data} ({config.split}) has no boxes",
+            "localisation needs boxes: cub:DIR, synthetic:needles or csv: with x,y,w,h columns",
+        )
+    manifest = None
+    if config.cache is not None:
+        manifest_path = Path(config.cache) / "manifest.json"
+        if not manifest_path.is_file():
+            raise LocalizationError(
+                f"--cache {config.cache}: no manifest.json", "pass a token cache directory"
+            )
+        manifest = read_json(manifest_path)
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {}
+    kept: dict[str, list[tuple[int, np.ndarray]]] = {}
+    notes: list[str] = []
+    model_info: dict[str, Any] | None = None
+    random_init = bool(manifest and manifest.get("model", {}).get("random_init"))
+    data_config: Mapping[str, Any] | None = manifest.get("transform") if manifest else None
+    device = resolve_device(config.device)
+
+    if config.model is not None:
+        from vitprobe.models import load_backbone
+
+        backbone = load_backbone(
+            config.model, checkpoint=config.checkpoint, random_init=config.random_init, device=str(device)
+        )
+        backbone.model.eval()
+        model_info = backbone.report.to_dict()
+        random_init = random_init or backbone.report.random_init
+        data_config = backbone.data_config()
+        if backbone.has_cls:
+            subset, _ = open_subset(config.data, config.split, backbone, config.limit)
+            loader = make_loader(
+                subset, batch_size=config.batch_size, num_workers=config.num_workers, device=device
+            )
+            maps, indices = cls_attention_maps(backbone, loader, device)
+            with progress_bar(len(maps), "scoring [cls] maps") as advance:
+                results["cls_attention"], kept["cls_attention"] = score_maps(
+                    maps, indices, dataset, data_config, n_keep=config.n_figures, on_progress=advance
+                )
+        else:
+            notes.append(f"{config.model} has no [cls] token: [cls] attention maps skipped")
+    if config.abmilp_maps is not None:
+        if data_config is None:
+            raise LocalizationError(
+                "--abmilp-maps needs the eval transform the maps were made under",
+                "also pass --cache CACHE (the cache the maps came from) or --model MODEL",
+            )
+        maps, indices = read_exported_maps(config.abmilp_maps)
+        if config.limit:
+            rows = select_indices(len(maps), config.limit)
+            maps, indices = maps[rows], indices[rows]
+        with progress_bar(len(maps), "scoring AbMILP maps") as advance:
+            results["abmilp"], kept["abmilp"] = score_maps(
+                maps, indices, dataset, data_config, n_keep=config.n_figures, on_progress=advance
+            )
+    figures = []
+    for name, images in kept.items():
+        path = out / f"localization_{name}.png"
+        draw_boxes_figure(path, dataset, images, results[name], title=_figure_title(name, random_init))
+        figures.append(path)
+    label = (model_info or {}).get("model") or (manifest or {}).get("model", {}).get("spec") or "maps"
+    result = {
+        "kind": "localization",
+        "schema_version": SCHEMA_VERSION,
+        "label": f"{label} (random weights)" if random_init else label,
+        "model": model_info or (manifest or {}).get("model"),
+        "random_init": random_init,
+        "data": {
+            "spec": config.data,
+            "split": config.split,
+            "fingerprint": dataset.fingerprint,
+            "size": len(dataset),
+        },
+        "config": asdict(config),
+        "versions": versions(),
+        "metric": {
+            "name": "MaxBoxAccV2 (Choe et al., CVPR 2020)",
+            "thresholds": "tau in [0, 1), step 0.01; binarise score > tau",
+            "iou_thresholds": list(IOU_THRESHOLDS),
+            "boxes": "all contours (outer and hole borders), original image pixels, IoU on inclusive pixels",
+        },
+        "map_sources": {k: MAP_SOURCES[k] for k in results},
+        "maps": {k: v.to_dict() for k, v in results.items()},
+        "figures": [str(p.relative_to(out)) for p in figures],
+        "notes": notes
+        + (["random weights: these maps come from an untrained backbone"] if random_init else []),
+    }
+    json_path = out / "localization.json"
+    write_json(json_path, result)
+    return LocalizationRun(json_path=json_path, figures=figures, result=result)
+
+
+def _figure_title(name: str, random_init: bool) -> str:
+    title = {"cls_attention": "[cls] attention (last block)", "abmilp": "AbMILP scores"}.get(name, name)
+    return title + (" — RANDOM WEIGHTS" if random_init else "")
+
+
+def draw_boxes_figure(
+    path: Path, dataset: Any, images: Sequence[tuple[int, np.ndarray]], result: MaxBoxAccResult, *, title: str
+) -> None:
+    """Images with their score map, the true boxes (green) and the best predicted box at τ*(δ=50) (red)."""
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
+
+    from vitprobe.files import atomic_path
+
+    tau = result.best_threshold.get(50, next(iter(result.best_threshold.values())))
+    n = max(len(images), 1)
+    fig = Figure(figsize=(2.6 * n, 3.0), dpi=100)
+    for k, (index, scoremap) in enumerate(images):
+        ax = fig.add_subplot(1, n, k + 1)
+        ax.imshow(dataset.load_image(index))
+        ax.imshow(scoremap, cmap="jet", alpha=0.45, vmin=0.0, vmax=1.0)
+        gt = xywh_to_xyxy(dataset.boxes[index])
+        for x0, y0, x1, y1 in gt:
+            ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="lime", linewidth=2))
+        x0, y0, x1, y1 = best_box(scoremap, gt, tau)
+        ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="red", linewidth=2))
+        ax.set_title(f"#{index}", fontsize=8)
+        ax.axis("off")
+    fig.suptitle(
+        f"{title}: true (green) vs predicted at τ={tau:.2f} (red); MaxBoxAccV2 {result.max_box_acc_v2:.1f}",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+
+
 __all__ = [
     "IOU_THRESHOLDS",
+    "LocalizationConfig",
+    "cls_attention_maps",
+    "read_exported_maps",
+    "run_localization",
+    "score_maps",
     "THRESHOLDS",
     "BoxAccuracy",
     "InputView",

@@ -403,7 +403,7 @@ def _frequency(doc: Mapping[str, Any] | None) -> dict[str, Any] | None:
         return None
 
     headline = per_layer("headline", "high_frequency", "delta_at_highest", "headline_per_layer")
-    hf_ratio = per_layer("high_frequency_ratio", "hf_ratio", "high_frequency_energy_ratio", "hf_energy_ratio")
+    hf_ratio = per_layer("high_freq_energy_ratio", "high_frequency_ratio", "hf_ratio")
     freqs = per_layer("frequencies", "frequency", "freqs")
     if not curves and headline is None and hf_ratio is None:
         return None
