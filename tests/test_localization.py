@@ -310,3 +310,35 @@ def test_localization_refusals(tmp_path: Path, needles: str) -> None:
                 data=needles, split="test", out=str(tmp_path), abmilp_maps=str(tmp_path / "m.safetensors")
             )
         )
+
+
+def test_analyze_localization_command(needles: str, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from vitprobe.cli import app
+
+    args = [
+        "analyze",
+        "localization",
+        "--model",
+        "timm:test_vit",
+        "--random-init",
+        "--data",
+        needles,
+        "--split",
+        "test",
+        "--out",
+        str(tmp_path),
+        "--limit",
+        "3",
+        "--workers",
+        "0",
+        "--figures",
+        "2",
+    ]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "cls_attention" in result.output and "random weights" in result.output
+    saved = json.loads((tmp_path / "localization.json").read_text())
+    assert saved["maps"]["cls_attention"]["num_images"] == 3
+    assert (tmp_path / "localization_cls_attention.png").is_file()

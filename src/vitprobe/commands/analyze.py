@@ -138,3 +138,54 @@ def _print_written(json_path: Path, others: list[Path], figures: list[Path]) -> 
     console.print(f"wrote {escape(str(json_path))}")
     for path in [*others, *figures]:
         console.print(f"      {escape(str(path))}")
+
+
+@app.command("localization")
+def localization(
+    data: DataOpt,
+    split: SplitOpt,
+    out: OutDirOpt,
+    model: Annotated[
+        str | None,
+        typer.Option("--model", "-m", help="Backbone whose last-block [cls] attention is scored."),
+    ] = None,
+    checkpoint: CheckpointOpt = None,
+    random_init: RandomInitOpt = False,
+    abmilp_maps: Annotated[
+        Path | None,
+        typer.Option("--abmilp-maps", help="Maps from `vitprobe probe --predict HEAD --export-maps FILE`."),
+    ] = None,
+    cache: Annotated[
+        Path | None,
+        typer.Option("--cache", help="The token cache those maps came from (gives the eval transform)."),
+    ] = None,
+    limit: LimitOpt = 0,
+    batch_size: BatchSizeOpt = 32,
+    workers: WorkersOpt = 4,
+    device: DeviceOpt = "auto",
+    figures: Annotated[
+        int, typer.Option("--figures", min=0, help="Images drawn with true and predicted boxes.")
+    ] = 6,
+) -> None:
+    """MaxBoxAccV2 (Choe et al.) of [cls] attention and/or AbMILP maps against the dataset's boxes."""
+    from vitprobe.localization import LocalizationConfig, run_localization
+
+    config = LocalizationConfig(
+        data=data, split=split, out=str(out), model=model, checkpoint=checkpoint, random_init=random_init,
+        abmilp_maps=None if abmilp_maps is None else str(abmilp_maps),
+        cache=None if cache is None else str(cache),
+        limit=limit or None, batch_size=batch_size, num_workers=workers, device=device, n_figures=figures,
+    )
+    run = run_localization(config)
+    result = run.result
+    table = Table(title=f"localization: {escape(result['label'])}, MaxBoxAccV2 (%)")
+    for column in ("map", "MaxBoxAccV2", "δ=30", "δ=50", "δ=70", "images"):
+        table.add_column(column, justify="right")
+    for name, res in result["maps"].items():
+        per = res["max_box_acc"]
+        table.add_row(name, f"{res['max_box_acc_v2']:.1f}", *(f"{per[d]:.1f}" for d in ("30", "50", "70")),
+                      str(res["num_images"]))
+    console.print(table)
+    if result["random_init"]:
+        console.print("[bold red]random weights:[/] these maps come from an untrained backbone")
+    _print_written(run.json_path, [], run.figures)
