@@ -1,0 +1,317 @@
+"""Extraction on CPU with tiny timm ViTs and generated images: cached tokens equal timm's own
+`forward_intermediates(..., norm=False)`, resume equals a clean run, refusals, views, the CLI."""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from timm.models import register_model
+from typer.testing import CliRunner
+
+import vitprobe.extract as extract_mod
+from vitprobe.cache import LOCK_FILE, MANIFEST_FILE, open_cache
+from vitprobe.cli import app
+from vitprobe.data import open_dataset
+from vitprobe.errors import CacheError
+from vitprobe.extract import ExtractConfig, build_backbone, extract, view_seed, view_transform
+from vitprobe.files import sha256_file
+
+
+@register_model
+def vitprobe_test_beit(pretrained: bool = False, **kwargs):  # noqa: ANN201 - timm's registry signature
+    """A 3-block BEiT (relative position bias, layer scale, no abs pos emb) at 32 px, patch 8: grid 4 x 4."""
+    from timm.models.beit import _create_beit
+
+    args = dict(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2, mlp_ratio=2.0,
+                use_abs_pos_emb=False, use_rel_pos_bias=True, init_values=0.1)
+    kwargs.setdefault("pretrained_cfg_overlay", dict(input_size=(3, 32, 32)))
+    return _create_beit("beitv2_base_patch16_224", pretrained=pretrained, **dict(args, **kwargs))
+
+
+NUM_IMAGES = 9
+
+
+@pytest.fixture(scope="module")
+def data_spec(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """imagefolder with a train split: 3 classes x 3 images of different sizes (one grayscale)."""
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(["ant", "bee", "cow"]):
+        folder = root / "train" / name
+        folder.mkdir(parents=True)
+        for i in range(3):
+            pixels = rng.integers(0, 256, (48 + 16 * i, 64 - 8 * c, 3), dtype=np.uint8)
+            image = Image.fromarray(pixels)
+            (image.convert("L") if (c, i) == (1, 1) else image).save(folder / f"{i}.png")
+    return f"imagefolder:{root}"
+
+
+def _config(spec: str, out: Path, **overrides) -> ExtractConfig:
+    base = ExtractConfig(model="timm:test_vit", data=spec, split="train", out=out, random_init=True,
+                         workers=0, batch_size=4, shard_size=4, store="fp32")
+    return replace(base, **overrides)
+
+
+def _reference(config: ExtractConfig, layer: int, *, views: list[tuple[int, int]] | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """timm's own tokens of `layer` for the dataset's images: (patches (N, P, D), prefix (N, R, D)).
+
+    With `views`, image i is transformed by the crop + flip seeded from (seed, i, v) for each (i, v).
+    """
+    backbone = build_backbone(config)
+    dataset = open_dataset(config.data, config.split)
+    if views is None:
+        transform = backbone.transform()
+        x = torch.stack([transform(dataset.load_image(i)) for i in range(len(dataset))])  # (N, 3, H, W)
+    else:
+        transform, xs = view_transform(backbone), []
+        for i, v in views:
+            random.seed(view_seed(config.seed, i, v))
+            torch.manual_seed(view_seed(config.seed, i, v))
+            xs.append(transform(dataset.load_image(i)))
+        x = torch.stack(xs)  # (N * K, 3, H, W)
+    idx = layer + backbone.depth if layer < 0 else layer
+    with torch.no_grad():
+        [(patches, prefix)] = backbone.model.forward_intermediates(
+            x, indices=[idx], norm=False, output_fmt="NLC", intermediates_only=True,
+            return_prefix_tokens=True,
+        )
+    return patches, prefix
+
+
+@pytest.mark.parametrize(
+    ("model", "layers", "store"),
+    [
+        ("timm:test_vit", (-1,), "fp16"),
+        ("timm:test_vit", (-1, 2), "fp32"),  # several layers, kept in the requested order
+        ("timm:test_vit2", (-1,), "fp32"),  # no [cls]; one register token
+        ("timm:vitprobe_test_beit", (-1, 0), "fp16"),  # BEiT: relative position bias, no final norm
+    ],
+)
+def test_cached_tokens_equal_timm_forward_intermediates(
+    data_spec: str, tmp_path: Path, model: str, layers: tuple[int, ...], store: str
+) -> None:
+    config = _config(data_spec, tmp_path / "cache", model=model, layers=layers, store=store)
+    result = extract(config)
+    cache = open_cache(config.out, verify=True)
+    assert result.num_samples == cache.num_samples == NUM_IMAGES and not result.skipped
+    backbone = build_backbone(config)
+    assert cache.layers == backbone.layer_indices(layers)
+    assert (cache.has_cls, cache.num_prefix_tokens, cache.grid) == (
+        backbone.has_cls, backbone.num_prefix_tokens, backbone.grid)
+    tensors = {key: torch.cat([s[key] for s in cache.iter_shards([key])]) for key in cache.keys}
+    tol = dict(rtol=2e-3, atol=2e-3) if store == "fp16" else dict(rtol=1e-5, atol=1e-5)
+    for li, layer in enumerate(layers):
+        patches, prefix = _reference(config, layer)
+
+        def pick(t: torch.Tensor, li: int = li) -> torch.Tensor:
+            return t[:, li] if len(layers) > 1 else t  # (N, L, ...) -> (N, ...)
+
+        assert tensors["patches"].dtype == {"fp16": torch.float16, "fp32": torch.float32}[store]
+        torch.testing.assert_close(pick(tensors["patches"]).float(), patches, **tol)
+        if backbone.has_cls:
+            torch.testing.assert_close(pick(tensors["cls"]).float(), prefix[:, 0], **tol)
+        if prefix.shape[1] > int(backbone.has_cls):
+            torch.testing.assert_close(pick(tensors["reg"]).float(), prefix[:, int(backbone.has_cls):], **tol)
+        else:
+            assert "reg" not in tensors
+    dataset = open_dataset(data_spec, "train")
+    assert cache.labels().tolist() == list(dataset.labels)
+    assert cache.indices().tolist() == list(range(NUM_IMAGES))
+    norm = backbone.final_norm
+    state = cache.final_norm_state()
+    if isinstance(norm, torch.nn.LayerNorm):
+        torch.testing.assert_close(state["weight"], norm.weight.detach(), rtol=0, atol=0)
+        torch.testing.assert_close(state["bias"], norm.bias.detach(), rtol=0, atol=0)
+        assert cache.manifest["final_norm"]["eps"] == norm.eps
+    else:
+        assert state == {} and cache.manifest["final_norm"]["type"] == "Identity"
+
+
+def test_test_vit2_has_registers_and_no_cls(data_spec: str, tmp_path: Path) -> None:
+    cache_dir = tmp_path / "c"
+    extract(_config(data_spec, cache_dir, model="timm:test_vit2", limit=2))
+    cache = open_cache(cache_dir)
+    assert not cache.has_cls and cache.num_reg_tokens == 1 and "cls" not in cache.keys
+    assert cache.read_shard(0)["reg"].shape == (2, 1, 64)
+    with pytest.raises(CacheError, match="has none"):
+        extract(_config(data_spec, tmp_path / "d", model="timm:test_vit2", tokens="cls"))
+
+
+def test_manifest_records_how_the_cache_was_made(data_spec: str, tmp_path: Path) -> None:
+    config = _config(data_spec, tmp_path / "cache", layers=(-1, -4), store="fp16")
+    extract(config)
+    m = json.loads((tmp_path / "cache" / MANIFEST_FILE).read_text())
+    assert m["format"] == "vitprobe-token-cache" and m["format_version"] == 1 and m["complete"] is True
+    assert set(m["versions"]) >= {"vitprobe", "torch", "timm"}
+    assert m["model"] == {"spec": "timm:test_vit", "timm_name": "test_vit", "checkpoint": "random-init",
+                          "random_init": True, "source": "random-init"}
+    assert m["layers"] == [5, 2] and m["grid"] == [10, 10] and m["dim"] == 64
+    assert (m["num_prefix_tokens"], m["has_cls"], m["num_reg_tokens"]) == (1, True, 0)
+    assert (m["tokens"], m["store_dtype"], m["views"], m["seed"]) == ("all", "fp16", 0, 0)
+    assert m["transform"]["input_size"] == [3, 160, 160] and m["transform"]["crop_pct"] == 0.95
+    assert m["transform"]["interpolation"] == "bicubic" and m["transform"]["mean"] == [0.5, 0.5, 0.5]
+    dataset = open_dataset(data_spec, "train")
+    assert m["dataset"]["spec"] == data_spec and m["dataset"]["split"] == "train"
+    assert m["dataset"]["fingerprint"] == dataset.fingerprint
+    assert m["dataset"]["class_names"] == ["ant", "bee", "cow"] and m["dataset"]["num_classes"] == 3
+    assert m["num_samples"] == 9 and m["shard_size"] == 4
+    assert [(s["start"], s["stop"]) for s in m["shards"]] == [(0, 4), (4, 8), (8, 9)]
+    for s in m["shards"]:
+        assert s["sha256"] == sha256_file(tmp_path / "cache" / s["file"])
+    assert m["final_norm"] == {"file": "final_norm.safetensors", "type": "LayerNorm", "eps": 1e-6}
+    assert m["config"] == {**asdict(config), "out": str(config.out), "layers": [-1, -4]}
+    assert m["keys"]["patches"] == {"shape": ["n", 2, 100, 64], "dtype": "float16"}
+    assert m["bytes_per_sample"] == 2 * 101 * 64 * 2 + 16
+
+
+def test_tokens_cls_and_pooled_caches(data_spec: str, tmp_path: Path) -> None:
+    extract(_config(data_spec, tmp_path / "all"))
+    extract(_config(data_spec, tmp_path / "cls", tokens="cls"))
+    extract(_config(data_spec, tmp_path / "pooled", tokens="pooled"))
+    full, cls, pooled = (open_cache(tmp_path / n) for n in ("all", "cls", "pooled"))
+    assert cls.keys == ["cls", "labels", "indices"]
+    assert pooled.keys == ["cls", "mean", "labels", "indices"]
+    for a, c, p in zip(full.iter_shards(), cls.iter_shards(), pooled.iter_shards(), strict=True):
+        torch.testing.assert_close(c["cls"], a["cls"], rtol=0, atol=0)
+        torch.testing.assert_close(p["cls"], a["cls"], rtol=0, atol=0)
+        torch.testing.assert_close(p["mean"], a["patches"].mean(dim=1), rtol=1e-5, atol=1e-6)  # (n, D)
+    with pytest.raises(CacheError, match="no tensor 'patches'"):
+        pooled.read_shard(0, ["patches"])
+    sizes = {
+        n: sum(f.stat().st_size for f in (tmp_path / n).glob("shard-*")) for n in ("all", "cls", "pooled")
+    }
+    assert sizes["cls"] < sizes["pooled"] < sizes["all"] / 20
+
+
+def test_resume_after_a_crash_equals_a_clean_run(
+    data_spec: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clean = _config(data_spec, tmp_path / "clean", shard_size=2, store="fp16")
+    extract(clean)
+    crashed = replace(clean, out=tmp_path / "crashed")
+    real_write, written = extract_mod.write_shard, []
+
+    def crash_after_two(*args, **kwargs):
+        if len(written) == 2:
+            raise RuntimeError("simulated crash")
+        written.append(args[1])
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(extract_mod, "write_shard", crash_after_two)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        extract(crashed)
+    monkeypatch.undo()
+    assert not (crashed.out / LOCK_FILE).exists()
+    with pytest.raises(CacheError, match="incomplete"):
+        open_cache(crashed.out)
+    partial = open_cache(crashed.out, require_complete=False)
+    assert [(s.start, s.stop) for s in partial.shards] == [(0, 2), (2, 4)] and partial.num_written == 4
+    assert sorted(p.name for p in crashed.out.glob("shard-*")) == ["shard-00000.safetensors",
+                                                                   "shard-00001.safetensors"]
+    result = extract(crashed)
+    assert result.new_samples == NUM_IMAGES - 4 and result.num_shards == 5
+    a, b = open_cache(clean.out, verify=True), open_cache(crashed.out, verify=True)
+    assert [s.sha256 for s in a.shards] == [s.sha256 for s in b.shards]
+    for x, y in zip(a.iter_shards(), b.iter_shards(), strict=True):
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+def test_refuses_a_different_cache_in_out_and_keeps_a_finished_one(data_spec: str, tmp_path: Path) -> None:
+    config = _config(data_spec, tmp_path / "c", limit=4)
+    extract(config)
+    shard = tmp_path / "c" / "shard-00000.safetensors"
+    mtime = shard.stat().st_mtime_ns
+    again = extract(config)
+    assert again.skipped and again.new_samples == 0 and shard.stat().st_mtime_ns == mtime
+    for change, field in [({"layers": (-2,)}, "layers"), ({"model": "timm:test_vit2"}, "model.spec"),
+                          ({"tokens": "pooled"}, "tokens"), ({"limit": 5}, "num_samples"),
+                          ({"seed": 1}, "seed")]:
+        with pytest.raises(CacheError, match=field) as info:
+            extract(replace(config, **change))
+        assert "--overwrite" in info.value.hint
+    redone = extract(replace(config, layers=(-2,), overwrite=True))
+    assert not redone.skipped and open_cache(config.out).layers == [4]
+    (tmp_path / "c" / LOCK_FILE).write_text(json.dumps({"pid": 1, "host": "elsewhere"}))
+    with pytest.raises(CacheError, match="being written by pid 1 on elsewhere"):
+        extract(replace(config, overwrite=True))
+
+
+def test_no_resume_restarts_an_incomplete_cache(
+    data_spec: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = _config(data_spec, tmp_path / "c", limit=4, shard_size=2)
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("crash")
+
+    monkeypatch.setattr(extract_mod, "write_shard", crash)
+    with pytest.raises(RuntimeError):
+        extract(config)
+    monkeypatch.undo()
+    assert open_cache(config.out, require_complete=False).num_written == 0
+    assert extract(replace(config, resume=False)).new_samples == 4
+
+
+def test_views_are_deterministic_per_seed_index_and_view(data_spec: str, tmp_path: Path) -> None:
+    config = _config(data_spec, tmp_path / "a", views=2, limit=3, shard_size=4)
+    extract(config)
+    extract(replace(config, out=tmp_path / "b", workers=2, batch_size=3))
+    a, b = open_cache(tmp_path / "a"), open_cache(tmp_path / "b")
+    assert a.num_samples == 6 and a.indices().tolist() == [0, 0, 1, 1, 2, 2]
+    assert a.view_ids().tolist() == [0, 1, 0, 1, 0, 1]
+    assert a.manifest["transform"]["train_augment"]["kind"] == "random-resized-crop+hflip"
+    ta = torch.cat([s["patches"] for s in a.iter_shards(["patches"])])  # (6, P, D)
+    tb = torch.cat([s["patches"] for s in b.iter_shards(["patches"])])
+    torch.testing.assert_close(ta, tb, rtol=1e-5, atol=1e-5)  # workers and batch size do not matter
+    patches, _ = _reference(config, -1, views=[(i, v) for i in range(3) for v in range(2)])
+    torch.testing.assert_close(ta, patches, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(ta[0], ta[1], atol=1e-2)  # two views of one image differ
+    other_seed = extract(replace(config, out=tmp_path / "s", seed=1))
+    assert other_seed.num_samples == 6
+    ts = torch.cat([s["patches"] for s in open_cache(tmp_path / "s").iter_shards(["patches"])])
+    assert not torch.allclose(ts, ta, atol=1e-2)
+
+
+def test_default_shard_size_and_disk_check(
+    data_spec: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = _config(data_spec, tmp_path / "c", shard_size=None, limit=2)
+    extract(config)
+    m = open_cache(config.out).manifest
+    assert m["shard_size"] == 1_000_000_000 // m["bytes_per_sample"]
+
+    class Tiny:
+        free = 1000
+
+    monkeypatch.setattr(extract_mod.shutil, "disk_usage", lambda path: Tiny)
+    small = replace(config, out=tmp_path / "d")
+    with pytest.raises(CacheError, match="only 1.0 kB is free") as info:
+        extract(small)
+    assert "--force" in info.value.hint
+    assert extract(replace(small, force=True)).num_samples == 2
+
+
+def test_cli_extract(data_spec: str, tmp_path: Path) -> None:
+    runner = CliRunner()
+    out = tmp_path / "cli"
+    args = ["extract", "--model", "timm:test_vit", "--random-init", "--data", data_spec, "--split", "train",
+            "--out", str(out), "--layers", "-1,-2", "--workers", "0", "--limit", "3", "--store", "bf16",
+            "--batch-size", "2"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "images/s" in result.output and "estimated cache size" in result.output
+    cache = open_cache(out)
+    assert cache.layers == [5, 4] and cache.store_dtype == "bf16" and cache.num_samples == 3
+    assert cache.read_shard(0)["patches"].dtype == torch.bfloat16
+    again = runner.invoke(app, args)
+    assert again.exit_code == 0 and "already a complete cache" in again.output
+    refused = runner.invoke(app, [*args[:-6], "--layers", "-3", "--workers", "0"])
+    assert refused.exit_code == 1 and "error:" in refused.output and "different extraction" in refused.output
