@@ -684,8 +684,10 @@ def check_pair(train: TokenCache, test: TokenCache, layer: int) -> None:
             f"{where}: token dims differ ({train.dim} vs {test.dim})", "use caches of one backbone"
         )
     if list(train.class_names) != list(test.class_names):
+        diff = sorted(set(train.class_names) ^ set(test.class_names))[:5] or ["same names, other order"]
         raise CacheError(
-            f"{where}: class sets differ ({train.num_classes} vs {test.num_classes} classes)",
+            f"{where}: class sets differ ({train.num_classes} vs {test.num_classes} classes; "
+            f"differing: {', '.join(diff)})",
             "extract both splits of one dataset (same class folders)",
         )
 

@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from vitprobe.commands.options import DeviceOpt
@@ -90,6 +91,6 @@ def knn(
         table.add_row(kk, f"{100 * m['top1']:.2f}", f"{100 * m['top5']:.2f}")
     console.print(table)
     for warning in results["warnings"]:
-        console.print(f"[bold yellow]warning:[/] {warning}")
+        console.print(f"[bold yellow]warning:[/] {escape(warning)}")
     if out is not None:
         console.print(f"results: {out / 'knn.json'}")

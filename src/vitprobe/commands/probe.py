@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from vitprobe.commands.options import DeviceOpt
@@ -213,9 +214,9 @@ def print_results(results: dict[str, Any]) -> None:
         )
     console.print(table)
     for note in results["notes"]:
-        console.print(f"[dim]note: {note}[/]")
+        console.print(f"[dim]note: {escape(note)}[/]")
     for warning in results["warnings"]:
-        console.print(f"[bold yellow]warning:[/] {warning}")
+        console.print(f"[bold yellow]warning:[/] {escape(warning)}")
 
 
 def _predict(

@@ -1,0 +1,300 @@
+"""`vitprobe probe` and `vitprobe knn` on small token caches written with the cache module's writer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from vitprobe.cache import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    open_cache,
+    shard_entries,
+    write_final_norm,
+    write_manifest,
+    write_shard,
+)
+from vitprobe.cli import app
+from vitprobe.knn import knn_evaluate
+
+runner = CliRunner()
+GRID, DIM, CLASSES = (2, 2), 8, ["ant", "bee", "cat"]
+
+
+def write_cache(
+    path: Path,
+    *,
+    n: int = 60,
+    seed: int = 0,
+    tokens: str = "all",
+    layers: tuple[int, ...] = (11,),
+    has_cls: bool = True,
+    reg: int = 0,
+    timm_name: str = "vit_toy",
+    checkpoint: str = "random-init",
+    class_names: list[str] = CLASSES,
+    complete: bool = True,
+    shard_size: int = 16,
+) -> Path:
+    """A cache of Gaussian class blobs: every token = class mean + noise, so all read-outs can learn."""
+    g = torch.Generator().manual_seed(seed)
+    means = torch.randn(len(class_names), DIM, generator=torch.Generator().manual_seed(7)) * 3
+    labels = torch.arange(n) % len(class_names)
+    num_layers, num_patches = len(layers), GRID[0] * GRID[1]
+    lead = (num_layers,) if num_layers > 1 else ()
+
+    def noisy(*shape: int) -> torch.Tensor:
+        base = means[labels].view(n, *([1] * (len(lead) + len(shape) - 1)), DIM)
+        return (base + torch.randn(n, *lead, *shape, generator=g)).half()
+
+    rows: dict[str, torch.Tensor] = {}
+    if tokens == "all":
+        rows["patches"] = noisy(num_patches, DIM)  # (n, [L,] P, D)
+        if has_cls:
+            rows["cls"] = noisy(DIM)
+        if reg:
+            rows["reg"] = noisy(reg, DIM)
+    elif tokens == "pooled":
+        if has_cls:
+            rows["cls"] = noisy(DIM)
+        rows["mean"] = noisy(DIM)
+    else:
+        rows["cls"] = noisy(DIM)
+    rows["labels"] = labels.long()
+    rows["indices"] = torch.arange(n).long() * 3
+    written = n if complete else shard_size
+    shards = [
+        write_shard(path, i, s, {k: v[s : min(s + shard_size, written)] for k, v in rows.items()})
+        for i, s in enumerate(range(0, written, shard_size))
+    ]
+    norm = torch.nn.LayerNorm(DIM, eps=1e-6)
+    manifest: dict[str, Any] = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "model": {
+            "spec": f"timm:{timm_name}",
+            "timm_name": timm_name,
+            "checkpoint": checkpoint,
+            "random_init": checkpoint == "random-init",
+            "source": checkpoint,
+        },
+        "layers": list(layers),
+        "grid": list(GRID),
+        "dim": DIM,
+        "num_prefix_tokens": int(has_cls) + reg,
+        "has_cls": has_cls,
+        "num_reg_tokens": reg,
+        "tokens": tokens,
+        "store_dtype": "fp16",
+        "views": 0,
+        "seed": 0,
+        "dataset": {
+            "spec": "imagefolder:toy",
+            "split": "train",
+            "fingerprint": "f" * 64,
+            "class_names": class_names,
+            "num_classes": len(class_names),
+        },
+        "num_samples": n,
+        "shard_size": shard_size,
+        "shards": shard_entries(shards),
+        "final_norm": write_final_norm(path, norm),
+        "complete": complete,
+    }
+    write_manifest(path, manifest)
+    return path
+
+
+FAST = [
+    "--epochs",
+    "3",
+    "--batch-size",
+    "16",
+    "--warmup-epochs",
+    "1",
+    "--lr-grid",
+    "0.5,2",
+    "--optimizer",
+    "sgd",
+]
+
+
+class Invoked:
+    """A CliRunner result with its output's line wrapping undone (rich wraps long error lines)."""
+
+    def __init__(self, args: list[str]) -> None:
+        result = runner.invoke(app, args)
+        self.exit_code = result.exit_code
+        self.output = " ".join(result.output.split())
+
+
+def invoke(*args: str | Path) -> Invoked:
+    return Invoked([str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("probe")
+    train = write_cache(root / "train", n=90, layers=(5, 11), reg=1)
+    test = write_cache(root / "test", n=30, seed=1, layers=(5, 11), reg=1)
+    out = root / "run"
+    result = invoke(
+        "probe",
+        "--train",
+        train,
+        "--test",
+        test,
+        "--out",
+        out,
+        *FAST,
+        "--pool",
+        "cls",
+        "--pool",
+        "mean",
+        "--pool",
+        "abmilp",
+        "--pool",
+        "attentive",
+        "--pool",
+        "cls+mean",
+        "--layer",
+        "5",
+        "--final-norm",
+        "--queries",
+        "2",
+    )
+    assert result.exit_code == 0, result.output
+    assert "abmilp" in result.output and "top-1" in result.output
+    return {"train": train, "test": test, "out": out, "root": root}
+
+
+def test_probe_writes_results_and_heads(run: dict[str, Path]) -> None:
+    results = json.loads((run["out"] / "results.json").read_text())
+    assert results["format"] == "vitprobe-probe-results" and results["layer"] == 5 and results["final_norm"]
+    assert set(results["readouts"]) == {"cls", "mean", "abmilp", "attentive", "cls+mean"}
+    for name, r in results["readouts"].items():
+        assert 0.0 <= r["top1"] <= r["top5"] <= 1.0
+        assert r["top1"] > 0.9, (name, r["top1"])  # separable blobs
+        assert set(r["per_class"]) == set(CLASSES)
+        assert r["blr"] in (0.5, 2.0) and r["lr"] == pytest.approx(r["blr"] * 16 / 256)
+        assert 1 <= r["epoch"] <= 3
+        assert set(r["curves"]) == {"0.5", "2"} and r["curves"]["0.5"]["epoch"] == [1, 2, 3]
+        assert len(r["curves"]["2"]["holdout_top1"]) == len(r["curves"]["2"]["test_top1"]) == 3
+        head = run["out"] / r["head"]
+        meta = json.loads(head.with_suffix(".json").read_text())
+        assert meta["backbone"]["timm_name"] == "vit_toy" and meta["backbone"]["checkpoint"] == "random-init"
+        assert meta["layer"] == 5 and meta["final_norm"] is True and meta["pool"] == name
+        assert meta["class_names"] == CLASSES and meta["dim"] == DIM and meta["grid"] == list(GRID)
+        assert load_file(head)["linear.weight"].shape == (3, 2 * DIM if name == "cls+mean" else DIM)
+    assert results["readouts"]["attentive"]["options"] == {"queries": 2}
+    assert results["config"]["epochs"] == 3 and results["config"]["lr_grid"] == [0.5, 2.0]
+    assert results["selection"]["split"] == "holdout" and not results["selection"]["optimistic"]
+    assert results["selection"]["holdout_rows"] == 9 and results["selection"]["train_rows"] == 81
+    assert results["random_init"] is True and any("randomly initialised" in w for w in results["warnings"])
+    assert results["train_cache"]["provenance"]["timm_name"] == "vit_toy"
+    assert results["test_cache"]["provenance"]["split"] == "train"
+
+
+def test_predict_reproduces_test_accuracy_and_exports_maps(run: dict[str, Path]) -> None:
+    maps_file, pred_dir = run["root"] / "maps.safetensors", run["root"] / "pred"
+    head = run["out"] / "heads" / "abmilp.safetensors"
+    result = invoke(
+        "probe", "--predict", head, "--cache", run["test"], "--export-maps", maps_file, "--out", pred_dir
+    )
+    assert result.exit_code == 0, result.output
+    predictions = json.loads((pred_dir / "predictions.json").read_text())
+    results = json.loads((run["out"] / "results.json").read_text())
+    assert predictions["top1"] == pytest.approx(results["readouts"]["abmilp"]["top1"])
+    assert predictions["num_samples"] == 30 and len(predictions["predictions"]) == 30
+    maps = load_file(maps_file)
+    assert maps["maps"].shape == (30, *GRID)
+    torch.testing.assert_close(maps["maps"].sum(dim=(1, 2)), torch.ones(30))  # softmax over the patches
+    assert torch.equal(maps["indices"], open_cache(run["test"]).indices())
+
+
+def test_predict_refuses_a_cache_from_another_checkpoint_or_layer(run: dict[str, Path]) -> None:
+    head = run["out"] / "heads" / "cls.safetensors"
+    other = write_cache(run["root"] / "other-ckpt", n=20, layers=(5, 11), reg=1, checkpoint="a" * 64)
+    result = invoke("probe", "--predict", head, "--cache", other)
+    assert result.exit_code == 1 and "checkpoints differ" in result.output
+    wrong_layer = write_cache(run["root"] / "layer11", n=20, layers=(11,), reg=1)
+    result = invoke("probe", "--predict", head, "--cache", wrong_layer)
+    assert result.exit_code == 1 and "block 5" in result.output
+    result = invoke("probe", "--predict", head, "--cache", run["test"], "--export-maps", run["root"] / "m.st")
+    assert result.exit_code == 1 and "attention read-out" in result.output
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"timm_name": "vit_other"}, "different backbones"),
+        ({"checkpoint": "b" * 64}, "different checkpoints"),
+        ({"class_names": ["ant", "bee", "dog"]}, "class sets differ"),
+        ({"layers": (3,)}, "not the test cache"),
+        ({"complete": False}, "incomplete"),
+    ],
+)
+def test_probe_refuses_mismatched_or_incomplete_caches(
+    tmp_path: Path, change: dict[str, Any], message: str
+) -> None:
+    train = write_cache(tmp_path / "train", n=30)
+    test = write_cache(tmp_path / "test", n=30, seed=1, **change)
+    result = invoke("probe", "--train", train, "--test", test, "--out", tmp_path / "run", *FAST)
+    assert result.exit_code == 1, result.output
+    assert message in result.output
+    assert not (tmp_path / "run" / "results.json").exists()
+
+
+def test_pooled_cache_skips_abmilp_by_default_and_refuses_it_when_asked(tmp_path: Path) -> None:
+    train = write_cache(tmp_path / "train", n=45, tokens="pooled")
+    test = write_cache(tmp_path / "test", n=15, seed=1, tokens="pooled")
+    result = invoke("probe", "--train", train, "--test", test, "--out", tmp_path / "run", *FAST)
+    assert result.exit_code == 0, result.output
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert set(results["readouts"]) == {"cls", "mean"}
+    assert any("skipped abmilp" in note for note in results["notes"])
+    result = invoke(
+        "probe", "--train", train, "--test", test, "--out", tmp_path / "run2", *FAST, "--pool", "abmilp"
+    )
+    assert result.exit_code == 1 and "--tokens all" in result.output
+
+
+def test_model_without_cls_skips_cls_with_a_note(tmp_path: Path) -> None:
+    train = write_cache(tmp_path / "train", n=45, has_cls=False)
+    test = write_cache(tmp_path / "test", n=15, seed=1, has_cls=False)
+    result = invoke("probe", "--train", train, "--test", test, "--out", tmp_path / "run", *FAST)
+    assert result.exit_code == 0, result.output
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert set(results["readouts"]) == {"mean", "abmilp"}
+    assert any("no [cls]" in note for note in results["notes"])
+    assert "no [cls]" in result.output
+
+
+def test_knn_command_writes_knn_json_matching_the_library(tmp_path: Path) -> None:
+    train = write_cache(tmp_path / "train", n=60, layers=(5, 11))
+    test = write_cache(tmp_path / "test", n=21, seed=1, layers=(5, 11))
+    result = invoke(
+        "knn", "--train", train, "--test", test, "--k", "1,5,20", "--pool", "mean", "--out", tmp_path
+    )
+    assert result.exit_code == 0, result.output
+    knn = json.loads((tmp_path / "knn.json").read_text())
+    assert knn["layer"] == 11 and knn["pool"] == "mean" and set(knn["knn"]) == {"1", "5", "20"}
+    tr, te = open_cache(train), open_cache(test)
+    feats = [
+        torch.cat([s["patches"][:, 1].float().mean(1) for s in c.iter_shards(["patches"])]) for c in (tr, te)
+    ]
+    expected = knn_evaluate(
+        feats[0], tr.labels(), feats[1], te.labels(), num_classes=3, ks=(1, 5, 20), temperature=0.07
+    )
+    for k in (1, 5, 20):
+        assert knn["knn"][str(k)]["top1"] == pytest.approx(expected[k]["top1"])
+    assert knn["knn"]["20"]["top1"] > 0.9
+    other = write_cache(tmp_path / "other", n=21, timm_name="vit_other")
+    result = invoke("knn", "--train", train, "--test", other)
+    assert result.exit_code == 1 and "different backbones" in result.output
