@@ -205,7 +205,5 @@ def _torch_load_safely(path: Path) -> Any:
             "only load files you trust; re-save the weights as a plain state dict "
             "(torch.save(model.state_dict(), ...)) or as .safetensors and pass that file",
         ) from exc
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise CheckpointError(
-            f"{path} is not a readable torch checkpoint: {exc}", "re-download the file"
-        ) from exc
+    except Exception as exc:  # RuntimeError, EOFError, IndexError...: a truncated file or another format
+        raise CheckpointError(f"{path} is not a readable torch checkpoint: {exc!r}", "re-download") from exc

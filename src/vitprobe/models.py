@@ -420,40 +420,30 @@ def load_backbone(
         timm_name, kwargs, remap, default_weights = name.removeprefix(TIMM_PREFIX), {}, remap_any, None
     else:
         preset = get_preset(name)
-        timm_name, kwargs, remap, default_weights = (
-            preset.timm,
-            dict(preset.timm_kwargs),
-            preset.remap,
-            preset.weights,
-        )
-    model = create_timm_backbone(
-        timm_name, device=device if device == "meta" else None, **{**kwargs, **overrides}
-    )
+        timm_name, kwargs, remap = preset.timm, dict(preset.timm_kwargs), preset.remap
+        default_weights = preset.weights
     report = LoadReport(
-        model=name,
-        timm_name=timm_name,
-        source="random-init",
-        sha256=None,
-        random_init=True,
+        model=name, timm_name=timm_name, source="random-init", sha256=None, random_init=True,
         arch_overrides=overrides,
     )
     if overrides:
         report.notes.append(f"architecture overridden: {overrides}")
+    weights = None
     if random_init:
         report.notes.append("random weights: NOT a pretrained model")
-    else:
-        _load_weights(
-            model, report, checkpoint or default_weights or _timm_default_weights(timm_name), remap, branch
-        )
+    else:  # read the file before building: offline, unsafe or foreign files fail fast
+        source = checkpoint or default_weights or _timm_default_weights(timm_name)
+        weights = _read_weights(source, remap, branch, report)
+    build_on = "meta" if device == "meta" else None
+    model = create_timm_backbone(timm_name, device=build_on, **{**kwargs, **overrides})
+    if weights is not None:
+        what = f"{report.source} ({LAYOUT_TITLES[weights.layout]})"
+        load_state_dict_strict(model, weights.state_dict, what=what, model_name=name)
     if device not in (None, "meta"):
         model = model.to(device)
     report.num_params = sum(p.numel() for p in model.parameters())
-    if isinstance(getattr(model, "norm", None), _identity_type()) and not isinstance(
-        model.fc_norm, _identity_type()
-    ):
-        report.notes.append(
-            "this architecture normalises after pooling (fc_norm); cached tokens are un-normalised"
-        )
+    if _pools_before_norm(model):
+        report.notes.append("this architecture normalises after pooling (fc_norm): tokens are un-normalised")
     return Backbone(model=model, report=report)
 
 
@@ -469,10 +459,13 @@ def load_backbone_from_config(config: LoadConfig, **kwargs: Any) -> Backbone:
     )
 
 
-def _identity_type() -> type:
+def _pools_before_norm(model: nn.Module) -> bool:
+    """True when `norm` is an Identity and `fc_norm` a real norm (timm's avg-pool ViTs and BEiTs)."""
     from torch import nn
 
-    return nn.Identity
+    fc_norm = getattr(model, "fc_norm", None)
+    has_fc_norm = isinstance(fc_norm, nn.Module) and not isinstance(fc_norm, nn.Identity)
+    return isinstance(getattr(model, "norm", None), nn.Identity) and has_fc_norm
 
 
 def _timm_default_weights(timm_name: str) -> str:
@@ -491,21 +484,15 @@ def _timm_default_weights(timm_name: str) -> str:
     )
 
 
-def _load_weights(
-    model: nn.Module, report: LoadReport, source: str, remap: Callable[..., Remapped], branch: str | None
-) -> None:
-    """Fetch `source`, read it safely, remap it and load it strictly; fill in the report."""
+def _read_weights(
+    source: str, remap: Callable[..., Remapped], branch: str | None, report: LoadReport
+) -> Remapped:
+    """Fetch `source`, read it safely and remap it; record source, sha256, layout and dropped keys."""
     from vitprobe.checkpoints import fetch_checkpoint, read_checkpoint, sha256_file
 
     path = fetch_checkpoint(source)
     try:
         remapped = remap(read_checkpoint(path), branch=branch)
-        load_state_dict_strict(
-            model,
-            remapped.state_dict,
-            what=f"{path} ({LAYOUT_TITLES[remapped.layout]})",
-            model_name=report.model,
-        )
     except CheckpointError as exc:
         if str(path) in exc.message:
             raise
@@ -518,6 +505,7 @@ def _load_weights(
     report.remapped = remapped.renamed
     report.dropped = list(remapped.dropped)
     report.notes.extend(remapped.notes)
+    return remapped
 
 
 def load_state_dict_strict(

@@ -1,0 +1,142 @@
+"""Checkpoint files: safe reading (no code runs), offline-aware downloads, clear errors."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from vitprobe.checkpoints import (
+    cache_dir,
+    download_url,
+    fetch_checkpoint,
+    hf_hub_file,
+    is_offline,
+    read_checkpoint,
+    sha256_file,
+)
+from vitprobe.errors import CheckpointError, WeightsUnavailableError
+
+
+class CreatesMarker:
+    """Unpickling this object would create a file: the payload of a malicious checkpoint."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str, str]]:
+        return (open, (str(self.marker), "w"))
+
+
+@pytest.fixture
+def offline_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """HF_HUB_OFFLINE=1 and an empty vitprobe cache (hub files and URLs)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("VITPROBE_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_safetensors_round_trip(tmp_path: Path) -> None:
+    sd = {"a": torch.randn(3, 4), "b.c": torch.arange(5)}
+    save_file(sd, tmp_path / "w.safetensors")
+    got = read_checkpoint(tmp_path / "w.safetensors")
+    assert sorted(got) == ["a", "b.c"] and all(torch.equal(got[k], sd[k]) for k in sd)
+
+
+def test_training_checkpoint_with_argparse_namespace_is_allowed(tmp_path: Path) -> None:
+    args = argparse.Namespace(lr=1.5e-4, model="mae_vit_base_patch16", betas=[0.9, 0.95], output_dir="/out")
+    torch.save({"model": {"w": torch.ones(2)}, "args": args, "epoch": 799, "optimizer": {"state": {}}},
+               tmp_path / "checkpoint-799.pth")
+    got = read_checkpoint(tmp_path / "checkpoint-799.pth")
+    assert got["args"] == args and got["epoch"] == 799 and torch.equal(got["model"]["w"], torch.ones(2))
+
+
+@pytest.mark.parametrize("writer", ["torch.save", "pickle protocol 2", "pickle protocol 4"])
+def test_malicious_pickle_is_refused_and_never_runs(tmp_path: Path, writer: str) -> None:
+    marker = tmp_path / "payload-ran"
+    path = tmp_path / "evil.pth"
+    if writer == "torch.save":
+        torch.save({"model": {"w": torch.ones(1)}, "evil": CreatesMarker(marker)}, path)
+    else:  # a plain pickle (tensors in plain pickles need another global, so none here)
+        path.write_bytes(pickle.dumps({"epoch": 1, "evil": CreatesMarker(marker)}, protocol=int(writer[-1])))
+    assert not marker.exists()
+    with pytest.raises(CheckpointError, match="refused") as info:
+        read_checkpoint(path)
+    assert not marker.exists()
+    if writer != "pickle protocol 4":  # torch's unpickler stops at protocol 4's framing before any global
+        assert "open" in info.value.message  # names the global the file asked for
+    assert "safetensors" in info.value.hint
+
+
+def test_corrupt_file_is_a_checkpoint_error(tmp_path: Path) -> None:
+    (tmp_path / "bad.pth").write_bytes(b"this is not a checkpoint")
+    with pytest.raises(CheckpointError, match="not a readable torch checkpoint"):
+        read_checkpoint(tmp_path / "bad.pth")
+    (tmp_path / "bad.safetensors").write_bytes(b"\x00\x01garbage")
+    with pytest.raises(CheckpointError, match="not a readable safetensors"):
+        read_checkpoint(tmp_path / "bad.safetensors")
+
+
+def test_unknown_suffix_and_non_mapping_are_refused(tmp_path: Path) -> None:
+    (tmp_path / "w.npz").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="not a checkpoint format"):
+        read_checkpoint(tmp_path / "w.npz")
+    torch.save(torch.ones(3), tmp_path / "tensor.pt")
+    with pytest.raises(CheckpointError, match="holds a Tensor"):
+        read_checkpoint(tmp_path / "tensor.pt")
+
+
+def test_sha256_matches_hashlib(tmp_path: Path) -> None:
+    data = os.urandom(3 << 20)
+    (tmp_path / "f.bin").write_bytes(data)
+    assert sha256_file(tmp_path / "f.bin", chunk_size=1 << 16) == hashlib.sha256(data).hexdigest()
+
+
+def test_missing_local_file(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="does not exist"):
+        fetch_checkpoint(str(tmp_path / "nope.pth"))
+
+
+def test_offline_is_read_at_call_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    assert not is_offline()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert is_offline()
+
+
+def test_offline_url_not_cached_names_the_file_and_the_fix(offline_cache: Path) -> None:
+    url = "https://dl.fbaipublicfiles.com/ijepa/IN1K-vit.h.14-300e.pth.tar"
+    with pytest.raises(WeightsUnavailableError) as info:
+        download_url(url)
+    assert "IN1K-vit.h.14-300e.pth.tar" in info.value.message and "HF_HUB_OFFLINE" in info.value.message
+    assert "--checkpoint" in info.value.hint and url in info.value.hint
+
+
+def test_offline_url_already_cached_is_used(offline_cache: Path) -> None:
+    assert cache_dir() == offline_cache / "checkpoints"
+    cached = offline_cache / "checkpoints" / "weights.pth"
+    cached.parent.mkdir(parents=True)
+    torch.save({"w": torch.ones(1)}, cached)
+    assert fetch_checkpoint("https://example.org/models/weights.pth") == cached
+
+
+def test_offline_hub_not_cached_names_the_file_and_the_fix(offline_cache: Path) -> None:
+    with pytest.raises(WeightsUnavailableError) as info:
+        hf_hub_file("timm/vit_base_patch16_224.mae")
+    assert "model.safetensors from hf-hub:timm/vit_base_patch16_224.mae" in info.value.message
+    assert "--checkpoint" in info.value.hint
+    assert "huggingface.co/timm/vit_base_patch16_224.mae/resolve/main/model.safetensors" in info.value.hint
+
+
+def test_hf_hub_spec_with_filename(offline_cache: Path) -> None:
+    with pytest.raises(WeightsUnavailableError, match="pytorch_model.bin from hf-hub:org/repo"):
+        fetch_checkpoint("hf-hub:org/repo:pytorch_model.bin")
