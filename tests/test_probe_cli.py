@@ -298,3 +298,51 @@ def test_knn_command_writes_knn_json_matching_the_library(tmp_path: Path) -> Non
     other = write_cache(tmp_path / "other", n=21, timm_name="vit_other")
     result = invoke("knn", "--train", train, "--test", other)
     assert result.exit_code == 1 and "different backbones" in result.output
+
+
+def test_end_to_end_from_vitprobe_extract(tmp_path: Path) -> None:
+    """A tiny random-init timm ViT over a generated imagefolder, then probe, predict with maps, and k-NN."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for c, color in enumerate([(200, 30, 30), (30, 30, 200)]):
+        folder = tmp_path / "data" / "train" / f"class{c}"
+        folder.mkdir(parents=True)
+        for i in range(6):
+            pixels = (torch.tensor(color) + 30 * torch.randn(32, 32, 3, generator=g)).clamp(0, 255)
+            Image.fromarray(pixels.to(torch.uint8).numpy()).save(folder / f"{i}.png")
+    cache = tmp_path / "cache"
+    result = invoke(
+        "extract",
+        "--model",
+        "timm:test_vit",
+        "--random-init",
+        "--data",
+        f"imagefolder:{tmp_path / 'data'}",
+        "--split",
+        "train",
+        "--out",
+        cache,
+        "--workers",
+        "0",
+        "--batch-size",
+        "6",
+    )
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "run"
+    result = invoke(
+        "probe", "--train", cache, "--test", cache, "--out", out, *FAST, "--holdout", "0.34", "--final-norm"
+    )
+    assert result.exit_code == 0, result.output
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["readouts"]) == {"cls", "mean", "abmilp"}
+    assert results["train_cache"]["provenance"]["timm_name"] == "test_vit" and results["random_init"]
+    maps = tmp_path / "maps.safetensors"
+    result = invoke(
+        "probe", "--predict", out / "heads" / "abmilp.safetensors", "--cache", cache, "--export-maps", maps
+    )
+    assert result.exit_code == 0, result.output
+    grid = tuple(open_cache(cache).grid)
+    assert load_file(maps)["maps"].shape == (12, *grid)
+    result = invoke("knn", "--train", cache, "--test", cache, "--k", "1")
+    assert result.exit_code == 0 and "100.00" in result.output  # each image is its own nearest neighbour
