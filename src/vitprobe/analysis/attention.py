@@ -112,6 +112,7 @@ class AttentionConfig:
     rollout: bool = False  # also compute attention rollout maps (Abnar & Zuidema 2020)
     n_maps: int = 8  # images whose [cls]→patch maps are kept for the map grid
     compare: tuple[str, ...] = ()  # earlier run directories overlaid on the curves
+    seed: int = 0  # seeds torch before building the model: random-init baselines are reproducible
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -506,6 +507,7 @@ def run_attention(config: AttentionConfig) -> AttentionRun:
 
     compared = read_results(config.compare, "attention.json")  # fail before the long pass
     device = resolve_device(config.device)
+    torch.manual_seed(config.seed)
     backbone = load_backbone(
         config.model, checkpoint=config.checkpoint, random_init=config.random_init, device=str(device)
     )

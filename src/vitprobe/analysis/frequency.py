@@ -52,6 +52,7 @@ class FrequencyConfig:
     num_workers: int = 4  # DataLoader workers decoding images
     device: str = "auto"  # CUDA when available
     compare: tuple[str, ...] = ()  # earlier run directories overlaid on the headline figure
+    seed: int = 0  # seeds torch before building the model: random-init baselines are reproducible
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -227,6 +228,7 @@ def run_frequency(config: FrequencyConfig) -> FrequencyRun:
 
     compared = read_results(config.compare, "frequency.json")  # fail before the long pass
     device = resolve_device(config.device)
+    torch.manual_seed(config.seed)
     backbone = load_backbone(
         config.model, checkpoint=config.checkpoint, random_init=config.random_init, device=str(device)
     )

@@ -41,13 +41,13 @@ ATTENTION_PANELS: tuple[tuple[str, str, tuple[tuple[str, str, str], ...]], ...] 
 )
 
 
-def save_figure(fig: Figure, stem: Path, formats: Sequence[str] = FORMATS) -> list[Path]:
+def save_figure(fig: Figure, stem: Path, formats: Sequence[str] = FORMATS, *, dpi: int = 200) -> list[Path]:
     """Write `fig` to `stem.png` and `stem.svg` (atomically, reproducible bytes for SVG); return the paths."""
     paths = []
     for fmt in formats:
         path = stem.with_suffix(f".{fmt}")
         with rc_context(_RC), atomic_path(path) as tmp:
-            fig.savefig(tmp, format=fmt, dpi=200, bbox_inches="tight", metadata=_metadata(fmt))
+            fig.savefig(tmp, format=fmt, dpi=dpi, bbox_inches="tight", metadata=_metadata(fmt))
         paths.append(path)
     return paths
 
@@ -162,7 +162,7 @@ def attention_figures(
     paths = save_figure(attention_curves(results), out / "attention_curves")
     if maps is not None and "cls_attention_last" in maps:
         title = f"[cls] attention maps: {results[0]['label']}"
-        paths += save_figure(attention_maps_grid(maps, title=title), out / "attention_maps")
+        paths += save_figure(attention_maps_grid(maps, title=title), out / "attention_maps", dpi=150)
     return paths
 
 
