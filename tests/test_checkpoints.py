@@ -51,8 +51,10 @@ def test_safetensors_round_trip(tmp_path: Path) -> None:
 
 def test_training_checkpoint_with_argparse_namespace_is_allowed(tmp_path: Path) -> None:
     args = argparse.Namespace(lr=1.5e-4, model="mae_vit_base_patch16", betas=[0.9, 0.95], output_dir="/out")
-    torch.save({"model": {"w": torch.ones(2)}, "args": args, "epoch": 799, "optimizer": {"state": {}}},
-               tmp_path / "checkpoint-799.pth")
+    torch.save(
+        {"model": {"w": torch.ones(2)}, "args": args, "epoch": 799, "optimizer": {"state": {}}},
+        tmp_path / "checkpoint-799.pth",
+    )
     got = read_checkpoint(tmp_path / "checkpoint-799.pth")
     assert got["args"] == args and got["epoch"] == 799 and torch.equal(got["model"]["w"], torch.ones(2))
 

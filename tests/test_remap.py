@@ -45,8 +45,13 @@ def test_every_layout_has_a_title() -> None:
 
 
 def test_mae_pretrain_unwraps_model_and_ignores_training_state() -> None:
-    ckpt = {"model": dict(ENCODER), "optimizer": {"state": {}}, "epoch": 799,
-            "args": argparse.Namespace(lr=1e-3), "scaler": {"scale": 65536.0}}
+    ckpt = {
+        "model": dict(ENCODER),
+        "optimizer": {"state": {}},
+        "epoch": 799,
+        "args": argparse.Namespace(lr=1e-3),
+        "scaler": {"scale": 65536.0},
+    }
     assert detect_layout(ckpt) == "mae_pretrain"
     out = remap_mae(ckpt)
     assert out.layout == "mae_pretrain" and out.dropped == () and out.renamed == 0
@@ -54,9 +59,14 @@ def test_mae_pretrain_unwraps_model_and_ignores_training_state() -> None:
 
 
 def test_mae_visualize_drops_decoder_and_mask_token() -> None:
-    decoder = {"mask_token": torch.zeros(1, 1, 2), "decoder_embed.weight": torch.zeros(2, 4),
-               "decoder_pos_embed": torch.zeros(1, 5, 2), "decoder_blocks.0.norm1.weight": torch.zeros(2),
-               "decoder_norm.weight": torch.zeros(2), "decoder_pred.weight": torch.zeros(12, 2)}
+    decoder = {
+        "mask_token": torch.zeros(1, 1, 2),
+        "decoder_embed.weight": torch.zeros(2, 4),
+        "decoder_pos_embed": torch.zeros(1, 5, 2),
+        "decoder_blocks.0.norm1.weight": torch.zeros(2),
+        "decoder_norm.weight": torch.zeros(2),
+        "decoder_pred.weight": torch.zeros(12, 2),
+    }
     ckpt = {"model": {**ENCODER, **decoder}}
     assert detect_layout(ckpt) == "mae_visualize"
     out = remap_mae(ckpt)
@@ -72,12 +82,21 @@ def test_dino_backbone_is_timm_names() -> None:
 
 
 def dino_full() -> dict[str, object]:
-    teacher = {**prefixed("backbone.", ENCODER), "head.mlp.0.weight": torch.zeros(8, 4),
-               "head.last_layer.weight_g": torch.zeros(16, 1)}
+    teacher = {
+        **prefixed("backbone.", ENCODER),
+        "head.mlp.0.weight": torch.zeros(8, 4),
+        "head.last_layer.weight_g": torch.zeros(16, 1),
+    }
     student_encoder = {k: v + 10 for k, v in ENCODER.items()}
     student = {**prefixed("module.backbone.", student_encoder), "module.head.mlp.0.weight": torch.zeros(8, 4)}
-    return {"teacher": teacher, "student": student, "optimizer": {}, "epoch": 100,
-            "args": argparse.Namespace(arch="vit_small"), "dino_loss": {"center": torch.zeros(1, 16)}}
+    return {
+        "teacher": teacher,
+        "student": student,
+        "optimizer": {},
+        "epoch": 100,
+        "args": argparse.Namespace(arch="vit_small"),
+        "dino_loss": {"center": torch.zeros(1, 16)},
+    }
 
 
 def test_dino_full_defaults_to_teacher_and_drops_projection_head() -> None:
@@ -114,9 +133,18 @@ def test_ibot_full_checkpoint_drops_masked_embed_too() -> None:
 
 def ijepa() -> dict[str, object]:
     target = {k: v * 3 for k, v in ENCODER.items()}
-    return {"encoder": prefixed("module.", ENCODER), "target_encoder": prefixed("module.", target),
-            "predictor": {"module.predictor_embed.weight": torch.zeros(2, 4)}, "opt": {}, "scaler": None,
-            "epoch": 300, "loss": 0.1, "batch_size": 128, "world_size": 16, "lr": 1e-3}
+    return {
+        "encoder": prefixed("module.", ENCODER),
+        "target_encoder": prefixed("module.", target),
+        "predictor": {"module.predictor_embed.weight": torch.zeros(2, 4)},
+        "opt": {},
+        "scaler": None,
+        "epoch": 300,
+        "loss": 0.1,
+        "batch_size": 128,
+        "world_size": 16,
+        "lr": 1e-3,
+    }
 
 
 def test_ijepa_defaults_to_target_encoder() -> None:
@@ -142,14 +170,22 @@ def test_dinov2_drops_mask_token() -> None:
 
 
 def test_beitv2_pretrain_drops_pretraining_heads_and_index_buffers() -> None:
-    backbone = {"cls_token": torch.ones(1, 1, 4),
-                "rel_pos_bias.relative_position_bias_table": torch.ones(7, 2),
-                "blocks.0.gamma_1": torch.ones(4), "blocks.0.attn.q_bias": torch.ones(4),
-                "blocks.0.attn.v_bias": torch.ones(4), "norm.weight": torch.ones(4)}
-    extra = {"mask_token": torch.zeros(1, 1, 4), "lm_head.weight": torch.zeros(8, 4),
-             "lm_head.bias": torch.zeros(8),
-             "cls_pt_layers.0.attn.q_bias": torch.zeros(4), "cls_pt_layers.1.gamma_1": torch.zeros(4),
-             "rel_pos_bias.relative_position_index": torch.zeros(5, 5, dtype=torch.long)}
+    backbone = {
+        "cls_token": torch.ones(1, 1, 4),
+        "rel_pos_bias.relative_position_bias_table": torch.ones(7, 2),
+        "blocks.0.gamma_1": torch.ones(4),
+        "blocks.0.attn.q_bias": torch.ones(4),
+        "blocks.0.attn.v_bias": torch.ones(4),
+        "norm.weight": torch.ones(4),
+    }
+    extra = {
+        "mask_token": torch.zeros(1, 1, 4),
+        "lm_head.weight": torch.zeros(8, 4),
+        "lm_head.bias": torch.zeros(8),
+        "cls_pt_layers.0.attn.q_bias": torch.zeros(4),
+        "cls_pt_layers.1.gamma_1": torch.zeros(4),
+        "rel_pos_bias.relative_position_index": torch.zeros(5, 5, dtype=torch.long),
+    }
     ckpt = {"model": {**backbone, **extra}}
     assert detect_layout(ckpt) == "beitv2_pretrain"
     out = remap_beitv2(ckpt)
