@@ -159,22 +159,43 @@ def boxes_from_mask(mask: np.ndarray) -> np.ndarray:
 
     mask = np.asarray(mask, dtype=bool)
     h, w = mask.shape
-    boxes: list[list[int]] = []
-    labels, _ = ndimage.label(mask, structure=np.ones((3, 3), dtype=int))  # 8-connected foreground
-    for sl in ndimage.find_objects(labels):
-        boxes.append([sl[1].start, sl[0].start, sl[1].stop, sl[0].stop])
-    if boxes:
-        holes, _ = ndimage.label(~mask)  # 4-connected background
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if rows.size == 0:
+        return np.zeros((1, 4), dtype=np.int64)
+    # work on the foreground's bounding box plus a one-pixel background margin (where the image allows):
+    # a background region reaching the crop's edge reaches the margin or the image edge, so it is no hole
+    top, left = max(rows[0] - 1, 0), max(cols[0] - 1, 0)
+    sub = mask[top : rows[-1] + 2, left : cols[-1] + 2]  # (h', w') crop
+    labels, count = ndimage.label(sub, structure=_EIGHT)  # 8-connected foreground
+    boxes = [[sl[1].start, sl[0].start, sl[1].stop, sl[0].stop] for sl in ndimage.find_objects(labels)]
+    if euler_number(sub) != count:  # some region has a hole (Euler number = regions - holes)
+        sh, sw = sub.shape
+        holes, _ = ndimage.label(~sub)  # 4-connected background
         for sl in ndimage.find_objects(holes):
-            if sl[0].start == 0 or sl[1].start == 0 or sl[0].stop == h or sl[1].stop == w:
+            if sl[0].start == 0 or sl[1].start == 0 or sl[0].stop == sh or sl[1].stop == sw:
                 continue  # touches the edge: the outside, not a hole
             boxes.append([sl[1].start - 1, sl[0].start - 1, sl[1].stop + 1, sl[0].stop + 1])
-    if not boxes:
-        return np.zeros((1, 4), dtype=np.int64)
-    out = np.asarray(boxes, dtype=np.int64)  # (K, 4)
+    out = np.asarray(boxes, dtype=np.int64) + np.array([left, top, left, top])  # (K, 4) in image pixels
     out[:, 2] = np.minimum(out[:, 2], w - 1)
     out[:, 3] = np.minimum(out[:, 3], h - 1)
     return out
+
+
+_EIGHT = np.ones((3, 3), dtype=int)
+
+
+def euler_number(mask: np.ndarray) -> int:
+    """Euler number (regions − holes) of a binary mask, 8-connected foreground, by Gray's 2×2 quad counts.
+
+    E = (n₁ − n₃ − 2·n_d) / 4 over all 2×2 windows of the zero-padded mask, with n₁ / n₃ windows holding one /
+    three foreground pixels and n_d the two diagonal patterns (Gray 1971; Pratt, Digital Image Processing).
+    """
+    m = np.pad(np.asarray(mask, dtype=np.int8), 1)
+    a, b, c, d = m[:-1, :-1], m[:-1, 1:], m[1:, :-1], m[1:, 1:]  # the 2×2 window's corners
+    total = a + b + c + d
+    diagonal = (total == 2) & (a == d)  # two pixels on one diagonal
+    n1, n3, nd = int((total == 1).sum()), int((total == 3).sum()), int(diagonal.sum())
+    return (n1 - n3 - 2 * nd) // 4
 
 
 def boxes_from_scoremap(scoremap: np.ndarray, threshold: float) -> np.ndarray:
@@ -333,6 +354,7 @@ class LocalizationConfig:
     num_workers: int = 0  # DataLoader workers for the [cls] pass
     device: str = "auto"  # auto = CUDA when available
     n_figures: int = 6  # images drawn with their true and predicted boxes, per map
+    seed: int = 0  # seeds torch before building the model: random init matches `extract --seed` weights
 
 
 @dataclass
@@ -478,8 +500,11 @@ def run_localization(config: LocalizationConfig) -> LocalizationRun:
     device = resolve_device(config.device)
 
     if config.model is not None:
+        import torch
+
         from vitprobe.models import load_backbone
 
+        torch.manual_seed(config.seed)
         backbone = load_backbone(
             config.model, checkpoint=config.checkpoint, random_init=config.random_init, device=str(device)
         )
