@@ -343,3 +343,16 @@ def test_accumulator_rejects_a_wrong_token_count() -> None:
     probs = torch.full((1, 2, 10, 10), 0.1)
     with pytest.raises(ModelError, match="expected 1 prefix"):
         acc.on_block(0, torch.ones(1, 10, 8), probs, torch.ones(1, 10, 8))
+
+
+def test_statistics_in_chunks_equal_one_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Large batches are split into chunks of images for the float64 statistics; the sums do not change."""
+    import vitprobe.analysis.attention as attention
+
+    backbone = tiny_backbone("cls+2reg")
+    x = images(4)
+    whole = analyze_attention(backbone, loader(x, batch_size=4), torch.device("cpu")).result()
+    monkeypatch.setattr(attention, "STATS_CHUNK_ELEMENTS", 2 * 19 * 19)  # one image per chunk
+    chunked = analyze_attention(backbone, loader(x, batch_size=4), torch.device("cpu")).result()
+    for name, entry in whole["stats"].items():
+        np.testing.assert_allclose(chunked["stats"][name]["mean"], entry["mean"], rtol=1e-12)

@@ -52,6 +52,7 @@ PATCH_STATS = ("patch_self", "patch_self_adj", "patch_entropy", "attention_dista
 REG_STATS = ("patch_to_reg",)
 CLS_REG_STATS = ("cls_to_reg",)
 MAGNITUDE_STATS = ("magnitude_cls", "magnitude_patch")  # per block only: heads share the residual stream
+STATS_CHUNK_ELEMENTS = 1 << 25  # attention entries per statistics chunk: ~256 MB per float64 temporary
 
 
 @dataclass(frozen=True)
@@ -393,8 +394,9 @@ class AttentionAccumulator:
                 "feed images at the model's input size (the eval transform does this)",
             )
         self._distances = self._distances.to(attn.device)
-        for name, value in attention_statistics(attn, self.layout, self._distances).items():
-            self.sums[name][block] += value.sum(0).cpu()  # (H,)
+        for chunk in attn.split(max(1, STATS_CHUNK_ELEMENTS // (H * T * T))):  # bounded float64 temporaries
+            for name, value in attention_statistics(chunk, self.layout, self._distances).items():
+                self.sums[name][block] += value.sum(0).cpu()  # (H,)
         for name, value in magnitude_statistics(x, y, self.layout).items():
             self.magnitude_sums[name][block] += value.sum().cpu()
         if self.rollout:
