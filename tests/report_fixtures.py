@@ -101,6 +101,8 @@ def make_run(
         return run
     (run / "figures").mkdir()
     (run / "figures" / "cls_maps.png").write_bytes(_png((200, 30, 30)))
+    svg = '<svg xmlns="http://www.w3.org/2000/svg" width="4" height="4"><rect width="4" height="4"/></svg>'
+    (run / "figures" / "cls_maps.svg").write_text(svg)
     attention = {
         "kind": "attention",
         "schema_version": 1,
@@ -121,7 +123,7 @@ def make_run(
             "patch_entropy": {"per_head": None, "mean": [3.0, 3.2, 3.1]},
             "attention_distance": {"per_head": None, "mean": [30.0, 50.0, 60.0]},
         },
-        "figures": ["figures/cls_maps.png", "figures/missing.png"],
+        "figures": ["figures/cls_maps.png", "figures/cls_maps.svg", "figures/missing.png"],
     }
     (run / "attention.json").write_text(json.dumps(attention))
     frequency = {

@@ -76,6 +76,7 @@ def test_html_is_self_contained_and_escaped(tmp_path: Path, runs: list[Path]) ->
     for s in srcs:  # every embedded image decodes to a real PNG
         assert base64.b64decode(s.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
     assert '<table id="accuracy">' in text and '<table id="why-cls-loses">' in text
+    assert text.count('alt="mae-tiny (random weights): cls maps"') == 1  # the PNG; its SVG twin is skipped
     assert "selected on the test set" not in text  # holdout selection is not labelled optimistic
 
 

@@ -692,7 +692,9 @@ def _listed_figures(run: _Run) -> list[str]:
                 if isinstance(f, str) and f not in listed and Path(f).suffix.lower() in (".png", ".svg"):
                     if (run.path / f).is_file():
                         listed.append(f)
-    return listed[:MAX_RUN_FIGURES]
+    pngs = {Path(f).with_suffix("") for f in listed if f.lower().endswith(".png")}
+    listed = [f for f in listed if f.lower().endswith(".png") or Path(f).with_suffix("") not in pngs]
+    return listed[:MAX_RUN_FIGURES]  # one copy per figure: the PNG when both PNG and SVG were written
 
 
 def _run_figure_files(run: Mapping[str, Any], slug: str) -> list[Figure]:
