@@ -234,3 +234,19 @@ def test_unrecognised_layout_names_its_keys() -> None:
 def test_non_tensor_state_dict_is_refused() -> None:
     with pytest.raises(CheckpointError, match="not tensors"):
         remap_mae({"model": {"blocks.0.x": [1.0, 2.0]}})
+
+
+def test_module_wrapper_is_read_like_model() -> None:
+    ckpt = {
+        "module": {
+            "cls_token": torch.ones(1, 1, 4),
+            "blocks.0.attn.q_bias": torch.ones(4),
+            "lm_head.weight": torch.zeros(8, 4),
+        }
+    }
+    assert detect_layout(ckpt) == "beitv2_pretrain"
+    out = remap_beitv2(ckpt)
+    assert out.dropped == ("lm_head.weight",) and sorted(out.state_dict) == [
+        "blocks.0.attn.q_bias",
+        "cls_token",
+    ]

@@ -399,7 +399,8 @@ def load_backbone(
             method or in timm's layout; None loads the default weights (the preset's source, or timm's hub
             copy for `timm:NAME`).
         random_init: build with random weights instead (the report says so).
-        device: where the model ends up ("cpu", "cuda:0", ...; "meta" only with `random_init`); None = CPU.
+        device: where the model ends up ("cpu", "cuda:0", "auto" = CUDA when available; "meta" only with
+            `random_init`); None keeps it on the CPU.
         branch: which network of a multi-network file: teacher/student (DINO, iBOT full checkpoints) or
             target_encoder/encoder (I-JEPA); None takes the one the method evaluates.
         arch_overrides: extra `timm.create_model` arguments (e.g. a tiny `embed_dim`/`depth` in tests);
@@ -413,6 +414,10 @@ def load_backbone(
     if random_init and checkpoint is not None:
         raise ModelError("--random-init and --checkpoint were both given", "use one of them")
     device = None if device is None else str(device)
+    if device == "auto":
+        from vitprobe.devices import resolve_device
+
+        device = str(resolve_device("auto"))
     if device == "meta" and not random_init:
         raise ModelError("the meta device holds no weights", "use device='meta' only with random_init=True")
     overrides = dict(arch_overrides or {})
@@ -469,13 +474,12 @@ def _pools_before_norm(model: nn.Module) -> bool:
 
 
 def _timm_default_weights(timm_name: str) -> str:
-    """timm's hub copy of `timm_name`'s default pretrained weights, as an `hf-hub:` spec."""
+    """timm's default pretrained weights for `timm_name`: its hub copy (`hf-hub:REPO[:FILE]`) or its URL."""
     import timm
 
-    cfg = timm.models.get_pretrained_cfg(timm_name)
+    cfg = timm.models.get_pretrained_cfg(timm_name)  # the registry expands "timm/" to "timm/ARCH.TAG"
     if cfg is not None and cfg.hf_hub_id:
-        repo = cfg.hf_hub_id if cfg.hf_hub_id != "timm/" else f"timm/{timm_name}"
-        return f"hf-hub:{repo}"
+        return f"hf-hub:{cfg.hf_hub_id}" + (f":{cfg.hf_hub_filename}" if cfg.hf_hub_filename else "")
     if cfg is not None and cfg.url:
         return cfg.url
     raise CheckpointError(

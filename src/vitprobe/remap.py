@@ -79,6 +79,11 @@ def _drop(sd: StateDict, rule: Callable[[str], bool]) -> tuple[StateDict, tuple[
     return kept, tuple(sorted(k for k in sd if rule(k)))
 
 
+def _model_entry(ckpt: Mapping[str, Any]) -> Any:
+    """The network of a `{'model': ...}` checkpoint (some BEiT releases say `{'module': ...}`)."""
+    return ckpt["model"] if "model" in ckpt else ckpt["module"]
+
+
 def _check_branch(layout: str, branch: str | None, allowed: tuple[str, ...], default: str) -> str:
     branch = branch or default
     if branch not in allowed:
@@ -119,7 +124,7 @@ def remap_mae_pretrain(ckpt: Mapping[str, Any], *, branch: str | None = None) ->
     encoder already uses timm's ViT key names, so nothing is renamed.
     """
     _no_branch("mae_pretrain", branch)
-    return Remapped(_tensors(ckpt["model"], "checkpoint['model']"), "mae_pretrain")
+    return Remapped(_tensors(_model_entry(ckpt), "checkpoint['model']"), "mae_pretrain")
 
 
 def remap_mae_visualize(ckpt: Mapping[str, Any], *, branch: str | None = None) -> Remapped:
@@ -129,7 +134,7 @@ def remap_mae_visualize(ckpt: Mapping[str, Any], *, branch: str | None = None) -
     decoder_norm, decoder_pred) and `mask_token`, which only the pixel decoder uses.
     """
     _no_branch("mae_visualize", branch)
-    sd = _tensors(ckpt["model"], "checkpoint['model']")
+    sd = _tensors(_model_entry(ckpt), "checkpoint['model']")
     sd, dropped = _drop(sd, lambda k: k.startswith("decoder_") or k == "mask_token")
     return Remapped(sd, "mae_visualize", dropped=dropped, notes=("MAE decoder and mask token dropped",))
 
@@ -218,7 +223,7 @@ def remap_beitv2_pretrain(ckpt: Mapping[str, Any], *, branch: str | None = None)
     `relative_position_index` buffers, which timm recomputes (they are not parameters).
     """
     _no_branch("beitv2_pretrain", branch)
-    sd = _tensors(ckpt["model"], "checkpoint['model']")
+    sd = _tensors(_model_entry(ckpt), "checkpoint['model']")
     sd, dropped = _drop(
         sd,
         lambda k: (
@@ -271,8 +276,8 @@ def detect_layout(ckpt: Mapping[str, Any]) -> str:
         return "ijepa"
     if "state_dict" in keys and isinstance(ckpt["state_dict"], Mapping):
         return "ibot"
-    if "model" in keys and isinstance(ckpt["model"], Mapping):
-        inner = [str(k) for k in ckpt["model"]]
+    if isinstance(ckpt.get("model", ckpt.get("module")), Mapping):
+        inner = [str(k) for k in _model_entry(ckpt)]
         if any(
             k.startswith(("lm_head.", "cls_pt_layers.", "rel_pos_bias.")) or k.endswith(".q_bias")
             for k in inner
