@@ -12,14 +12,14 @@ import csv
 import hashlib
 import os
 import re
-from collections.abc import Callable, Iterable
-from functools import cached_property
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
 
 import torch.utils.data
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from vitprobe.errors import DatasetError
 
@@ -85,18 +85,25 @@ class ImageDataset(torch.utils.data.Dataset):
     def num_classes(self) -> int:
         return len(self.class_names)
 
-    @cached_property
+    @property
     def fingerprint(self) -> str:
         """sha256 hex of the sorted lines `"<relative path>\\t<label>\\n"` (UTF-8, POSIX paths under root).
 
         It identifies which files carry which labels, not the pixels: regenerating a synthetic dataset with
-        the same parameters gives the same fingerprint; relabelling or adding one file changes it.
+        the same parameters gives the same fingerprint; relabelling or adding one file changes it. Computed
+        on each access (seconds for ImageNet's 1.28 M files), so it follows edits to paths and labels.
         """
         return fingerprint(self.relative_paths(), self.labels)
 
     def relative_paths(self) -> list[str]:
         """POSIX paths relative to `root` (absolute when an image lies outside it, e.g. in a CSV)."""
-        return [_relative(path, self.root) for path in self.paths]
+        prefix = str(self.root) + os.sep  # string slicing: Path.relative_to is slow for 1.28 M files
+        relative = []
+        for path in self.paths:
+            text = str(path)
+            inside = text.startswith(prefix)
+            relative.append(text[len(prefix) :].replace(os.sep, "/") if inside else _relative(path))
+        return relative
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -107,29 +114,26 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def load_image(self, i: int) -> Image.Image:
         """Image `i` as RGB: grayscale replicated, CMYK converted, palette and alpha composited on white."""
-        path = self.paths[i]
-        try:
-            with Image.open(path) as image:
-                image.load()
-                return to_rgb(image)
-        except FileNotFoundError as exc:
-            raise DatasetError(f"{self.spec}: missing image {path}", _hint_for(self.kind)) from exc
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:  # incl. Unidentified
-            raise DatasetError(
-                f"{self.spec}: cannot read image {path} ({type(exc).__name__}: {exc})",
-                "replace or remove the corrupt file",
-            ) from exc
+        with self._open(i) as image:
+            image.load()
+            return to_rgb(image)
 
     def image_size(self, i: int) -> tuple[int, int]:
         """(width, height) of image `i` as stored in the file (reads only the header)."""
+        with self._open(i) as image:
+            return image.size
+
+    @contextmanager
+    def _open(self, i: int) -> Iterator[Image.Image]:
+        """Open image `i` with Pillow; a missing or unreadable file becomes a `DatasetError` naming it."""
         path = self.paths[i]
         try:
             with Image.open(path) as image:
-                return image.size
+                yield image
         except FileNotFoundError as exc:
             raise DatasetError(f"{self.spec}: missing image {path}", _hint_for(self.kind)) from exc
-        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
-            raise DatasetError(
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:  # OSError: truncated,
+            raise DatasetError(  # UnidentifiedImageError (not an image); SyntaxError: broken headers
                 f"{self.spec}: cannot read image {path} ({type(exc).__name__}: {exc})",
                 "replace or remove the corrupt file",
             ) from exc
@@ -159,10 +163,9 @@ class ImageDataset(torch.utils.data.Dataset):
 
 def fingerprint(relative_paths: Iterable[str], labels: Iterable[int]) -> str:
     """sha256 hex of the sorted `"<relative path>\\t<label>\\n"` lines (see `ImageDataset.fingerprint`)."""
-    h = hashlib.sha256()
-    for rel, label in sorted(zip(relative_paths, labels, strict=True)):
-        h.update(f"{rel}\t{int(label)}\n".encode())
-    return h.hexdigest()
+    pairs = sorted(zip(relative_paths, map(int, labels), strict=True))
+    text = "".join([f"{rel}\t{label}\n" for rel, label in pairs])
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -674,8 +677,6 @@ def _hint_for(kind: str) -> str:
     }[kind]
 
 
-def _relative(path: Path, root: Path) -> str:
-    try:
-        return path.relative_to(root).as_posix()
-    except ValueError:
-        return path.as_posix()
+def _relative(path: Path) -> str:
+    """A path outside the dataset root, as it is recorded in the fingerprint: absolute, POSIX."""
+    return path.absolute().as_posix()
