@@ -183,6 +183,9 @@ def test_fingerprint_ignores_location_and_sees_labels(tmp_path: Path) -> None:
     assert open_dataset(f"imagefolder:{tmp_path / 'two'}", "all").fingerprint == first.fingerprint
     (tmp_path / "two" / "b" / "y.png").rename(tmp_path / "two" / "a" / "y.png")  # relabel one file
     assert open_dataset(f"imagefolder:{tmp_path / 'two'}", "all").fingerprint != first.fingerprint
+    before = first.fingerprint
+    first.labels[1] = 0  # edits after opening are seen (the fingerprint is not cached)
+    assert first.fingerprint == _expected_fingerprint([("a/x.png", 0), ("b/y.png", 0)]) != before
 
 
 def test_empty_folder_errors(tmp_path: Path) -> None:
