@@ -216,8 +216,10 @@ def test_resume_after_a_crash_equals_a_clean_run(
     assert [(s.start, s.stop) for s in partial.shards] == [(0, 2), (2, 4)] and partial.num_written == 4
     assert sorted(p.name for p in crashed.out.glob("shard-*")) == ["shard-00000.safetensors",
                                                                    "shard-00001.safetensors"]
+    leftover = crashed.out / ".shard-00002.safetensors.abc123.tmp"  # what a SIGKILL mid-write leaves
+    leftover.write_bytes(b"partial")
     result = extract(crashed)
-    assert result.new_samples == NUM_IMAGES - 4 and result.num_shards == 5
+    assert result.new_samples == NUM_IMAGES - 4 and result.num_shards == 5 and not leftover.exists()
     a, b = open_cache(clean.out, verify=True), open_cache(crashed.out, verify=True)
     assert [s.sha256 for s in a.shards] == [s.sha256 for s in b.shards]
     for x, y in zip(a.iter_shards(), b.iter_shards(), strict=True):

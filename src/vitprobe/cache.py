@@ -527,6 +527,15 @@ def remove_cache_files(directory: Path) -> None:
         file.unlink(missing_ok=True)
 
 
+def remove_temp_files(directory: Path) -> list[Path]:
+    """Delete the temp files a killed writer left behind (`.shard-*.tmp`, ...); call with the lock held."""
+    names = (f".{MANIFEST_FILE}.", f".{FINAL_NORM_FILE}.", ".shard-")
+    stale = [f for f in Path(directory).glob(".*.tmp") if f.name.startswith(names)]
+    for file in stale:
+        file.unlink(missing_ok=True)
+    return stale
+
+
 def utc_now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
@@ -539,7 +548,10 @@ def lock_cache(directory: Path) -> Iterator[Path]:
         CacheError: another run holds the lock, or a crashed run left it behind (stale lock).
     """
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CacheError(f"cannot create cache directory {directory}: {exc}", "choose another --out") from exc
     lock = directory / LOCK_FILE
     info = {"pid": os.getpid(), "host": socket.gethostname(), "started": utc_now()}
     try:

@@ -38,6 +38,7 @@ from vitprobe.cache import (
     lock_cache,
     read_manifest,
     remove_cache_files,
+    remove_temp_files,
     shard_entries,
     shard_file,
     shard_infos,
@@ -416,7 +417,7 @@ def _prepare(config: ExtractConfig, manifest: dict[str, Any], backbone: Backbone
     """Rank 0, lock held: decide between a fresh cache, a resume, or nothing to do; check the disk."""
     out = Path(config.out)
     ranges = shard_ranges(manifest["num_samples"], manifest["shard_size"])
-    notes: list[str] = []
+    notes = [f"removed {f.name} left by an interrupted run" for f in remove_temp_files(out)]
     done: list[ShardInfo] = []
     old = None if config.overwrite else read_manifest(out)
     if config.overwrite:
@@ -519,7 +520,7 @@ def _run(
         batches = iter(loader)
         for j, shard in enumerate(mine):
             start, stop = plan.ranges[shard]
-            buffers = _buffers(layout, stop - start)
+            buffers = _buffers(layout, stop - start, pin=cuda)
             filled = 0
             while filled < stop - start:
                 images, labels, indices, views = next(batches)
@@ -537,6 +538,8 @@ def _run(
                     _fill(buf, parts[key], filled, key)
                 filled += n
                 progress.advance(task, n)
+            if cuda:
+                torch.cuda.synchronize(device)  # the non-blocking copies into `buffers` have landed
             info = write_shard(out, shard, start, buffers)
             _record_round(out, manifest, done, info, world=world, rank=rank)
             if rank == 0 and not progress.console.is_terminal:
@@ -566,8 +569,9 @@ class _Limit:
         return self.dataset.load_image(i)
 
 
-def _buffers(layout: dict[str, KeySpec], n: int) -> dict[str, torch.Tensor]:
-    return {key: torch.empty((n, *spec.shape), dtype=spec.dtype) for key, spec in layout.items()}
+def _buffers(layout: dict[str, KeySpec], n: int, *, pin: bool) -> dict[str, torch.Tensor]:
+    """One shard's tensors on the CPU, filled batch by batch (pinned on CUDA for asynchronous copies)."""
+    return {key: torch.empty((n, *s.shape), dtype=s.dtype, pin_memory=pin) for key, s in layout.items()}
 
 
 def _fill(buf: torch.Tensor, part: torch.Tensor, offset: int, key: str) -> None:
@@ -577,7 +581,7 @@ def _fill(buf: torch.Tensor, part: torch.Tensor, offset: int, key: str) -> None:
             f"{tuple(buf.shape[1:])} from its grid",
             "check that the model's input size matches its data config",
         )
-    buf[offset: offset + part.shape[0]] = part.to("cpu")
+    buf[offset : offset + part.shape[0]].copy_(part, non_blocking=True)  # (b, ...) rows of the shard
 
 
 def _record_round(
