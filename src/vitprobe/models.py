@@ -536,7 +536,7 @@ def load_state_dict_strict(
     if missing or unexpected or shapes:
         name = model_name or type(model).__name__
         parts = [f"{what} does not fit {name}:"]
-        for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatches", shapes)):
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shapes)):
             if items:
                 more = f" (+{len(items) - 10} more)" if len(items) > 10 else ""
                 parts.append(f"{len(items)} {label} keys: {', '.join(items[:10])}{more};")
