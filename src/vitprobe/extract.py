@@ -125,7 +125,7 @@ def extract(config: ExtractConfig, *, console: Console | None = None) -> Extract
     """Run `config.model` over `config.data` / `config.split` and write (or resume) the cache `config.out`.
 
     Under torchrun every rank calls this; the process group is created here (nccl on CUDA, gloo on CPU)
-    unless one exists. Only rank 0 prints.
+    unless one exists. Only rank 0 prints, to `console` (None: nothing is printed).
 
     Raises:
         CacheError: `out` is locked, holds a different extraction, or the disk is too small.
@@ -140,7 +140,7 @@ def extract(config: ExtractConfig, *, console: Console | None = None) -> Extract
     device = resolve_device(config.device)
     compute_dtype = resolve_dtype(config.dtype, device)
     rank, world, owns_group = _init_distributed(device)
-    console = console or Console(stderr=True, highlight=False)
+    console = console or Console(stderr=True, quiet=True)  # None: a quiet library call
     say: Callable[[str], None] = console.print if rank == 0 else (lambda _: None)
     out = Path(config.out)
     try:
