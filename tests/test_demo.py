@@ -1,0 +1,37 @@
+"""`vitprobe demo` end to end on a small needles set: every step runs offline and says weights are random."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from vitprobe.cli import app
+
+
+@pytest.mark.slow
+def test_demo_runs_the_whole_pipeline_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "demo"
+    args = ["demo", "--out", str(out), "--n", "80", "--epochs", "3", "--device", "cpu"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert text.count("RANDOM WEIGHTS") >= 9  # the banner and every step line say so
+    for step in ("[1/9]", "[5/9]", "[9/9]"):
+        assert step in text
+    run = out / "run"
+    for name in ("results.json", "knn.json", "attention.json", "frequency.json", "localization.json"):
+        saved = json.loads((run / name).read_text())
+        assert saved["random_init"] is True, name
+    results = json.loads((run / "results.json").read_text())
+    assert set(results["readouts"]) == {"cls", "mean", "abmilp"}
+    loc = json.loads((run / "localization.json").read_text())
+    assert set(loc["maps"]) == {"cls_attention", "abmilp"}
+    assert loc["maps"]["abmilp"]["num_images"] == 40  # the whole test half
+    html = (out / "report.html").read_text()
+    assert '<table id="accuracy">' in html and "RANDOM WEIGHTS" in html and "data:image/png;base64," in html
+    for readout in ("cls", "mean", "abmilp"):
+        assert f"<td>{readout}</td>" in html
