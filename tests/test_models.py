@@ -308,6 +308,13 @@ def test_unknown_preset_suggests_close_names() -> None:
     assert "mae-b16" in info.value.hint
 
 
+def test_unknown_or_non_vit_timm_names_are_model_errors() -> None:
+    with pytest.raises(ModelError, match="cannot build timm model 'not_a_model'"):
+        load_backbone("timm:not_a_model", random_init=True, device="meta")
+    with pytest.raises(ModelError, match="not a plain ViT"):
+        load_backbone("timm:resnet18", random_init=True, device="meta")
+
+
 def test_random_init_and_checkpoint_are_exclusive(tmp_path: Path) -> None:
     with pytest.raises(ModelError, match="both"):
         load_backbone("timm:test_vit", random_init=True, checkpoint=str(tmp_path / "x.pth"))
