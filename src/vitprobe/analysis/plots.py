@@ -211,7 +211,9 @@ def frequency_headline(results: Sequence[Mapping[str, Any]]) -> Figure:
                 depth, result["high_freq_energy_ratio"], "-o", ms=3, color=color, label=result["label"]
             )
         ax_head.set_title("High-frequency log amplitude")
-        ax_head.set_ylabel(f"Δ log amplitude at {results[0]['frequency'][-1]:.2f}π (nats)")
+        highest = {round(r["frequency"][-1], 4) for r in results}
+        at = f"{highest.pop():.2f}π" if len(highest) == 1 else "the highest frequency"
+        ax_head.set_ylabel(f"Δ log amplitude at {at} (nats)")
         ax_ratio.set_title("High-frequency energy ratio")
         ax_ratio.set_ylabel("energy above π/2 / non-DC energy")
         for ax in (ax_head, ax_ratio):
