@@ -102,7 +102,7 @@ def attention_curves(results: Sequence[Mapping[str, Any]]) -> Figure:
             ax.set_ylabel(ylabel)
             ax.xaxis.get_major_locator().set_params(integer=True)
             ax.ticklabel_format(axis="y", useOffset=False)
-            if ax.lines:
+            if len(ax.lines) > 1:  # one line: the title names the model
                 ax.legend(fontsize=7)
         fig.suptitle(f"{_title(results, 'Attention')}\n{_subtitle(results)}", fontsize=10)
     return fig
