@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -267,28 +268,40 @@ def iter_batches(
     blocks = list(range(len(split.source.blocks)))
     if generator is not None:
         blocks = [blocks[i] for i in torch.randperm(len(blocks), generator=generator).tolist()]
-    carry: dict[str, torch.Tensor] | None = None
-    yielded = 0
-    for g in range(0, len(blocks), shuffle_shards):
-        parts = [] if carry is None else [carry]
-        for i in blocks[g : g + shuffle_shards]:
+    groups = [blocks[g : g + shuffle_shards] for g in range(0, len(blocks), shuffle_shards)]
+
+    def read_group(group: list[int]) -> list[dict[str, torch.Tensor]]:
+        parts = []
+        for i in group:
             start, stop = split.source.blocks[i]
             keep = member[start:stop]
             if keep.any():
-                block = split.source.read_block(i, keys)
-                parts.append({k: v[keep] for k, v in block.items()})
-        if not parts:
-            continue
-        buffer = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-        n = len(buffer["labels"])
-        if generator is not None:
-            perm = torch.randperm(n, generator=generator)
-            buffer = {k: v[perm] for k, v in buffer.items()}
-        full = n // batch_size
-        for b in range(full):
-            yield {k: v[b * batch_size : (b + 1) * batch_size] for k, v in buffer.items()}
-            yielded += 1
-        carry = {k: v[full * batch_size :] for k, v in buffer.items()} if n > full * batch_size else None
+                parts.append({k: v[keep] for k, v in split.source.read_block(i, keys).items()})
+        return parts
+
+    carry: dict[str, torch.Tensor] | None = None
+    yielded = 0
+    # One reader thread loads the next group of shards while the current one is trained on; the order and
+    # the permutations are drawn here, in the caller's thread, so the batches do not depend on timing.
+    with ThreadPoolExecutor(max_workers=1) as reader:
+        pending = reader.submit(read_group, groups[0]) if groups else None
+        for g in range(len(groups)):
+            parts = pending.result()
+            pending = reader.submit(read_group, groups[g + 1]) if g + 1 < len(groups) else None
+            if carry is not None:
+                parts.insert(0, carry)
+            if not parts:
+                continue
+            buffer = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+            n = len(buffer["labels"])
+            if generator is not None:
+                perm = torch.randperm(n, generator=generator)
+                buffer = {k: v[perm] for k, v in buffer.items()}
+            full = n // batch_size
+            for b in range(full):
+                yield {k: v[b * batch_size : (b + 1) * batch_size] for k, v in buffer.items()}
+                yielded += 1
+            carry = {k: v[full * batch_size :] for k, v in buffer.items()} if n > full * batch_size else None
     if carry is not None and (not drop_last or yielded == 0):
         yield carry
 
@@ -412,7 +425,7 @@ class HeadRun:
     best_score: float = -1.0
     best_epoch: int = 0
     best_state: dict[str, torch.Tensor] | None = None
-    _loss_sum: float = 0.0
+    _loss_sum: Any = 0.0  # a device tensor while training: no host sync per step
     _loss_count: int = 0
 
     @property
@@ -521,7 +534,7 @@ def fit(
                     r.optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     r.optimizer.step()
-                    r._loss_sum += float(loss.detach())
+                    r._loss_sum = r._loss_sum + loss.detach()
                     r._loss_count += 1
                 step += 1
                 progress.advance(task)
@@ -544,7 +557,7 @@ def fit(
             }
             for i, r in enumerate(evaluating):
                 r.curves.setdefault("epoch", []).append(done)
-                r.curves.setdefault("train_loss", []).append(r._loss_sum / max(r._loss_count, 1))
+                r.curves.setdefault("train_loss", []).append(float(r._loss_sum) / max(r._loss_count, 1))
                 r._loss_sum, r._loss_count = 0.0, 0
                 for name, metrics in scores.items():
                     r.curves.setdefault(f"{name}_top1", []).append(metrics[i].top1)
