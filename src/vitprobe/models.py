@@ -275,6 +275,7 @@ class Backbone:
             output_fmt="NLC",
             intermediates_only=True,
             return_prefix_tokens=True,
+            stop_early=True,  # blocks after the last requested one are not run
         )
         by_block = {}
         for block, out in zip(sorted(set(idx)), outs, strict=True):
