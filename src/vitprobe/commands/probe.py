@@ -162,7 +162,7 @@ def probe(
     if train is None or test is None or out is None:
         raise ProbeError(
             "`vitprobe probe` needs --train CACHE --test CACHE --out RUN_DIR",
-            "or --predict HEAD --cache CACHE to evaluate a saved head",
+            "pass --train, --test and --out, or --predict HEAD --cache CACHE to evaluate a saved head",
         )
     from vitprobe.train import ProbeConfig, run_probe
 
