@@ -73,7 +73,9 @@ def make_run(
         "version": 1,
         "kind": "probe",
         "random_init": random_init,
-        "warnings": [],
+        "warnings": ["the backbone was randomly initialised: these accuracies measure nothing"]
+        if random_init
+        else [],
         "notes": [],
         "layer": 5,
         "final_norm": False,

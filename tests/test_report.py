@@ -48,6 +48,8 @@ def test_collect_reads_every_piece(runs: list[Path]) -> None:
     # the run without analyses still renders, with notes saying what was skipped
     assert dino["attention"] is None and dino["frequency"] is None
     assert "attention.json not found: skipped" in dino["notes"]
+    assert "the backbone was randomly initialised: these accuracies measure nothing" in mae["notes"]
+    assert not any("randomly initialised" in n for n in dino["notes"])
 
 
 def test_why_cls_loses_table(runs: list[Path]) -> None:

@@ -14,8 +14,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vitprobe.errors import VitprobeError
-
 DEFAULT_MODEL = (
     "timm:test_vit"  # timm's registered tiny ViT: patch 16, dim 64, 6 blocks, 160 px, 0.3 M params
 )
@@ -192,4 +190,4 @@ def run_demo(config: DemoConfig, *, say: Callable[[str], None] = print, console:
     return DemoResult(out, report_path, run_dir, random_init, accuracies, localization, seconds)
 
 
-__all__ = ["DEFAULT_MODEL", "DemoConfig", "DemoResult", "VitprobeError", "run_demo"]
+__all__ = ["DEFAULT_MODEL", "DemoConfig", "DemoResult", "run_demo"]

@@ -484,13 +484,7 @@ def collect_report(
                 "frequency": _frequency(run.files.get("frequency.json")),
                 "localization": _localization(run.files.get("localization.json")),
                 "figure_files": _listed_figures(run),
-                "notes": run.notes
-                + [
-                    str(n)
-                    for d in run.files.values()
-                    for n in (d.get("notes") or [])
-                    if isinstance(d.get("notes"), list)
-                ],
+                "notes": run.notes + _run_notes(run),
             }
         )
     return {
@@ -503,6 +497,17 @@ def collect_report(
         "runs": out_runs,
         "why_cls_loses": _why_cls_loses(out_runs),
     }
+
+
+def _run_notes(run: _Run) -> list[str]:
+    """The warnings and notes the result files carry, each once, in file order."""
+    out: list[str] = []
+    for d in run.files.values():
+        for key in ("warnings", "notes"):
+            items = d.get(key)
+            if isinstance(items, list):
+                out.extend(str(n) for n in items if str(n) not in out)
+    return out
 
 
 def _unique_names(runs: list[_Run]) -> None:
