@@ -617,7 +617,8 @@ def make_figures(report: Mapping[str, Any]) -> list[Figure]:
                 )
             )
         f = r["frequency"]
-        if f and f.get("curves"):
+        own_spectrum = any("frequency" in Path(p).name for p in r["figure_files"])
+        if f and f.get("curves") and not own_spectrum:  # the analysis's own spectrum figure wins
             figs.append(
                 Figure(
                     f"{slug}_frequency.png",
