@@ -342,3 +342,21 @@ def test_analyze_localization_command(needles: str, tmp_path: Path) -> None:
     saved = json.loads((tmp_path / "localization.json").read_text())
     assert saved["maps"]["cls_attention"]["num_images"] == 3
     assert (tmp_path / "localization_cls_attention.png").is_file()
+
+
+def test_boxes_equal_opencv_contours_when_available() -> None:
+    """The reference's own box extraction: cv2.findContours(RETR_TREE) + boundingRect, x + w clipped."""
+    cv2 = pytest.importorskip("cv2", reason="opencv is not a vitprobe dependency; install it to cross-check")
+    rng = np.random.default_rng(0)
+    for t in range(600):
+        h, w = (int(v) for v in rng.integers(3, 30, size=2))
+        if t % 2:
+            m = rng.random((h, w)) > rng.uniform(0.2, 0.8)  # many holes and diagonal touches
+        else:
+            m = loc.scoremap_at_image(rng.random((4, 5)), (w, h)) > rng.uniform(0, 1)
+        contours = cv2.findContours((m * 255).astype(np.uint8), cv2.RETR_TREE, cv2.CHAIN_APPROX_SIMPLE)[-2]
+        expected = [(0, 0, 0, 0)] if len(contours) == 0 else []
+        for c in contours:
+            x, y, bw, bh = cv2.boundingRect(c)
+            expected.append((x, y, min(x + bw, w - 1), min(y + bh, h - 1)))
+        assert sorted(map(tuple, loc.boxes_from_mask(m).tolist())) == sorted(expected)
