@@ -45,7 +45,7 @@ class _ErrorFormattingGroup(TyperGroup):
         except VitprobeError as exc:
             if os.environ.get("VITPROBE_DEBUG"):
                 err_console.print_exception(show_locals=False)
-            err_console.print(format_error(exc))
+            err_console.print(format_error(exc), soft_wrap=True)  # one line, never hard-wrapped
             raise typer.Exit(exc.exit_code) from exc
 
 
