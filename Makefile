@@ -20,6 +20,7 @@ demo: install
 	$(VENV)/bin/vitprobe demo
 
 test: install
+	$(VENV)/bin/ruff check src tests benchmarks
 	$(PY) -m pytest -q -n 2 --durations=15
 
 lint: install

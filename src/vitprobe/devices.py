@@ -22,7 +22,9 @@ def resolve_device(name: str = "auto") -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise VitprobeError("--device cuda was asked for but no CUDA GPU is visible", "use --device cpu or auto")
+            raise VitprobeError(
+                "--device cuda was asked for but no CUDA GPU is visible", "use --device cpu or auto"
+            )
         if name == "cuda" and "LOCAL_RANK" in os.environ:
             name = f"cuda:{int(os.environ['LOCAL_RANK'])}"
     elif name not in ("cpu", "mps"):

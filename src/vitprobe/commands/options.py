@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -12,7 +12,7 @@ ModelOpt = Annotated[
     typer.Option("--model", "-m", help="Preset name (see `vitprobe models list`) or `timm:NAME`."),
 ]
 CheckpointOpt = Annotated[
-    Optional[str],
+    str | None,
     typer.Option(
         "--checkpoint",
         help="Official checkpoint file or URL to load into the preset's architecture "
