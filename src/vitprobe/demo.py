@@ -27,10 +27,10 @@ class DemoConfig:
     out: str = "vitprobe-demo"  # folder for the data, caches, run results and report.html
     model: str = DEFAULT_MODEL  # a tiny timm ViT by default: runs offline in about two minutes on 2 CPU cores
     random_init: bool | None = None  # None: random for the default tiny model, pretrained for a preset
-    n: int = 400  # synthetic images, half train / half test (balanced over classes)
+    n: int = 4000  # synthetic images, half train / half test (balanced over classes)
     classes: int = 4  # needle glyphs (classes)
     size: int = 160  # image side in pixels (test_vit's input size, so the crop keeps most of each image)
-    epochs: int = 30  # probe epochs (the paper's 90 would take longer than the demo deserves)
+    epochs: int = 60  # probe epochs (the paper's 90 would take longer than the demo deserves)
     batch_size: int = 64  # probe and extraction batch size
     optimizer: str = "sgd"  # LARS (the paper's) barely moves a fresh head in a few hundred steps; SGD does
     lr_grid: tuple[float, ...] = (1.0, 10.0)  # base lrs trained side by side in the one pass

@@ -29,8 +29,8 @@ def demo(
     random_init: Annotated[
         bool, typer.Option("--random-init", help="Random weights for a preset too (always for the default).")
     ] = False,
-    n: Annotated[int, typer.Option("--n", min=8, help="Synthetic images, half train / half test.")] = 400,
-    epochs: Annotated[int, typer.Option("--epochs", min=1, help="Probe epochs.")] = 30,
+    n: Annotated[int, typer.Option("--n", min=8, help="Synthetic images, half train / half test.")] = 4000,
+    epochs: Annotated[int, typer.Option("--epochs", min=1, help="Probe epochs.")] = 60,
     device: Annotated[
         str, typer.Option("--device", help="auto (CUDA when available), cpu or cuda[:N].")
     ] = "auto",
