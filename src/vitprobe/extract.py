@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from vitprobe import __version__
 from vitprobe.cache import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -49,6 +48,8 @@ from vitprobe.cache import (
     write_shard,
 )
 from vitprobe.errors import CacheError, VitprobeError
+from vitprobe.progress import make_progress
+from vitprobe.provenance import versions
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -208,9 +209,6 @@ def new_manifest(
     device: torch.device,
 ) -> dict[str, Any]:
     """The manifest of the cache `config` describes, with no shard written yet."""
-    import timm
-    from safetensors import __version__ as safetensors_version
-
     num_images = len(dataset) if config.limit is None else min(config.limit, len(dataset))
     num_reg = backbone.num_prefix_tokens - int(backbone.has_cls)  # registers (or distillation tokens)
     layout = shard_layout(
@@ -231,8 +229,7 @@ def new_manifest(
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "created": utc_now(),
-        "versions": {"vitprobe": __version__, "torch": torch.__version__, "timm": timm.__version__,
-                     "safetensors": safetensors_version},
+        "versions": versions(),
         "model": {"spec": report.model, "timm_name": report.timm_name, "checkpoint": report.checkpoint_id,
                   "random_init": report.random_init, "source": report.source},
         "layers": list(layers),
@@ -512,7 +509,7 @@ def _run(
     done = list(plan.done)
     total_new = sum(stop - start for start, stop in (plan.ranges[s] for s in todo))
     mine_rows = sum(stop - start for start, stop in my_ranges)
-    progress = _progress(console, enabled=rank == 0)
+    progress = make_progress(console, rate_unit="img/s", enabled=rank == 0)
     label = "extracting" if world == 1 else f"extracting (rank 0 of {world})"
     start_time = time.perf_counter()
     with progress:
@@ -606,30 +603,6 @@ def _record_round(
     if rank == 0 and infos:
         manifest["shards"] = shard_entries(done)
         write_manifest(out, manifest)
-
-
-def _progress(console: Console, *, enabled: bool) -> Any:
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        ProgressColumn,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-    from rich.text import Text
-
-    class ImagesPerSecond(ProgressColumn):
-        def render(self, task: Any) -> Text:
-            speed = task.finished_speed or task.speed
-            return Text("-- img/s" if speed is None else f"{speed:,.1f} img/s")
-
-    return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), ImagesPerSecond(),
-        TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-        console=console, disable=not (enabled and console.is_terminal),
-    )
 
 
 def _init_distributed(device: torch.device) -> tuple[int, int, bool]:

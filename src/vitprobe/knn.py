@@ -167,6 +167,7 @@ def run_knn(
     from vitprobe.cache import open_cache
     from vitprobe.devices import resolve_device
     from vitprobe.files import write_json
+    from vitprobe.provenance import versions
     from vitprobe.train import backbone_identity, check_pair, resolve_layer
 
     train_cache, test_cache = open_cache(train_path), open_cache(test_path)
@@ -193,6 +194,7 @@ def run_knn(
         "version": 1,
         "kind": "knn",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "versions": versions(),
         "random_init": identity["random_init"],
         "warnings": (
             ["the backbone was randomly initialised: these accuracies measure nothing pretrained"]

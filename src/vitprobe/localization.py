@@ -465,10 +465,12 @@ def score_maps(
 
 def run_localization(config: LocalizationConfig) -> LocalizationRun:
     """`vitprobe analyze localization`: MaxBoxAccV2 of [cls] attention and/or AbMILP maps; JSON + figures."""
-    from vitprobe.analysis import make_loader, open_subset, progress_bar, select_indices, versions
+    from vitprobe.analysis import make_loader, open_subset, select_indices
     from vitprobe.data import open_dataset
     from vitprobe.devices import resolve_device
     from vitprobe.files import read_json, write_json
+    from vitprobe.progress import progress_bar
+    from vitprobe.provenance import versions
 
     if config.model is None and config.abmilp_maps is None:
         raise LocalizationError(

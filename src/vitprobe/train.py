@@ -22,6 +22,8 @@ import torch.nn.functional as F
 
 from vitprobe.errors import CacheError, ProbeError
 from vitprobe.heads import HeadSpec, ProbeHead, Tokens, apply_final_norm, build_head
+from vitprobe.progress import make_progress
+from vitprobe.provenance import versions
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -507,7 +509,7 @@ def fit(
     generator = torch.Generator().manual_seed(cfg.seed)
     last_epoch = max(r.stop_epoch for r in runs)
     steps_per_epoch = num_batches(len(train.epoch_rows(0)), cfg.batch_size, drop_last=True)
-    progress = _progress(console, description, steps_per_epoch * last_epoch)
+    progress = make_progress(console, transient=True)
     step = 0
     with progress:
         task = progress.add_task(description, total=steps_per_epoch * last_epoch)
@@ -569,20 +571,6 @@ def fit(
                     )
                 if select is None and done == r.stop_epoch:
                     r.best_epoch, r.best_state = done, _state_copy(r.head)
-
-
-def _progress(console: Console | None, description: str, total: int) -> Any:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        transient=True,
-        disable=console is None or not console.is_terminal,
-    )
 
 
 # ------------------------------------------------------------------------------------------------ probe runs
@@ -930,6 +918,7 @@ def run_probe(
         "version": FORMAT_VERSION,
         "kind": "probe",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "versions": versions(),
         "random_init": identity["random_init"],
         "warnings": warnings,
         "notes": notes,

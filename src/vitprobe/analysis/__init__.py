@@ -7,14 +7,13 @@ Nothing here imports torch at module import, so `vitprobe.analysis.plots` stays 
 
 from __future__ import annotations
 
-import platform
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vitprobe.errors import VitprobeError
 from vitprobe.files import read_json
+from vitprobe.progress import progress_bar
 
 if TYPE_CHECKING:
     import torch
@@ -118,26 +117,6 @@ def forward_pass(
     return seen
 
 
-@contextmanager
-def progress_bar(total: int, description: str) -> Iterator[Callable[[int], None]]:
-    """A rich progress bar on a terminal (silent otherwise); yields `advance(n)`."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    console = Console(stderr=True)
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        disable=not console.is_terminal,
-        transient=True,
-    ) as progress:
-        task = progress.add_task(description, total=total)
-        yield lambda n: progress.advance(task, n)
-
-
 def backbone_info(backbone: Backbone) -> dict[str, Any]:
     """Token layout and size of the backbone, as recorded in results."""
     model = backbone.model
@@ -152,23 +131,6 @@ def backbone_info(backbone: Backbone) -> dict[str, Any]:
         "has_cls": backbone.has_cls,
         "num_prefix_tokens": backbone.num_prefix_tokens,
         "num_reg_tokens": backbone.num_reg_tokens,
-    }
-
-
-def versions() -> dict[str, str]:
-    """Versions of the software that produced a result."""
-    import numpy
-    import timm
-    import torch
-
-    from vitprobe import __version__
-
-    return {
-        "vitprobe": __version__,
-        "torch": torch.__version__,
-        "timm": timm.__version__,
-        "numpy": numpy.__version__,
-        "python": platform.python_version(),
     }
 
 

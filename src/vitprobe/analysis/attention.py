@@ -501,11 +501,11 @@ def run_attention(config: AttentionConfig) -> AttentionRun:
         open_subset,
         plots,
         read_results,
-        versions,
     )
     from vitprobe.devices import resolve_device
     from vitprobe.files import atomic_path, write_json
     from vitprobe.models import load_backbone
+    from vitprobe.provenance import versions
 
     compared = read_results(config.compare, "attention.json")  # fail before the long pass
     device = resolve_device(config.device)

@@ -220,11 +220,11 @@ def run_frequency(config: FrequencyConfig) -> FrequencyRun:
         open_subset,
         plots,
         read_results,
-        versions,
     )
     from vitprobe.devices import resolve_device
     from vitprobe.files import write_json
     from vitprobe.models import load_backbone
+    from vitprobe.provenance import versions
 
     compared = read_results(config.compare, "frequency.json")  # fail before the long pass
     device = resolve_device(config.device)
