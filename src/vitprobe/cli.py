@@ -43,9 +43,10 @@ class _ErrorFormattingGroup(TyperGroup):
         try:
             return super().invoke(ctx)
         except VitprobeError as exc:
-            if os.environ.get("VITPROBE_DEBUG"):
-                err_console.print_exception(show_locals=False)
-            err_console.print(format_error(exc), soft_wrap=True)  # one line, never hard-wrapped
+            if os.environ.get("RANK", "0") == "0":  # under torchrun, one message rather than one per rank
+                if os.environ.get("VITPROBE_DEBUG"):
+                    err_console.print_exception(show_locals=False)
+                err_console.print(format_error(exc), soft_wrap=True)  # one line, never hard-wrapped
             raise typer.Exit(exc.exit_code) from exc
 
 

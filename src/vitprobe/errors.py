@@ -52,9 +52,3 @@ class CacheError(VitprobeError):
 
 class ProbeError(VitprobeError):
     """A probing run or a saved head that cannot be used as asked."""
-
-
-class NotImplementedYetError(VitprobeError):
-    """A command that a later release fills in; exits 2 so scripts do not mistake it for success."""
-
-    exit_code = 2
