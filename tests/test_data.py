@@ -421,6 +421,15 @@ def test_cli_errors_name_the_file(tmp_path: Path) -> None:
     assert result.exit_code == 1 and "imagefolder, imagenet, cub, csv, synthetic" in result.output
 
 
+def test_cli_show_imagenet_without_split_folders_is_one_line(tmp_path: Path) -> None:
+    _png(tmp_path / "n01" / "a.png")  # class folders, but no train/ or val/ above them
+    result = runner.invoke(app, ["data", "show", f"imagenet:{tmp_path}"])
+    assert result.exit_code == 1, result.output
+    assert "no train/ or val/ folder" in result.output and "Traceback" not in result.output
+    with pytest.raises(DatasetError, match="no train/ or val/ folder"):
+        list_splits(f"imagenet:{tmp_path}")
+
+
 def test_cli_make_synthetic_then_show(tmp_path: Path) -> None:
     out = tmp_path / "needles"
     args = ["data", "make-synthetic", str(out), "--n", "16", "--classes", "2", "--size", "32", "--seed", "5"]

@@ -237,7 +237,13 @@ def list_splits(spec: str) -> list[str]:
         return _split_folders(root) or [ALL]
     if kind == "imagenet":
         root = _existing_dir(spec, rest, "imagenet")
-        return [s for s in ("train", "val") if (root / s).is_dir()]
+        splits = [s for s in ("train", "val") if (root / s).is_dir()]
+        if not splits:
+            raise DatasetError(
+                f"{spec}: no train/ or val/ folder in {root}",
+                "point at the folder that holds train/ and val/ (each with one sub-folder per synset)",
+            )
+        return splits
     if kind in ("cub", "synthetic"):
         return ["train", "test"]
     path = _existing_file(spec, rest)
