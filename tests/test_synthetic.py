@@ -133,6 +133,22 @@ def test_bad_synthetic_specs(
         open_dataset(spec, "train")
 
 
+def test_generated_folders_get_the_usual_permissions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        out = make_synthetic(tmp_path / "needles", n=8, classes=2, size=32, seed=0)
+        monkeypatch.setenv("VITPROBE_HOME", str(tmp_path / "home"))
+        home = open_dataset("synthetic:needles?n=8&classes=2&size=32", "train").root
+    finally:
+        os.umask(old)
+    for root in (out, home):
+        assert stat.S_IMODE(root.stat().st_mode) == 0o755, root  # not mkdtemp's 0700
+        assert stat.S_IMODE((root / "images").stat().st_mode) == 0o755
+
+
 def test_refuses_a_non_empty_folder(tmp_path: Path) -> None:
     (tmp_path / "keep.txt").write_text("mine")
     with pytest.raises(DatasetError, match="already exists and is not empty"):

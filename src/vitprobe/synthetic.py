@@ -134,7 +134,7 @@ def make_synthetic(
             "choose a new folder or delete this one",
         )
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    tmp = _temporary_folder(out_dir)
     try:
         _write_dataset(tmp, config)
         if out_dir.exists():
@@ -162,7 +162,7 @@ def ensure_synthetic(config: SyntheticConfig, home: Path) -> Path:
             f"delete {target}; it is regenerated on the next use",
         )
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    tmp = _temporary_folder(target)
     try:
         _write_dataset(tmp, config)
         try:
@@ -174,6 +174,19 @@ def ensure_synthetic(config: SyntheticConfig, home: Path) -> Path:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _temporary_folder(final: Path) -> Path:
+    """An empty sibling folder of `final` to generate into, with the usual permissions (0777 & ~umask).
+
+    `mkdtemp` creates 0700 folders; renamed into place as they are, a dataset would be unreadable to other
+    users (a shared data folder, a container running as another user).
+    """
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
+    return tmp
 
 
 def _write_dataset(root: Path, config: SyntheticConfig) -> None:
