@@ -136,3 +136,28 @@ def test_only_results_json_still_renders(tmp_path: Path) -> None:
     (run / "knn.json").unlink()
     out = write_report(ReportConfig(runs=(str(run),), out=str(tmp_path / "solo.html")))
     assert '<table id="accuracy">' in out.text and "knn.json not found: skipped" in out.text
+
+
+def test_top5_is_not_shown_when_it_is_trivially_100(tmp_path: Path) -> None:
+    run = make_run(tmp_path, "four-classes", cls=0.3, abmilp=0.6, with_analyses=False)
+    results = json.loads((run / "results.json").read_text())
+    results["class_names"] = results["class_names"][:4]  # 4 classes: the top-5 always holds the label
+    results["num_classes"] = 4
+    (run / "results.json").write_text(json.dumps(results))
+    report = collect_report([run])
+    (r,) = report["runs"]
+    assert all(a["top5"] is None for a in r["accuracy"])  # probe and k-NN rows alike
+    assert any("top-5 not shown" in n and "4 classes" in n for n in r["notes"])
+    wide = collect_report([make_run(tmp_path, "eight-classes", cls=0.3, abmilp=0.6, with_analyses=False)])
+    assert all(a["top5"] is not None for a in wide["runs"][0]["accuracy"])
+    assert not any("top-5 not shown" in n for n in wide["runs"][0]["notes"])
+
+
+def test_line_plots_print_plain_tick_values_for_flat_curves() -> None:
+    from vitprobe.report import _line_figure
+
+    fig = _line_figure({"random": [4.60452, 4.60481, 4.60486]}, xlabel="block", ylabel="entropy (nats)", x0=1)
+    (ax,) = fig.axes
+    fig.canvas.draw()
+    assert ax.yaxis.get_offset_text().get_text() == ""  # no "+4.604" to add to every tick in one's head
+    assert all(t.get_text().startswith("4.60") for t in ax.get_yticklabels() if t.get_text())

@@ -311,8 +311,30 @@ def _class_names(run: _Run) -> list[str] | None:
     return [str(x) for x in v] if isinstance(v, list) else None
 
 
+def _num_classes(run: _Run) -> int | None:
+    """Classes of the probed dataset, from results.json (`num_classes` or the class names) or knn.json."""
+    for doc in (run.files.get("results.json"), run.files.get("knn.json")):
+        if not doc:
+            continue
+        n = _num(_find(doc, "num_classes", depth=2))
+        if n is not None:
+            return int(n)
+        names = _find(doc, "class_names", depth=2)
+        if isinstance(names, list) and names:
+            return len(names)
+    return None
+
+
+def _top5_is_trivial(run: _Run) -> bool:
+    """With 5 classes or fewer every prediction's top-5 holds the label: top-5 is 100 % and says nothing."""
+    n = _num_classes(run)
+    return n is not None and n <= 5
+
+
 def _accuracy_rows(run: _Run, prov: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Accuracy rows; top-5 is None (not shown) when the dataset has 5 classes or fewer."""
     rows: list[dict[str, Any]] = []
+    top5 = (lambda d: None) if _top5_is_trivial(run) else _top5
     res = run.files.get("results.json")
     if res:
         readouts = _readouts(res)
@@ -325,7 +347,7 @@ def _accuracy_rows(run: _Run, prov: Mapping[str, Any]) -> list[dict[str, Any]]:
                     "dataset": prov["dataset"],
                     "readout": name,
                     "top1": top1,
-                    "top5": _top5(d),
+                    "top5": top5(d),
                     "delta_top1_vs_cls": None if top1 is None or cls_top1 is None else top1 - cls_top1,
                     "lr": _num(_find(d, "lr", "chosen_lr", "best_lr", depth=2)),
                     "epoch": _find(d, "epoch", "chosen_epoch", "best_epoch", depth=2),
@@ -340,7 +362,7 @@ def _accuracy_rows(run: _Run, prov: Mapping[str, Any]) -> list[dict[str, Any]]:
                     "dataset": prov["dataset"],
                     "readout": key,
                     "top1": _top1(d),
-                    "top5": _top5(d),
+                    "top5": top5(d),
                     "delta_top1_vs_cls": None,
                     "lr": None,
                     "epoch": None,
@@ -484,7 +506,7 @@ def collect_report(
                 "frequency": _frequency(run.files.get("frequency.json")),
                 "localization": _localization(run.files.get("localization.json")),
                 "figure_files": _listed_figures(run),
-                "notes": run.notes + _run_notes(run),
+                "notes": run.notes + _run_notes(run) + _top5_note(run),
             }
         )
     return {
@@ -508,6 +530,12 @@ def _run_notes(run: _Run) -> list[str]:
             if isinstance(items, list):
                 out.extend(str(n) for n in items if str(n) not in out)
     return out
+
+
+def _top5_note(run: _Run) -> list[str]:
+    if not _top5_is_trivial(run):
+        return []
+    return [f"top-5 not shown: with {_num_classes(run)} classes (5 or fewer) top-5 accuracy is always 100 %"]
 
 
 def _unique_names(runs: list[_Run]) -> None:
@@ -653,6 +681,23 @@ def _line_plot(
     x: Sequence[float] | None = None,
     unit_x: bool = False,
 ) -> bytes:
+    """PNG bytes of `_line_figure`."""
+    fig = _line_figure(series, xlabel=xlabel, ylabel=ylabel, x0=x0, x=x, unit_x=unit_x)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def _line_figure(
+    series: Mapping[str, Sequence[float | None]],
+    *,
+    xlabel: str,
+    ylabel: str,
+    x0: int = 0,
+    x: Sequence[float] | None = None,
+    unit_x: bool = False,
+) -> Any:
+    """One line per series against the block / layer / epoch index (from `x0`), `x`, or 0…1 (`unit_x`)."""
     from matplotlib.figure import Figure as MplFigure
 
     fig = MplFigure(figsize=(6.0, 3.6), dpi=100)
@@ -676,14 +721,14 @@ def _line_plot(
         from matplotlib.ticker import MaxNLocator
 
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # blocks, layers and epochs are whole numbers
+    # plain tick values: with an offset, nearly flat curves (random weights) read "+4.604" off the axis
+    ax.ticklabel_format(axis="y", useOffset=False)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
+    return fig
 
 
 def _listed_figures(run: _Run) -> list[str]:
