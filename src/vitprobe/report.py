@@ -602,32 +602,15 @@ def make_figures(report: Mapping[str, Any]) -> list[Figure]:
                     _line_plot(series, xlabel="block", ylabel=label, x0=1),
                 )
             )
-    headlines = {
-        _run_label(r): r["frequency"]["headline"]
-        for r in runs
-        if r["frequency"] and r["frequency"].get("headline")
-    }
-    if headlines:
-        figs.append(
-            Figure(
-                "frequency_headline.png",
-                "Δ log amplitude at the highest frequency, per layer",
-                _line_plot(headlines, xlabel="layer (0 = patch embedding)", ylabel="Δ log amplitude"),
-            )
-        )
-    hf = {
-        _run_label(r): r["frequency"]["high_frequency_ratio"]
-        for r in runs
-        if r["frequency"] and r["frequency"].get("high_frequency_ratio")
-    }
-    if hf:
-        figs.append(
-            Figure(
-                "frequency_hf_ratio.png",
-                "High-frequency energy ratio per layer",
-                _line_plot(hf, xlabel="layer (0 = patch embedding)", ylabel="ratio"),
-            )
-        )
+    for key, name, title, ylabel in (
+        ("headline", "frequency_headline.png", "Δ log amplitude at the highest frequency, per layer",
+         "Δ log amplitude"),
+        ("high_frequency_ratio", "frequency_hf_ratio.png", "High-frequency energy ratio per layer", "ratio"),
+    ):  # fmt: skip
+        per_model = {_run_label(r): r["frequency"][key] for r in runs if (r["frequency"] or {}).get(key)}
+        if per_model:
+            plot = _line_plot(per_model, xlabel="layer (0 = patch embedding)", ylabel=ylabel)
+            figs.append(Figure(name, title, plot))
     for i, r in enumerate(runs):
         slug = f"run{i}"
         if r["learning_curves"]:
