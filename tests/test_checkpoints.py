@@ -20,6 +20,7 @@ from vitprobe.checkpoints import (
     is_offline,
     read_checkpoint,
     sha256_file,
+    url_cache_path,
 )
 from vitprobe.errors import CheckpointError, WeightsUnavailableError
 
@@ -125,10 +126,24 @@ def test_offline_url_not_cached_names_the_file_and_the_fix(offline_cache: Path) 
 
 def test_offline_url_already_cached_is_used(offline_cache: Path) -> None:
     assert cache_dir() == offline_cache / "checkpoints"
-    cached = offline_cache / "checkpoints" / "weights.pth"
+    cached = offline_cache / "checkpoints" / "example.org" / "models" / "weights.pth"
     cached.parent.mkdir(parents=True)
     torch.save({"w": torch.ones(1)}, cached)
     assert fetch_checkpoint("https://example.org/models/weights.pth") == cached
+
+
+def test_urls_with_the_same_file_name_are_cached_apart(offline_cache: Path) -> None:
+    """iBOT's ViT-S and ViT-B backbones are both `checkpoint_teacher.pth`: one must not stand in for the other."""
+    ibot = "https://lf3-nlp-opensource.bytetos.com/obj/nlp-opensource/archive/2022/ibot/"
+    small = url_cache_path(f"{ibot}vits_16/checkpoint_teacher.pth")
+    small.parent.mkdir(parents=True)
+    torch.save({"state_dict": {"w": torch.ones(1)}}, small)
+    assert fetch_checkpoint(f"{ibot}vits_16/checkpoint_teacher.pth") == small
+    with pytest.raises(WeightsUnavailableError) as info:  # not cached: offline, so it must fail, not reuse
+        fetch_checkpoint(f"{ibot}vitb_16/checkpoint_teacher.pth")
+    want = url_cache_path(f"{ibot}vitb_16/checkpoint_teacher.pth")
+    assert want != small and want.name == small.name == "checkpoint_teacher.pth"
+    assert str(want) in info.value.hint  # says exactly where to copy the file
 
 
 def test_offline_hub_not_cached_names_the_file_and_the_fix(offline_cache: Path) -> None:

@@ -30,6 +30,7 @@ __all__ = [
     "is_offline",
     "is_url",
     "read_checkpoint",
+    "url_cache_path",
     "sha256_file",
 ]
 
@@ -55,10 +56,8 @@ def is_url(spec: str) -> bool:
 
 
 def cache_dir() -> Path:
-    """Where downloaded checkpoints live: `$VITPROBE_CACHE/checkpoints`, else torch hub's checkpoint folder.
-
-    Sharing torch hub's folder (`$TORCH_HOME/hub/checkpoints`) reuses files torch or timm already fetched.
-    """
+    """Where downloaded checkpoints live: `$VITPROBE_CACHE/checkpoints`, else torch hub's checkpoint folder
+    (`$TORCH_HOME/hub/checkpoints`); each URL has its own `HOST/PATH` below it (`url_cache_path`)."""
     root = os.environ.get("VITPROBE_CACHE")
     if root:
         return Path(root).expanduser() / "checkpoints"
@@ -73,21 +72,32 @@ def _hf_cache_dir() -> Path | None:
     return Path(root).expanduser() / "hf-hub" if root else None
 
 
+def url_cache_path(url: str) -> Path:
+    """Where `download_url` keeps `url`: `cache_dir()/HOST/PATH`, so one URL never shadows another.
+
+    Releases reuse file names (iBOT's `vitb_16/checkpoint_teacher.pth` and `vits_16/checkpoint_teacher.pth`,
+    every `checkpoint.pth`); caching by file name alone would silently hand back the wrong weights.
+    """
+    parts = urlparse(url)
+    path = [p for p in parts.path.split("/") if p not in ("", ".", "..")] or ["checkpoint.pth"]
+    return cache_dir().joinpath(parts.netloc or "unknown-host", *path)
+
+
 def download_url(url: str) -> Path:
     """Download `url` into `cache_dir()` once (atomically) and return the local file.
 
     Raises:
         WeightsUnavailableError: offline and not cached, or the download failed.
     """
-    name = Path(urlparse(url).path).name or "checkpoint.pth"
-    dst = cache_dir() / name
+    dst = url_cache_path(url)
+    name = dst.name
     if dst.is_file():
         return dst
     hint = f"download {url} on a machine with network access and pass it with --checkpoint /path/to/{name}"
     if is_offline():
         raise WeightsUnavailableError(
-            f"{name} is needed but not cached in {dst.parent}, and HF_HUB_OFFLINE=1 forbids downloading it",
-            f"{hint}, or copy it into {dst.parent}, or unset HF_HUB_OFFLINE",
+            f"{name} is needed but not cached as {dst}, and HF_HUB_OFFLINE=1 forbids downloading it",
+            f"{hint}, or copy it to {dst}, or unset HF_HUB_OFFLINE",
         )
     import torch
 
