@@ -133,7 +133,7 @@ def test_offline_url_already_cached_is_used(offline_cache: Path) -> None:
 
 
 def test_urls_with_the_same_file_name_are_cached_apart(offline_cache: Path) -> None:
-    """iBOT's ViT-S and ViT-B backbones are both `checkpoint_teacher.pth`: one must not stand in for the other."""
+    """iBOT ViT-S and ViT-B backbones are both `checkpoint_teacher.pth`: one must not replace the other."""
     ibot = "https://lf3-nlp-opensource.bytetos.com/obj/nlp-opensource/archive/2022/ibot/"
     small = url_cache_path(f"{ibot}vits_16/checkpoint_teacher.pth")
     small.parent.mkdir(parents=True)
