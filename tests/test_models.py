@@ -308,6 +308,28 @@ def test_unknown_preset_suggests_close_names() -> None:
     assert "mae-b16" in info.value.hint
 
 
+def test_timm_name_typos_suggest_close_names() -> None:
+    with pytest.raises(ModelError) as info:
+        load_backbone("timm:vit_base_patch16_22", random_init=True, device="meta")
+    assert "did you mean timm:vit_base_patch16_224" in info.value.hint
+    with pytest.raises(ModelError) as info:  # a real architecture with a wrong pretrained tag
+        load_backbone("timm:vit_base_patch16_224.maex", random_init=True, device="meta")
+    assert "timm:vit_base_patch16_224.mae" in info.value.hint
+    with pytest.raises(ModelError, match="unknown model") as info:  # a timm name without its prefix
+        load_backbone("vit_small_patch16_224.dino", random_init=True, device="meta")
+    assert "did you mean timm:vit_small_patch16_224.dino?" in info.value.hint
+
+
+def test_beitv2_default_weights_are_the_official_release() -> None:
+    """microsoft/unilm beit2/README.md links the pt1k files on the addf400/files GitHub release; the Azure
+    blob URLs it gave before need a SAS token and no longer download."""
+    for size in ("base", "large"):
+        preset = PRESETS[f"beitv2-{size[0]}16"]
+        assert preset.weights == (
+            f"https://github.com/addf400/files/releases/download/BEiT-v2/beitv2_{size}_patch16_224_pt1k.pth"
+        )
+
+
 def test_unknown_or_non_vit_timm_names_are_model_errors() -> None:
     with pytest.raises(ModelError, match="cannot build timm model 'not_a_model'"):
         load_backbone("timm:not_a_model", random_init=True, device="meta")

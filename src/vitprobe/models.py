@@ -76,94 +76,84 @@ _BEITV2_PRETRAIN_ARCH = {
 _MAE_URL = "https://dl.fbaipublicfiles.com/mae/pretrain/"
 _DINO_URL = "https://dl.fbaipublicfiles.com/dino/"
 _DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/"
-_BEITV2_URL = "https://conversationhub.blob.core.windows.net/beit-share-public/beitv2/"
-_BEITV2_MIRROR = "https://github.com/addf400/files/releases/download/BEiT-v2/"
+# microsoft/unilm beit2/README.md (since commit edf2b0a, 2024): the Azure blob links it gave before need a
+# SAS token that is no longer published; the GitHub release is the official download.
+_BEITV2_URL = "https://github.com/addf400/files/releases/download/BEiT-v2/"
 _IBOT_URL = "https://lf3-nlp-opensource.bytetos.com/obj/nlp-opensource/archive/2022/ibot/"
 _IJEPA_URL = "https://dl.fbaipublicfiles.com/ijepa/"
 
-# fmt: off
+
+def _timm_hub_preset(name: str, timm: str, patch: int, *, official: str, **fields: Any) -> Preset:
+    """A preset whose default weights are timm's hub copy of the official file named in its notes."""
+    notes = fields.pop("notes", "")
+    return Preset(
+        name=name, timm=timm, weights=f"hf-hub:timm/{timm}", has_cls=True, patch=patch,
+        notes=f"{notes}{'; ' if notes else ''}official file: {official}", **fields,
+    )
+
+
+def _mae(name: str, size: str, patch: int) -> Preset:
+    return _timm_hub_preset(
+        name, f"vit_{size}_patch{patch}_224.mae", patch, official=f"{_MAE_URL}mae_pretrain_vit_{size}.pth",
+        family="MIM", method="MAE", paper="2111.06377", remap=remap_mae, license="cc-by-nc-4.0",
+    )
+
+
+def _dino(name: str, size: str, patch: int) -> Preset:
+    file = f"dino_{'deitsmall' if size == 'small' else 'vitbase'}{patch}_pretrain"
+    return _timm_hub_preset(
+        name, f"vit_{size}_patch{patch}_224.dino", patch, official=f"{_DINO_URL}{file}/{file}.pth",
+        family="JEA", method="DINO", paper="2104.14294", remap=remap_dino, license="apache-2.0",
+    )
+
+
+def _dinov2(name: str, size: str) -> Preset:
+    file = f"dinov2_vit{size[0]}14"
+    return _timm_hub_preset(
+        name, f"vit_{size}_patch14_dinov2.lvd142m", 14, official=f"{_DINOV2_URL}{file}/{file}_pretrain.pth",
+        family="JEA", method="DINOv2", paper="2304.07193", remap=remap_dinov2_family, license="apache-2.0",
+        notes="518 px input (37x37 patches), as timm and the official hub model are built",
+    )
+
+
+def _beitv2(name: str, size: str) -> Preset:
+    return Preset(
+        name=name, timm=f"beitv2_{size}_patch16_224", family="MIM", method="BEiT-v2", paper="2208.06366",
+        weights=f"{_BEITV2_URL}beitv2_{size}_patch16_224_pt1k.pth", remap=remap_beitv2, license="mit",
+        has_cls=True, patch=16, timm_kwargs={**_BEITV2_PRETRAIN_ARCH, **_imagenet_cfg()},
+        notes="self-supervised pt1k weights, not timm's fine-tuned beitv2 tags",
+    )
+
+
 PRESETS: dict[str, Preset] = {
-    "mae-b16": Preset(
-        name="mae-b16", timm="vit_base_patch16_224.mae", family="MIM", method="MAE", paper="2111.06377",
-        weights="hf-hub:timm/vit_base_patch16_224.mae", remap=remap_mae, license="cc-by-nc-4.0",
-        has_cls=True, patch=16, notes=f"official file: {_MAE_URL}mae_pretrain_vit_base.pth",
-    ),
-    "mae-l16": Preset(
-        name="mae-l16", timm="vit_large_patch16_224.mae", family="MIM", method="MAE", paper="2111.06377",
-        weights="hf-hub:timm/vit_large_patch16_224.mae", remap=remap_mae, license="cc-by-nc-4.0",
-        has_cls=True, patch=16, notes=f"official file: {_MAE_URL}mae_pretrain_vit_large.pth",
-    ),
-    "mae-h14": Preset(
-        name="mae-h14", timm="vit_huge_patch14_224.mae", family="MIM", method="MAE", paper="2111.06377",
-        weights="hf-hub:timm/vit_huge_patch14_224.mae", remap=remap_mae, license="cc-by-nc-4.0",
-        has_cls=True, patch=14, notes=f"official file: {_MAE_URL}mae_pretrain_vit_huge.pth",
-    ),
-    "dino-s16": Preset(
-        name="dino-s16", timm="vit_small_patch16_224.dino", family="JEA", method="DINO", paper="2104.14294",
-        weights="hf-hub:timm/vit_small_patch16_224.dino", remap=remap_dino, license="apache-2.0",
-        has_cls=True, patch=16,
-        notes=f"official file: {_DINO_URL}dino_deitsmall16_pretrain/dino_deitsmall16_pretrain.pth",
-    ),
-    "dino-b16": Preset(
-        name="dino-b16", timm="vit_base_patch16_224.dino", family="JEA", method="DINO", paper="2104.14294",
-        weights="hf-hub:timm/vit_base_patch16_224.dino", remap=remap_dino, license="apache-2.0",
-        has_cls=True, patch=16,
-        notes=f"official file: {_DINO_URL}dino_vitbase16_pretrain/dino_vitbase16_pretrain.pth",
-    ),
-    "dino-s8": Preset(
-        name="dino-s8", timm="vit_small_patch8_224.dino", family="JEA", method="DINO", paper="2104.14294",
-        weights="hf-hub:timm/vit_small_patch8_224.dino", remap=remap_dino, license="apache-2.0",
-        has_cls=True, patch=8,
-        notes=f"official file: {_DINO_URL}dino_deitsmall8_pretrain/dino_deitsmall8_pretrain.pth",
-    ),
-    "dino-b8": Preset(
-        name="dino-b8", timm="vit_base_patch8_224.dino", family="JEA", method="DINO", paper="2104.14294",
-        weights="hf-hub:timm/vit_base_patch8_224.dino", remap=remap_dino, license="apache-2.0",
-        has_cls=True, patch=8,
-        notes=f"official file: {_DINO_URL}dino_vitbase8_pretrain/dino_vitbase8_pretrain.pth",
-    ),
-    "beitv2-b16": Preset(
-        name="beitv2-b16", timm="beitv2_base_patch16_224", family="MIM", method="BEiT-v2", paper="2208.06366",
-        weights=f"{_BEITV2_URL}beitv2_base_patch16_224_pt1k.pth", remap=remap_beitv2, license="mit",
-        has_cls=True, patch=16, timm_kwargs={**_BEITV2_PRETRAIN_ARCH, **_imagenet_cfg()},
-        notes="self-supervised pt1k weights, not timm's fine-tuned beitv2 tags; "
-        f"mirror: {_BEITV2_MIRROR}beitv2_base_patch16_224_pt1k.pth",
-    ),
-    "beitv2-l16": Preset(
-        name="beitv2-l16", timm="beitv2_large_patch16_224", family="MIM", method="BEiT-v2",
-        paper="2208.06366",
-        weights=f"{_BEITV2_URL}beitv2_large_patch16_224_pt1k.pth", remap=remap_beitv2, license="mit",
-        has_cls=True, patch=16, timm_kwargs={**_BEITV2_PRETRAIN_ARCH, **_imagenet_cfg()},
-        notes="self-supervised pt1k weights, not timm's fine-tuned beitv2 tags; "
-        f"mirror: {_BEITV2_MIRROR}beitv2_large_patch16_224_pt1k.pth",
-    ),
-    "ibot-b16": Preset(
-        name="ibot-b16", timm="vit_base_patch16_224", family="MIM", method="iBOT", paper="2111.07832",
-        weights=f"{_IBOT_URL}vitb_16/checkpoint_teacher.pth", remap=remap_ibot_family, license="apache-2.0",
-        has_cls=True, patch=16, timm_kwargs=_imagenet_cfg(),
-        notes="ImageNet-1k teacher; masked image modelling with self-distillation (DINO loss on [cls])",
-    ),
-    "ijepa-h14": Preset(
-        name="ijepa-h14", timm="vit_huge_patch14_gap_224.in1k_ijepa", family="JEA", method="I-JEPA",
-        paper="2301.08243", weights=f"{_IJEPA_URL}IN1K-vit.h.14-300e.pth.tar", remap=remap_ijepa_family,
-        license="cc-by-nc-4.0", has_cls=False, patch=14,
-        notes="no [cls] token; loads the target encoder, which the paper evaluates "
-        "(--branch encoder: the context encoder, which timm loads)",
-    ),
-    "dinov2-s14": Preset(
-        name="dinov2-s14", timm="vit_small_patch14_dinov2.lvd142m", family="JEA", method="DINOv2",
-        paper="2304.07193", weights="hf-hub:timm/vit_small_patch14_dinov2.lvd142m", remap=remap_dinov2_family,
-        license="apache-2.0", has_cls=True, patch=14,
-        notes=f"518 px input; official file: {_DINOV2_URL}dinov2_vits14/dinov2_vits14_pretrain.pth",
-    ),
-    "dinov2-b14": Preset(
-        name="dinov2-b14", timm="vit_base_patch14_dinov2.lvd142m", family="JEA", method="DINOv2",
-        paper="2304.07193", weights="hf-hub:timm/vit_base_patch14_dinov2.lvd142m", remap=remap_dinov2_family,
-        license="apache-2.0", has_cls=True, patch=14,
-        notes=f"518 px input; official file: {_DINOV2_URL}dinov2_vitb14/dinov2_vitb14_pretrain.pth",
-    ),
+    p.name: p
+    for p in (
+        _mae("mae-b16", "base", 16),
+        _mae("mae-l16", "large", 16),
+        _mae("mae-h14", "huge", 14),
+        _dino("dino-s16", "small", 16),
+        _dino("dino-b16", "base", 16),
+        _dino("dino-s8", "small", 8),
+        _dino("dino-b8", "base", 8),
+        _beitv2("beitv2-b16", "base"),
+        _beitv2("beitv2-l16", "large"),
+        Preset(
+            name="ibot-b16", timm="vit_base_patch16_224", family="MIM", method="iBOT", paper="2111.07832",
+            weights=f"{_IBOT_URL}vitb_16/checkpoint_teacher.pth", remap=remap_ibot_family,
+            license="apache-2.0", has_cls=True, patch=16, timm_kwargs=_imagenet_cfg(),
+            notes="ImageNet-1k teacher; masked image modelling with self-distillation (DINO loss on [cls])",
+        ),
+        Preset(
+            name="ijepa-h14", timm="vit_huge_patch14_gap_224.in1k_ijepa", family="JEA", method="I-JEPA",
+            paper="2301.08243", weights=f"{_IJEPA_URL}IN1K-vit.h.14-300e.pth.tar", remap=remap_ijepa_family,
+            license="cc-by-nc-4.0", has_cls=False, patch=14,
+            notes="no [cls] token; loads the target encoder, which the paper evaluates "
+            "(--branch encoder: the context encoder, which timm loads)",
+        ),
+        _dinov2("dinov2-s14", "small"),
+        _dinov2("dinov2-b14", "base"),
+    )
 }
-# fmt: on
 
 
 @dataclass
@@ -317,6 +307,10 @@ def get_preset(name: str) -> Preset:
         return PRESETS[name]
     close = difflib.get_close_matches(name, list(PRESETS), n=3)
     suggestion = f"did you mean {', '.join(close)}? " if close else ""
+    import timm
+
+    if timm.is_model(name.split(".")[0]):  # a timm name given without its prefix
+        suggestion = f"did you mean {TIMM_PREFIX}{name}? "
     raise ModelError(
         f"unknown model {name!r}",
         f"{suggestion}use a preset from `vitprobe models list` or timm:NAME for any timm model",
@@ -339,9 +333,7 @@ def create_timm_backbone(timm_name: str, *, device: str | None = None, **kwargs:
         with torch.device("meta" if device == "meta" else "cpu"):
             model = timm.create_model(timm_name, pretrained=False, num_classes=0, **kwargs)
     except RuntimeError as exc:  # timm raises RuntimeError for unknown names
-        raise ModelError(
-            f"cannot build timm model {timm_name!r}: {exc}", "see timm.list_models() for names"
-        ) from exc
+        raise ModelError(f"cannot build timm model {timm_name!r}: {exc}", _timm_name_hint(timm_name)) from exc
     if not hasattr(model, "blocks") or not hasattr(model, "patch_embed"):
         raise ModelError(
             f"{timm_name!r} is not a plain ViT", "vitprobe probes ViT-style models (blocks + patch_embed)"
@@ -353,6 +345,19 @@ def create_timm_backbone(timm_name: str, *, device: str | None = None, **kwargs:
     ):  # an img_size override: keep transforms in step
         model.pretrained_cfg = model.default_cfg = {**cfg, "input_size": (3, *img_size)}
     return model.eval()
+
+
+def _timm_name_hint(timm_name: str) -> str:
+    """Suggest close timm names (`timm:vit_base_patch16_224` for `timm:vit_base_patch16_22`)."""
+    import timm
+
+    arch, _, tag = timm_name.partition(".")
+    if timm.is_model(arch) and not tag:  # the architecture exists: the failure is elsewhere
+        return "check the architecture arguments (arch_overrides)"
+    names = timm.list_pretrained(f"{arch}.*") if timm.is_model(arch) else timm.list_models()
+    close = difflib.get_close_matches(timm_name, names, n=3, cutoff=0.8)
+    suggestion = f"did you mean {', '.join(TIMM_PREFIX + c for c in close)}? " if close else ""
+    return f"{suggestion}timm.list_models('*vit*') lists timm's ViT names; presets: `vitprobe models list`"
 
 
 @cache
