@@ -8,6 +8,7 @@ Nothing here imports torch at module import, so `vitprobe.analysis.plots` stays 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -115,6 +116,63 @@ def forward_pass(
             seen += images.shape[0]
             advance(images.shape[0])
     return seen
+
+
+@dataclass
+class AnalysisPass:
+    """Everything one analysis pass needs, set up the same way for every analysis."""
+
+    compared: list[dict[str, Any]]  # earlier results given with --compare
+    device: torch.device
+    backbone: Backbone  # on `device`, eval mode
+    loader: Any  # sequential DataLoader over the evenly spaced subset
+    data_info: dict[str, Any]  # the data provenance for the results JSON
+
+
+def open_pass(config: Any, filename: str) -> AnalysisPass:
+    """Read `--compare` results (before the long pass, so a bad path fails fast), seed, load the backbone and
+    open the subset of `config.data` / `config.split` with its eval transform.
+
+    Args:
+        config: an `AttentionConfig` or `FrequencyConfig` (model, checkpoint, random_init, data, split, limit,
+            batch_size, num_workers, device, compare, seed).
+        filename: the result file `--compare` directories hold (`attention.json`, `frequency.json`).
+    """
+    import torch
+
+    from vitprobe.devices import resolve_device
+    from vitprobe.models import load_backbone
+
+    compared = read_results(config.compare, filename)
+    device = resolve_device(config.device)
+    torch.manual_seed(config.seed)
+    backbone = load_backbone(
+        config.model, checkpoint=config.checkpoint, random_init=config.random_init, device=str(device)
+    )
+    backbone.model.eval()
+    subset, data_info = open_subset(config.data, config.split, backbone, config.limit)
+    loader = make_loader(subset, batch_size=config.batch_size, num_workers=config.num_workers, device=device)
+    return AnalysisPass(compared, device, backbone, loader, data_info)
+
+
+def result_header(kind: str, run: AnalysisPass, config: Any, *, dtype: str) -> dict[str, Any]:
+    """The provenance keys every analysis result starts with (docs/analyses.md, "JSON schema")."""
+    from vitprobe.provenance import versions
+
+    report = run.backbone.report
+    return {
+        "kind": kind,
+        "schema_version": SCHEMA_VERSION,
+        "label": f"{report.model} (random weights)" if report.random_init else report.model,
+        "model": report.to_dict(),
+        "random_init": report.random_init,
+        "backbone": backbone_info(run.backbone),
+        "data": run.data_info,
+        "config": asdict(config),
+        "device": str(run.device),
+        "dtype": dtype,
+        "versions": versions(),
+    }
 
 
 def backbone_info(backbone: Backbone) -> dict[str, Any]:

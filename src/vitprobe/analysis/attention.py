@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -494,31 +494,14 @@ def run_attention(config: AttentionConfig) -> AttentionRun:
     """`vitprobe analyze attention`: load, stream the subset, write attention.json, the maps, the figures."""
     from safetensors.torch import save_file
 
-    from vitprobe.analysis import (
-        SCHEMA_VERSION,
-        backbone_info,
-        make_loader,
-        open_subset,
-        plots,
-        read_results,
-    )
-    from vitprobe.devices import resolve_device
+    from vitprobe.analysis import open_pass, plots, result_header
     from vitprobe.files import atomic_path, write_json
-    from vitprobe.models import load_backbone
-    from vitprobe.provenance import versions
 
-    compared = read_results(config.compare, "attention.json")  # fail before the long pass
-    device = resolve_device(config.device)
-    torch.manual_seed(config.seed)
-    backbone = load_backbone(
-        config.model, checkpoint=config.checkpoint, random_init=config.random_init, device=str(device)
-    )
-    backbone.model.eval()
-    subset, data_info = open_subset(config.data, config.split, backbone, config.limit)
-    loader = make_loader(subset, batch_size=config.batch_size, num_workers=config.num_workers, device=device)
+    run = open_pass(config, "attention.json")
+    backbone = run.backbone
     thumbs = _Thumbnails(backbone.data_config(), config.n_maps if backbone.has_cls else 0)
     acc = analyze_attention(
-        backbone, loader, device, rollout=config.rollout, n_maps=config.n_maps, on_images=thumbs.add
+        backbone, run.loader, run.device, rollout=config.rollout, n_maps=config.n_maps, on_images=thumbs.add
     )
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -534,17 +517,7 @@ def run_attention(config: AttentionConfig) -> AttentionRun:
     else:
         notes = []
     result = {
-        "kind": "attention",
-        "schema_version": SCHEMA_VERSION,
-        "label": _label(backbone.report),
-        "model": backbone.report.to_dict(),
-        "random_init": backbone.report.random_init,
-        "backbone": backbone_info(backbone),
-        "data": data_info,
-        "config": asdict(config),
-        "device": str(device),
-        "dtype": "float32",
-        "versions": versions(),
+        **result_header("attention", run, config, dtype="float32"),
         "definitions": {
             "eps": EPS,
             "log": "natural",
@@ -564,7 +537,7 @@ def run_attention(config: AttentionConfig) -> AttentionRun:
         },
         "notes": notes,
     }
-    figures = plots.attention_figures([result, *compared], out, maps=maps or None)
+    figures = plots.attention_figures([result, *run.compared], out, maps=maps or None)
     result["figures"] = [str(p.relative_to(out)) for p in figures]
     json_path = out / "attention.json"
     write_json(json_path, result)
@@ -588,10 +561,6 @@ class _Thumbnails:
 
     def tensor(self) -> Tensor:
         return torch.cat(self.kept) if self.kept else torch.zeros(0, 3, 1, 1, dtype=torch.uint8)
-
-
-def _label(report: Any) -> str:
-    return f"{report.model} (random weights)" if report.random_init else report.model
 
 
 def _token_note(layout: TokenLayout) -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -213,50 +213,22 @@ class FrequencyRun:
 
 def run_frequency(config: FrequencyConfig) -> FrequencyRun:
     """`vitprobe analyze frequency`: load, stream the subset, write frequency.json and the figures."""
-    from vitprobe.analysis import (
-        SCHEMA_VERSION,
-        backbone_info,
-        make_loader,
-        open_subset,
-        plots,
-        read_results,
-    )
-    from vitprobe.devices import resolve_device
+    from vitprobe.analysis import open_pass, plots, result_header
     from vitprobe.files import write_json
-    from vitprobe.models import load_backbone
-    from vitprobe.provenance import versions
 
-    compared = read_results(config.compare, "frequency.json")  # fail before the long pass
-    device = resolve_device(config.device)
-    torch.manual_seed(config.seed)
-    backbone = load_backbone(
-        config.model, checkpoint=config.checkpoint, random_init=config.random_init, device=str(device)
-    )
-    backbone.model.eval()
-    subset, data_info = open_subset(config.data, config.split, backbone, config.limit)
-    loader = make_loader(subset, batch_size=config.batch_size, num_workers=config.num_workers, device=device)
-    acc = analyze_frequency(backbone, loader, device)
+    run = open_pass(config, "frequency.json")
+    backbone = run.backbone
+    acc = analyze_frequency(backbone, run.loader, run.device)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    report = backbone.report
     result = {
-        "kind": "frequency",
-        "schema_version": SCHEMA_VERSION,
-        "label": f"{report.model} (random weights)" if report.random_init else report.model,
-        "model": report.to_dict(),
-        "random_init": report.random_init,
-        "backbone": backbone_info(backbone),
-        "data": data_info,
-        "config": asdict(config),
-        "device": str(device),
-        "dtype": "float32 model, float64 FFT",
-        "versions": versions(),
+        **result_header("frequency", run, config, dtype="float32 model, float64 FFT"),
         "definitions": {"eps": EPS, "log": "natural", **DEFINITIONS},
         "layers": ["patch_embed"] + [f"block{i}" for i in range(1, backbone.depth + 1)],
         "depth": list(range(backbone.depth + 1)),
         **acc.result(),
     }
-    figures = plots.frequency_figures([result, *compared], out)
+    figures = plots.frequency_figures([result, *run.compared], out)
     result["figures"] = [str(p.relative_to(out)) for p in figures]
     json_path = out / "frequency.json"
     write_json(json_path, result)

@@ -1,9 +1,9 @@
-"""`vitprobe analyze` commands: attention statistics and frequency analysis (JSON + figures)."""
+"""`vitprobe analyze` commands: attention statistics, frequency analysis, localisation (JSON + figures)."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -62,19 +62,10 @@ def attention(
     from vitprobe.analysis.attention import AttentionConfig, run_attention
 
     config = AttentionConfig(
-        model=model,
-        data=data,
-        split=split,
-        out=str(out),
-        checkpoint=checkpoint,
-        random_init=random_init,
-        limit=limit or None,
-        batch_size=batch_size,
-        num_workers=workers,
-        device=device,
+        **_pass_options(model, data, split, out, checkpoint, random_init, limit, batch_size, workers, device),
+        compare=tuple(str(p) for p in compare or ()),
         rollout=rollout,
         n_maps=maps,
-        compare=tuple(str(p) for p in compare or ()),
     )
     run = run_attention(config)
     stats = run.result["stats"]
@@ -109,16 +100,7 @@ def frequency(
     from vitprobe.analysis.frequency import FrequencyConfig, run_frequency
 
     config = FrequencyConfig(
-        model=model,
-        data=data,
-        split=split,
-        out=str(out),
-        checkpoint=checkpoint,
-        random_init=random_init,
-        limit=limit or None,
-        batch_size=batch_size,
-        num_workers=workers,
-        device=device,
+        **_pass_options(model, data, split, out, checkpoint, random_init, limit, batch_size, workers, device),
         compare=tuple(str(p) for p in compare or ()),
     )
     run = run_frequency(config)
@@ -132,6 +114,33 @@ def frequency(
         table.add_row(layer, f"{head:.3f}", f"{ratio:.3f}")
     console.print(table)
     _print_written(run.json_path, [], run.figures)
+
+
+def _pass_options(
+    model: str | None,
+    data: str,
+    split: str,
+    out: Path,
+    checkpoint: str | None,
+    random_init: bool,
+    limit: int,
+    batch_size: int,
+    workers: int,
+    device: str,
+) -> dict[str, Any]:
+    """The config fields every analysis pass shares, from the shared options (`--limit 0` = all → None)."""
+    return {
+        "model": model,
+        "data": data,
+        "split": split,
+        "out": str(out),
+        "checkpoint": checkpoint,
+        "random_init": random_init,
+        "limit": limit or None,
+        "batch_size": batch_size,
+        "num_workers": workers,
+        "device": device,
+    }
 
 
 def _print_written(json_path: Path, others: list[Path], figures: list[Path]) -> None:
@@ -171,10 +180,10 @@ def localization(
     from vitprobe.localization import LocalizationConfig, run_localization
 
     config = LocalizationConfig(
-        data=data, split=split, out=str(out), model=model, checkpoint=checkpoint, random_init=random_init,
+        **_pass_options(model, data, split, out, checkpoint, random_init, limit, batch_size, workers, device),
         abmilp_maps=None if abmilp_maps is None else str(abmilp_maps),
         cache=None if cache is None else str(cache),
-        limit=limit or None, batch_size=batch_size, num_workers=workers, device=device, n_figures=figures,
+        n_figures=figures,
     )
     run = run_localization(config)
     result = run.result
