@@ -35,3 +35,18 @@ def test_demo_runs_the_whole_pipeline_offline(tmp_path: Path, monkeypatch: pytes
     assert '<table id="accuracy">' in html and "RANDOM WEIGHTS" in html and "data:image/png;base64," in html
     for readout in ("cls", "mean", "abmilp"):
         assert f"<td>{readout}</td>" in html
+
+
+def test_demo_refuses_data_made_with_other_settings(tmp_path: Path) -> None:
+    from vitprobe.demo import DemoConfig, run_demo
+    from vitprobe.errors import VitprobeError
+    from vitprobe.synthetic import make_synthetic
+
+    out = tmp_path / "demo"
+    make_synthetic(out / "data", n=8, classes=2, size=32, seed=0)  # an earlier demo's needles
+    said: list[str] = []
+    config = DemoConfig(out=str(out), n=16, classes=2, size=32, device="cpu")
+    with pytest.raises(VitprobeError, match=r"n=8.*n=16") as info:
+        run_demo(config, say=said.append)
+    assert "another --out" in (info.value.hint or "")
+    assert not (out / "caches").exists()  # refused before extracting anything from the wrong data

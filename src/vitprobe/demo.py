@@ -77,7 +77,6 @@ def run_demo(config: DemoConfig, *, say: Callable[[str], None] = print, console:
     from vitprobe.knn import KnnConfig, run_knn
     from vitprobe.localization import LocalizationConfig, run_localization
     from vitprobe.report import ReportConfig, write_report
-    from vitprobe.synthetic import make_synthetic
     from vitprobe.train import ProbeConfig, predict, run_probe
 
     out = Path(config.out).expanduser()
@@ -96,8 +95,7 @@ def run_demo(config: DemoConfig, *, say: Callable[[str], None] = print, console:
     write_json(out / "demo.json", {**asdict(config), "random_init_resolved": random_init})
     data_dir = out / "data"
     done = step("data", f"synthetic needles: {config.n} images, {config.classes} classes → {data_dir}")
-    if not (data_dir / "synthetic.json").is_file():
-        make_synthetic(data_dir, n=config.n, classes=config.classes, size=config.size, seed=config.seed)
+    _check_or_make_data(data_dir, config)
     done()
     data = f"cub:{data_dir}"
     caches = {split: out / "caches" / split for split in ("train", "test")}
@@ -188,6 +186,33 @@ def run_demo(config: DemoConfig, *, say: Callable[[str], None] = print, console:
     if random_init:
         say(f"⚠ {RANDOM_BANNER}")
     return DemoResult(out, report_path, run_dir, random_init, accuracies, localization, seconds)
+
+
+def _check_or_make_data(data_dir: Path, config: DemoConfig) -> None:
+    """Generate the needles into `data_dir`, or reuse those an earlier demo made there with the same settings.
+
+    Raises:
+        VitprobeError: `data_dir` holds needles made with other settings (reusing them would report results of
+            a dataset other than the one asked for, and the caches of that dataset with it).
+    """
+    from vitprobe.errors import VitprobeError
+    from vitprobe.files import read_json
+    from vitprobe.synthetic import SyntheticConfig, make_synthetic
+
+    wanted = asdict(SyntheticConfig(n=config.n, classes=config.classes, size=config.size, seed=config.seed))
+    made_file = data_dir / "synthetic.json"
+    if not made_file.is_file():
+        make_synthetic(data_dir, **wanted)
+        return
+    made = read_json(made_file)
+    differs = {k: (made.get(k), v) for k, v in wanted.items() if made.get(k) != v}
+    if differs:
+        was = ", ".join(f"{k}={old}" for k, (old, _) in differs.items())
+        asked = ", ".join(f"{k}={new}" for k, (_, new) in differs.items())
+        raise VitprobeError(
+            f"{data_dir} holds the needles of an earlier demo ({was}), not the ones asked for ({asked})",
+            f"use another --out, or delete {data_dir.parent} to rerun the demo there",
+        )
 
 
 __all__ = ["DEFAULT_MODEL", "DemoConfig", "DemoResult", "run_demo"]
