@@ -41,6 +41,8 @@ def write_cache(
     class_names: list[str] = CLASSES,
     complete: bool = True,
     shard_size: int = 16,
+    extract_seed: int = 0,
+    depth: int | None = None,
 ) -> Path:
     """A cache of Gaussian class blobs: every token = class mean + noise, so all read-outs can learn."""
     g = torch.Generator().manual_seed(seed)
@@ -93,7 +95,7 @@ def write_cache(
         "tokens": tokens,
         "store_dtype": "fp16",
         "views": 0,
-        "seed": 0,
+        "seed": extract_seed,
         "dataset": {
             "spec": "imagefolder:toy",
             "split": "train",
@@ -107,6 +109,8 @@ def write_cache(
         "final_norm": write_final_norm(path, norm),
         "complete": complete,
     }
+    if depth is not None:
+        manifest["depth"] = depth
     write_manifest(path, manifest)
     return path
 
@@ -222,10 +226,13 @@ def test_predict_refuses_a_cache_from_another_checkpoint_or_layer(run: dict[str,
     head = run["out"] / "heads" / "cls.safetensors"
     other = write_cache(run["root"] / "other-ckpt", n=20, layers=(5, 11), reg=1, checkpoint="a" * 64)
     result = invoke("probe", "--predict", head, "--cache", other)
-    assert result.exit_code == 1 and "checkpoints differ" in result.output
+    assert result.exit_code == 1 and "different checkpoints" in result.output
     wrong_layer = write_cache(run["root"] / "layer11", n=20, layers=(11,), reg=1)
     result = invoke("probe", "--predict", head, "--cache", wrong_layer)
     assert result.exit_code == 1 and "block 5" in result.output
+    reseeded = write_cache(run["root"] / "other-seed", n=20, layers=(5, 11), reg=1, extract_seed=3)
+    result = invoke("probe", "--predict", head, "--cache", reseeded)
+    assert result.exit_code == 1 and "random-init seeds 0 vs 3" in result.output
     result = invoke("probe", "--predict", head, "--cache", run["test"], "--export-maps", run["root"] / "m.st")
     assert result.exit_code == 1 and "attention read-out" in result.output
 
@@ -235,6 +242,7 @@ def test_predict_refuses_a_cache_from_another_checkpoint_or_layer(run: dict[str,
     [
         ({"timm_name": "vit_other"}, "different backbones"),
         ({"checkpoint": "b" * 64}, "different checkpoints"),
+        ({"extract_seed": 1}, "different random weights"),
         ({"class_names": ["ant", "bee", "dog"]}, "class sets differ"),
         ({"layers": (3,)}, "not the test cache"),
         ({"complete": False}, "incomplete"),
@@ -346,3 +354,17 @@ def test_end_to_end_from_vitprobe_extract(tmp_path: Path) -> None:
     assert load_file(maps)["maps"].shape == (12, *grid)
     result = invoke("knn", "--train", cache, "--test", cache, "--k", "1")
     assert result.exit_code == 0 and "100.00" in result.output  # each image is its own nearest neighbour
+
+
+def test_negative_layer_counts_from_the_models_last_block_as_in_extract(tmp_path: Path) -> None:
+    # `vitprobe extract --layers -1,-7` of a 12-block model stores blocks 11 and 5.
+    train = write_cache(tmp_path / "train", n=30, layers=(11, 5), depth=12)
+    test = write_cache(tmp_path / "test", n=15, seed=1, layers=(11, 5), depth=12)
+    common = ("--train", train, "--test", test, *FAST, "--pool", "mean")
+    for given, block in (("-7", 5), ("-1", 11), ("5", 5)):
+        result = invoke("probe", *common, "--out", tmp_path / given, "--layer", given)
+        assert result.exit_code == 0, result.output
+        assert json.loads((tmp_path / given / "results.json").read_text())["layer"] == block
+    result = invoke("probe", *common, "--out", tmp_path / "bad", "--layer", "-2")
+    assert result.exit_code == 1
+    assert "layer -2 (block 10 of 12) is not in the cache" in result.output and "[11, 5]" in result.output

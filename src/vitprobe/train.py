@@ -635,61 +635,77 @@ def resolve_specs(
 
 
 def resolve_layer(cache: TokenCache, layer: int | None) -> int:
-    """The block to probe: `layer` if the cache holds it (negative = position in the cache's layer list),
-    else the deepest block stored."""
+    """The block to probe: `layer` (negative counts from the model's last block, as `extract --layers`
+    does: -1 = last) if the cache holds it, else the deepest block stored when `layer` is None."""
     layers = list(cache.layers)
     if layer is None:
         return max(layers)
-    if layer in layers:
-        return layer
-    if layer < 0 and -len(layers) <= layer:
-        return sorted(layers)[layer]
+    depth = cache.manifest.get("depth")
+    block = layer + int(depth) if layer < 0 and depth is not None else layer
+    if block in layers:
+        return block
+    given = f"{layer} (block {block} of {depth})" if block != layer else str(layer)
     raise ProbeError(
-        f"layer {layer} is not in the cache {cache.path} (it holds blocks {layers})",
-        f"pass --layer with one of {layers}, or extract that block",
+        f"layer {given} is not in the cache {cache.path} (it holds blocks {layers})",
+        f"pass --layer with one of {layers}, or extract that block with `vitprobe extract --layers`",
     )
 
 
 def backbone_identity(manifest: dict[str, Any]) -> dict[str, Any]:
-    """What identifies the backbone a cache came from: timm name, checkpoint id and random-init flag."""
+    """What identifies the backbone a cache came from: timm name, checkpoint id, random-init flag, and for
+    random weights the seed that drew them (two random-init caches of one model differ unless it matches)."""
     model = manifest.get("model", {})
+    random_init = bool(model.get("random_init", False))
     return {
         "timm_name": model.get("timm_name"),
         "checkpoint": model.get("checkpoint"),
-        "random_init": bool(model.get("random_init", False)),
+        "random_init": random_init,
+        "seed": manifest.get("seed") if random_init else None,
     }
 
 
+def token_identity(manifest: dict[str, Any]) -> dict[str, Any]:
+    """`backbone_identity` plus what a head depends on: token dim and the class names, in order."""
+    dataset = manifest.get("dataset", {})
+    return {**backbone_identity(manifest), "dim": manifest.get("dim"),
+            "class_names": list(dataset.get("class_names", []))}
+
+
+def identity_mismatch(ours: dict[str, Any], theirs: dict[str, Any]) -> tuple[str, str] | None:
+    """How two `token_identity` dicts first disagree, as (what differs, how to fix it); None if they match.
+
+    A key missing on one side (heads saved by an older vitprobe have no seed) is not compared.
+    """
+    if ours["timm_name"] != theirs["timm_name"]:
+        return (f"different backbones ({ours['timm_name']} vs {theirs['timm_name']})",
+                "use tokens extracted with the same --model")
+    if ours["checkpoint"] != theirs["checkpoint"] or ours["random_init"] != theirs["random_init"]:
+        return (f"different checkpoints ({ours['checkpoint']} vs {theirs['checkpoint']})",
+                "use tokens extracted from the same weights")
+    if ours.get("seed", theirs.get("seed")) != theirs.get("seed", ours.get("seed")):
+        return (f"different random weights (random-init seeds {ours['seed']} vs {theirs['seed']})",
+                "extract both with the same --random-init --seed")
+    if int(ours["dim"]) != int(theirs["dim"]):
+        return f"token dims differ ({ours['dim']} vs {theirs['dim']})", "use tokens of one backbone"
+    if list(ours["class_names"]) != list(theirs["class_names"]):
+        a, b = ours["class_names"], theirs["class_names"]
+        diff = sorted(set(a) ^ set(b))[:5] or ["same names, other order"]
+        return (f"class sets differ ({len(a)} vs {len(b)} classes; differing: {', '.join(diff)})",
+                "use splits of one dataset (same class folders)")
+    return None
+
+
 def check_pair(train: TokenCache, test: TokenCache, layer: int) -> None:
-    """Refuse a train/test pair from different backbones, checkpoints, layers, dims or class sets."""
-    a, b = backbone_identity(train.manifest), backbone_identity(test.manifest)
+    """Refuse a train/test pair from different backbones, weights, layers, dims or class sets."""
     where = f"train cache {train.path} vs test cache {test.path}"
-    if a["timm_name"] != b["timm_name"]:
-        raise CacheError(
-            f"{where}: different backbones ({a['timm_name']} vs {b['timm_name']})",
-            "extract both splits with the same --model",
-        )
-    if a["checkpoint"] != b["checkpoint"] or a["random_init"] != b["random_init"]:
-        raise CacheError(
-            f"{where}: different checkpoints ({a['checkpoint']} vs {b['checkpoint']})",
-            "extract both splits from the same weights",
-        )
+    problem = identity_mismatch(token_identity(train.manifest), token_identity(test.manifest))
+    if problem is not None:
+        raise CacheError(f"{where}: {problem[0]}", problem[1])
     if layer not in test.layers:
         raise CacheError(
             f"{where}: block {layer} is in the train cache but not the test cache "
             f"(it holds {list(test.layers)})",
             "extract the same --layers for both splits",
-        )
-    if train.dim != test.dim:
-        raise CacheError(
-            f"{where}: token dims differ ({train.dim} vs {test.dim})", "use caches of one backbone"
-        )
-    if list(train.class_names) != list(test.class_names):
-        diff = sorted(set(train.class_names) ^ set(test.class_names))[:5] or ["same names, other order"]
-        raise CacheError(
-            f"{where}: class sets differ ({train.num_classes} vs {test.num_classes} classes; "
-            f"differing: {', '.join(diff)})",
-            "extract both splits of one dataset (same class folders)",
         )
 
 
@@ -1000,12 +1016,7 @@ def save_head(
         "pool": spec.pool,
         "options": spec.options(),
         "spec": asdict(spec),
-        "backbone": {
-            "spec": model.get("spec"),
-            "timm_name": model.get("timm_name"),
-            "checkpoint": model.get("checkpoint"),
-            "random_init": bool(model.get("random_init", False)),
-        },
+        "backbone": {"spec": model.get("spec"), **backbone_identity(cache.manifest)},
         "layer": layer,
         "final_norm": final_norm,
         "final_norm_eps": float(cache.manifest.get("final_norm", {}).get("eps", 1e-6))
@@ -1057,30 +1068,16 @@ def load_head(path: str | Path) -> tuple[ProbeHead, dict[str, Any]]:
 
 
 def check_head_matches_cache(meta: dict[str, Any], cache: TokenCache) -> None:
-    """Refuse a cache from another backbone, checkpoint, layer, dim or class set than the head's."""
-    mine, theirs = meta["backbone"], backbone_identity(cache.manifest)
-    where = f"head ({meta['pool']}, {mine['timm_name']}) on cache {cache.path}"
-    if mine["timm_name"] != theirs["timm_name"]:
-        raise ProbeError(
-            f"{where}: the cache comes from {theirs['timm_name']}",
-            "use a cache extracted from the head's backbone",
-        )
-    if mine["checkpoint"] != theirs["checkpoint"] or mine["random_init"] != theirs["random_init"]:
-        raise ProbeError(
-            f"{where}: checkpoints differ ({mine['checkpoint']} vs {theirs['checkpoint']})",
-            "use a cache extracted from the same weights",
-        )
+    """Refuse a cache from another backbone, weights, layer, dim or class set than the head's."""
+    where = f"head ({meta['pool']}, {meta['backbone']['timm_name']}) on cache {cache.path}"
+    head = {**meta["backbone"], "dim": meta["dim"], "class_names": meta["class_names"]}
+    problem = identity_mismatch(head, token_identity(cache.manifest))
+    if problem is not None:
+        raise ProbeError(f"{where}: {problem[0]}", problem[1])
     if meta["layer"] not in cache.layers:
         raise ProbeError(
             f"{where}: the head was trained on block {meta['layer']}, the cache holds {list(cache.layers)}",
             "extract that block with --layers",
-        )
-    if int(meta["dim"]) != cache.dim:
-        raise ProbeError(f"{where}: dims differ ({meta['dim']} vs {cache.dim})", "use the head's backbone")
-    if list(meta["class_names"]) != list(cache.class_names):
-        raise ProbeError(
-            f"{where}: class sets differ ({meta['num_classes']} vs {cache.num_classes} classes)",
-            "evaluate on a split of the dataset the head was trained on",
         )
 
 
