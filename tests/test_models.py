@@ -446,6 +446,50 @@ def test_cli_list_table() -> None:
     assert "JEA" in result.output and "[cls]" in result.output
 
 
+@pytest.mark.parametrize("width", [80, 120])
+def test_cli_list_table_is_readable_at_terminal_width(width: int) -> None:
+    """Every line fits; names are never cut, and timm names wrap only after `_` or before `.`."""
+    from rich.console import Console
+
+    from vitprobe.commands.models import _preset_table
+    from vitprobe.models import preset_rows
+
+    console = Console(width=width, record=True, color_system=None)
+    console.print(_preset_table(preset_rows(), width))
+    lines = console.export_text().splitlines()
+    assert max(len(line) for line in lines) <= width
+    head = next(i for i, line in enumerate(lines) if line.startswith("name "))
+    rows: list[list[str]] = []  # each preset's lines: the first starts with its name
+    for line in lines[head + 2 :]:
+        if line.split() and line.split()[0] in PRESETS:
+            rows.append([line])
+        elif rows and line.strip() and not line.strip().startswith("weights:"):
+            rows[-1].append(line)
+        else:
+            break
+    assert [r[0].split()[0] for r in rows] == list(PRESETS)
+    start = lines[head].index("timm architecture") if width == 120 else lines[head].index("architecture")
+    for preset, row in zip(PRESETS.values(), rows, strict=True):
+        first = row[0].split()
+        assert first[:5] == [preset.name, preset.family, f"{preset_num_params(preset.name) / 1e6:.1f}M",
+                             str(preset.patch), "yes" if preset.has_cls else "no"]
+        assert first[-1] == preset.license and first[-2] in ("hub", "official")
+        pieces = [line[start:].split()[0] for line in row]
+        assert "".join(pieces) == preset.timm
+        assert all(p.endswith("_") or nxt.startswith(".") for p, nxt in zip(pieces, pieces[1:], strict=False))
+        if width == 120:
+            assert len(row) == 1
+
+
+def test_wrap_name_breaks_only_after_underscore_or_before_dot() -> None:
+    from vitprobe.commands.models import _wrap_name
+
+    assert _wrap_name("vit_huge_patch14_gap_224.in1k_ijepa", 14) == "vit_huge_\npatch14_gap_\n224.in1k_ijepa"
+    assert _wrap_name("vit_base_patch16_224.mae", 24) == "vit_base_patch16_224.mae"
+    assert _wrap_name("vit_base_patch16_224.mae", 20) == "vit_base_patch16_224\n.mae"
+    assert _wrap_name("averyveryverylongname", 5) == "averyveryverylongname"  # no break point: kept whole
+
+
 def test_cli_show_random_init_json() -> None:
     result = runner.invoke(app, ["models", "show", "dino-s16", "--random-init", "--json"])
     assert result.exit_code == 0, result.output

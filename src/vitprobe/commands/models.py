@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Annotated, Any
-from urllib.parse import urlparse
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -35,17 +36,64 @@ def list_models(as_json: JsonOpt = False) -> None:
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
-    table = Table(title="vitprobe presets (any timm model also works as timm:NAME)")
-    for header in ("name", "family", "params", "patch", escape("[cls]")):
-        table.add_column(header, no_wrap=True)
-    for header in ("timm architecture", "weights", "license"):
-        table.add_column(header, overflow="fold")
-    for r in rows:
-        table.add_row(
-            r["name"], r["family"], f"{r['params'] / 1e6:.1f}M", str(r["patch"]),
-            "yes" if r["has_cls"] else "no", r["arch"], _short_source(r["weights"]), r["license"],
+    console.print(_preset_table(rows, console.width))
+
+
+_LIST_GAP = 2  # characters between columns (padding collapsed with the blank separator of SIMPLE_HEAD)
+_MIN_ARCH_WIDTH = 10  # below this the other columns are cut short instead (terminals under ~70 columns)
+ARCH = "timm architecture"
+
+
+def _preset_table(rows: list[dict[str, Any]], width: int) -> Table:
+    """The `models list` table, laid out for a terminal `width` columns wide.
+
+    Only the architecture column wraps, and only after `_` or before `.` (never inside a word), so names
+    stay readable at 80 columns; at 120 columns every row is one line.
+    """
+    cells = [
+        [
+            r["name"],
+            r["family"],
+            f"{r['params'] / 1e6:.1f}M",
+            str(r["patch"]),
+            "yes" if r["has_cls"] else "no",
+            r["arch"],
+            "timm hub" if r["weights"].startswith("hf-hub:") else "official",
+            r["license"],
+        ]
+        for r in rows
+    ]
+    headers = ["name", "family", "params", "patch", escape("[cls]"), ARCH, "weights", "license"]
+    fixed = sum(max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers) if h != ARCH)
+    arch_width = max(width - fixed - _LIST_GAP * (len(headers) - 1), _MIN_ARCH_WIDTH)
+    table = Table(
+        title="vitprobe presets (any timm model also works as timm:NAME)",
+        caption="weights: timm hub = timm's copy on the Hugging Face hub, official = the authors' release "
+        "(`--json` gives each source)",
+        box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True,
+    )
+    for header in headers:
+        right = header in ("params", "patch")
+        table.add_column(
+            header,
+            no_wrap=header != ARCH,
+            justify="right" if right else "left",
+            min_width=_MIN_ARCH_WIDTH if header == ARCH else None,
         )
-    console.print(table)
+    for row in cells:
+        row[5] = _wrap_name(row[5], arch_width)
+        table.add_row(*row)
+    return table
+
+
+def _wrap_name(name: str, width: int) -> str:
+    """Break a timm name into lines of at most `width` characters, after `_` or before `.` only."""
+    lines = [""]
+    for part in re.split(r"(?<=_)|(?=\.)", name):
+        if lines[-1] and len(lines[-1]) + len(part) > width:
+            lines.append("")
+        lines[-1] += part
+    return "\n".join(lines)
 
 
 @app.command("show")
@@ -111,8 +159,3 @@ def _summarise(keys: list[str], limit: int = 6) -> str:
     parts = [keys[0] if keys == [head] else f"{head}.* ({len(keys)})" for head, keys in groups.items()]
     more = f", ... ({len(parts) - limit} more groups)" if len(parts) > limit else ""
     return ", ".join(parts[:limit]) + more
-
-
-def _short_source(weights: str) -> str:
-    """`hf-hub:timm/...` -> `timm hub`; an official URL -> its host (the full source is in --json)."""
-    return "timm hub" if weights.startswith("hf-hub:timm/") else urlparse(weights).netloc or weights
