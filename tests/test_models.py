@@ -93,17 +93,42 @@ def write_bare(want: StateDict, other: StateDict, path: Path) -> list[str]:
     return []
 
 
-def write_dino_full(want: StateDict, other: StateDict, path: Path, branch: str = "teacher") -> list[str]:
+def dino_head(dim: int, *, ibot: bool = False) -> StateDict:
+    """DINOHead (facebookresearch/dino vision_transformer.py): a 3-layer MLP `mlp.{0,2,4}` and a weight-normed
+    `last_layer`; iBOTHead (bytedance/ibot models/head.py) adds the patch head `last_layer2`."""
     head = {
-        "head.mlp.0.weight": torch.randn(8, 32),
-        "head.last_layer.weight_g": torch.randn(16, 1),
-        "head.last_layer.weight_v": torch.randn(16, 8),
+        "mlp.0.weight": torch.randn(16, dim),
+        "mlp.0.bias": torch.randn(16),
+        "mlp.2.weight": torch.randn(16, 16),
+        "mlp.2.bias": torch.randn(16),
+        "mlp.4.weight": torch.randn(8, 16),
+        "mlp.4.bias": torch.randn(8),
+        "last_layer.weight_g": torch.randn(32, 1),
+        "last_layer.weight_v": torch.randn(32, 8),
     }
+    if ibot:
+        head |= {"last_layer2.weight_g": torch.randn(24, 1), "last_layer2.weight_v": torch.randn(24, 8)}
+    return {f"head.{k}": v for k, v in head.items()}
+
+
+def write_dino_full(
+    want: StateDict, other: StateDict, path: Path, branch: str = "teacher", *, ibot: bool = False
+) -> list[str]:
+    """main_dino.py / main_ibot.py `save_dict`: the student is DDP-wrapped (`module.backbone.*`,
+    `module.head.*`), the teacher of a ViT is not (`backbone.*`, `head.*`); `args` is the argparse Namespace,
+    `fp16_scaler` the GradScaler state. iBOT's student also holds `masked_embed` (1, D)."""
+    dim = want["cls_token"].shape[-1]
     teacher_sd, student_sd = (want, other) if branch == "teacher" else (other, want)
-    teacher = {**{f"backbone.{k}": v for k, v in teacher_sd.items()}, **head}
+    teacher = {**{f"backbone.{k}": v for k, v in teacher_sd.items()}, **dino_head(dim, ibot=ibot)}
+    student_backbone = {**student_sd, **({"masked_embed": torch.randn(1, dim)} if ibot else {})}
     student = {
-        f"module.{k}": v for k, v in {**{f"backbone.{k}": v for k, v in student_sd.items()}, **head}.items()
+        f"module.{k}": v
+        for k, v in {
+            **{f"backbone.{k}": v for k, v in student_backbone.items()},
+            **dino_head(dim, ibot=ibot),
+        }.items()
     }
+    loss = {"center": torch.zeros(1, 32)} | ({"center2": torch.zeros(1, 1, 24)} if ibot else {})
     torch.save(
         {
             "student": student,
@@ -111,19 +136,29 @@ def write_dino_full(want: StateDict, other: StateDict, path: Path, branch: str =
             "optimizer": {"state": {}, "param_groups": []},
             "epoch": 100,
             "args": ARGS,
-            "dino_loss": {"center": torch.zeros(1, 16)},
+            "ibot_loss" if ibot else "dino_loss": loss,
+            "fp16_scaler": {"scale": 65536.0, "growth_factor": 2.0, "_growth_tracker": 0},
         },
         path,
     )
-    return sorted(head) if branch == "teacher" else sorted(f"module.{k}" for k in head)
+    if branch == "teacher":
+        return sorted(dino_head(dim, ibot=ibot))
+    return sorted([f"module.{k}" for k in dino_head(dim, ibot=ibot)] + (["masked_embed"] if ibot else []))
 
 
 def write_dino_full_student(want: StateDict, other: StateDict, path: Path) -> list[str]:
     return write_dino_full(want, other, path, branch="student")
 
 
+def write_ibot_full(want: StateDict, other: StateDict, path: Path) -> list[str]:
+    return write_dino_full(want, other, path, branch="student", ibot=True)
+
+
 def write_ibot(want: StateDict, other: StateDict, path: Path) -> list[str]:
-    torch.save({"state_dict": {**want, "masked_embed": torch.randn(want["cls_token"].shape[-1])}}, path)
+    """bytedance/ibot extract_backbone_weights.py: `{'state_dict': backbone}`, `backbone.` stripped (the
+    released `checkpoint_teacher.pth`); here from a student, so with `masked_embed` (1, D)."""
+    dim = want["cls_token"].shape[-1]
+    torch.save({"state_dict": {**want, "masked_embed": torch.randn(1, dim)}}, path)
     return ["masked_embed"]
 
 
@@ -157,17 +192,31 @@ def write_dinov2(want: StateDict, other: StateDict, path: Path) -> list[str]:
 
 
 def write_beitv2_pretrain(want: StateDict, other: StateDict, path: Path) -> list[str]:
+    """microsoft/unilm beit2 utils.save_model: `{'model', 'optimizer', 'epoch', 'args', 'scaler'}`, the model
+    being VisionTransformerForMaskedImageModelingCLS (modeling_pretrain.py) with the shared lm head."""
     dim = want["cls_token"].shape[-1]
     n = want["rel_pos_bias.relative_position_bias_table"].shape[0]
+    grid = (round((n - 3) ** 0.5) + 1) // 2  # n = (2 grid - 1)^2 + 3 relative positions
+    tokens = 1 + grid * grid
     extra = {
         "mask_token": torch.randn(1, 1, dim),
         "lm_head.weight": torch.randn(8192, dim),
         "lm_head.bias": torch.randn(8192),
-        "rel_pos_bias.relative_position_index": torch.randint(0, n, (5, 5)),
+        "rel_pos_bias.relative_position_index": torch.randint(0, n, (tokens, tokens)),
     }
     for i in range(2):  # the two [cls]-pretraining blocks, same keys as a backbone block
         extra.update({f"cls_pt_layers.{i}.{k}": v.clone() for k, v in block_keys(want).items()})
-    torch.save({"model": {**want, **extra}}, path)
+    args = argparse.Namespace(**vars(ARGS), window_size=(grid, grid), patch_size=(16, 16), early_layers=9)
+    torch.save(
+        {
+            "model": {**want, **extra},
+            "optimizer": {"state": {}, "param_groups": []},
+            "epoch": 299,
+            "args": args,
+            "scaler": {"scale": 65536.0, "growth_factor": 2.0},
+        },
+        path,
+    )
     return sorted(extra)
 
 
@@ -185,6 +234,7 @@ CASES: list[tuple[str, str, Callable[..., list[str]], str, str | None]] = [
     ("dino-b8", "dino_full", write_dino_full, "dino_vitbase8_pretrain_full_checkpoint.pth", None),
     ("dino-s8", "dino_full", write_dino_full_student, "checkpoint.pth", "student"),
     ("ibot-b16", "ibot", write_ibot, "checkpoint_teacher.pth", None),
+    ("ibot-b16", "dino_full", write_ibot_full, "checkpoint.pth", "student"),
     ("ijepa-h14", "ijepa", write_ijepa, "IN1K-vit.h.14-300e.pth.tar", None),
     ("ijepa-h14", "ijepa", write_ijepa_context, "IN1K-vit.h.14-300e.pth.tar", "encoder"),
     ("dinov2-s14", "dinov2", write_dinov2, "dinov2_vits14_pretrain.pth", None),

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -11,6 +13,8 @@ from vitprobe.errors import CheckpointError
 from vitprobe.remap import (
     LAYOUT_TITLES,
     LAYOUTS,
+    Remapped,
+    StateDict,
     detect_layout,
     remap_any,
     remap_beitv2,
@@ -40,6 +44,17 @@ def assert_same_tensors(got: dict[str, torch.Tensor], want: dict[str, torch.Tens
         assert torch.equal(got[key], want[key]), key
 
 
+def assert_remaps(
+    ckpt: dict[str, Any], layout: str, remap: Callable[..., Remapped], kept: StateDict, dropped: StateDict
+) -> Remapped:
+    """`ckpt` is detected as `layout`; `remap` keeps exactly `kept` and drops exactly `dropped`'s keys."""
+    assert detect_layout(ckpt) == layout
+    out = remap(ckpt)
+    assert out.layout == layout and out.dropped == tuple(sorted(dropped))
+    assert_same_tensors(out.state_dict, kept)
+    return out
+
+
 def test_every_layout_has_a_title() -> None:
     assert set(LAYOUTS) == set(LAYOUT_TITLES)
 
@@ -52,10 +67,7 @@ def test_mae_pretrain_unwraps_model_and_ignores_training_state() -> None:
         "args": argparse.Namespace(lr=1e-3),
         "scaler": {"scale": 65536.0},
     }
-    assert detect_layout(ckpt) == "mae_pretrain"
-    out = remap_mae(ckpt)
-    assert out.layout == "mae_pretrain" and out.dropped == () and out.renamed == 0
-    assert_same_tensors(out.state_dict, ENCODER)
+    assert assert_remaps(ckpt, "mae_pretrain", remap_mae, ENCODER, {}).renamed == 0
 
 
 def test_mae_visualize_drops_decoder_and_mask_token() -> None:
@@ -67,11 +79,7 @@ def test_mae_visualize_drops_decoder_and_mask_token() -> None:
         "decoder_norm.weight": torch.zeros(2),
         "decoder_pred.weight": torch.zeros(12, 2),
     }
-    ckpt = {"model": {**ENCODER, **decoder}}
-    assert detect_layout(ckpt) == "mae_visualize"
-    out = remap_mae(ckpt)
-    assert out.dropped == tuple(sorted(decoder))
-    assert_same_tensors(out.state_dict, ENCODER)
+    assert_remaps({"model": {**ENCODER, **decoder}}, "mae_visualize", remap_mae, ENCODER, decoder)
 
 
 def test_dino_backbone_is_timm_names() -> None:
@@ -116,16 +124,13 @@ def test_dino_full_student_strips_module_backbone() -> None:
 
 
 def test_ibot_state_dict_drops_masked_embed() -> None:
-    ckpt = {"state_dict": {**ENCODER, "masked_embed": torch.zeros(4)}}
-    assert detect_layout(ckpt) == "ibot"
-    out = remap_ibot_family(ckpt)
-    assert out.layout == "ibot" and out.dropped == ("masked_embed",)
-    assert_same_tensors(out.state_dict, ENCODER)
+    masked = {"masked_embed": torch.zeros(1, 4)}  # (1, D) in bytedance/ibot models/vision_transformer.py
+    assert_remaps({"state_dict": {**ENCODER, **masked}}, "ibot", remap_ibot_family, ENCODER, masked)
 
 
 def test_ibot_full_checkpoint_drops_masked_embed_too() -> None:
     ckpt = dino_full()
-    ckpt["teacher"]["backbone.masked_embed"] = torch.zeros(4)
+    ckpt["teacher"]["backbone.masked_embed"] = torch.zeros(1, 4)
     out = remap_ibot_family(ckpt)
     assert "masked_embed" in out.dropped
     assert_same_tensors(out.state_dict, ENCODER)
@@ -162,11 +167,8 @@ def test_ijepa_context_encoder_on_request() -> None:
 
 
 def test_dinov2_drops_mask_token() -> None:
-    ckpt = {**ENCODER, "mask_token": torch.zeros(1, 4)}
-    assert detect_layout(ckpt) == "dinov2"
-    out = remap_any(ckpt)
-    assert out.layout == "dinov2" and out.dropped == ("mask_token",)
-    assert_same_tensors(out.state_dict, ENCODER)
+    mask_token = {"mask_token": torch.zeros(1, 4)}  # (1, D) in facebookresearch/dinov2
+    assert_remaps({**ENCODER, **mask_token}, "dinov2", remap_any, ENCODER, mask_token)
 
 
 def test_beitv2_pretrain_drops_pretraining_heads_and_index_buffers() -> None:
@@ -186,11 +188,7 @@ def test_beitv2_pretrain_drops_pretraining_heads_and_index_buffers() -> None:
         "cls_pt_layers.1.gamma_1": torch.zeros(4),
         "rel_pos_bias.relative_position_index": torch.zeros(5, 5, dtype=torch.long),
     }
-    ckpt = {"model": {**backbone, **extra}}
-    assert detect_layout(ckpt) == "beitv2_pretrain"
-    out = remap_beitv2(ckpt)
-    assert out.dropped == tuple(sorted(extra))
-    assert_same_tensors(out.state_dict, backbone)
+    assert_remaps({"model": {**backbone, **extra}}, "beitv2_pretrain", remap_beitv2, backbone, extra)
 
 
 def test_timm_layout_drops_classifier_head_loudly() -> None:
