@@ -161,3 +161,13 @@ def test_line_plots_print_plain_tick_values_for_flat_curves() -> None:
     fig.canvas.draw()
     assert ax.yaxis.get_offset_text().get_text() == ""  # no "+4.604" to add to every tick in one's head
     assert all(t.get_text().startswith("4.60") for t in ax.get_yticklabels() if t.get_text())
+
+
+def test_drawn_figures_have_print_resolution() -> None:
+    import struct
+
+    from vitprobe.report import _line_plot
+
+    png = _line_plot({"a": [1.0, 2.0, 3.0]}, xlabel="block", ylabel="value", x0=1)
+    width, height = struct.unpack(">II", png[16:24])  # the IHDR chunk
+    assert width >= 1200 and height >= 700  # 6 x 3.6 in at 200 dpi, not 100

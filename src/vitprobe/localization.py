@@ -611,7 +611,7 @@ def draw_boxes_figure(
     )
     fig.tight_layout()
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
+        fig.savefig(tmp, format="png", dpi=200)  # as the analyses' figures: sharp in print
 
 
 __all__ = [
