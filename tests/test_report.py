@@ -171,3 +171,17 @@ def test_drawn_figures_have_print_resolution() -> None:
     png = _line_plot({"a": [1.0, 2.0, 3.0]}, xlabel="block", ylabel="value", x0=1)
     width, height = struct.unpack(">II", png[16:24])  # the IHDR chunk
     assert width >= 1200 and height >= 700  # 6 x 3.6 in at 200 dpi, not 100
+
+
+def test_a_run_of_broken_json_files_says_which_file_and_why(tmp_path: Path) -> None:
+    run = tmp_path / "broken"
+    run.mkdir()
+    (run / "results.json").write_text('{"kind": "probe", ')  # cut off mid-write
+    (run / "attention.json").write_text("[1, 2]")
+    with pytest.raises(ReportError) as info:
+        collect_report([run])
+    message = str(info.value)
+    assert "results.json could not be read" in message and "attention.json is not a JSON object" in message
+    assert "none of" not in message  # not "nothing found": the files are there
+    result = runner.invoke(app, ["report", str(run)])
+    assert result.exit_code == 1 and "results.json could not be read" in " ".join(result.output.split())

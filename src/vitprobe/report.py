@@ -102,6 +102,13 @@ def _read_run(path: Path) -> _Run:
             continue
         run.files[file.name] = data
     if not run.files:
+        unreadable = [n for n in run.notes if not n.endswith("not found: skipped")]
+        if unreadable:  # the files are there but broken: say which and why, not "none found"
+            why = "; ".join(n.removesuffix(": skipped") for n in unreadable)
+            raise ReportError(
+                f"{path}: nothing readable to report: {why}",
+                "re-run the command that wrote that file (it may have been cut off or edited by hand)",
+            )
         raise ReportError(
             f"{path}: none of {', '.join(RESULT_FILES)} found",
             "run `vitprobe probe --out DIR` or `vitprobe analyze ... --out DIR` first, then report DIR",
