@@ -106,6 +106,14 @@ def test_missing_local_file(tmp_path: Path) -> None:
         fetch_checkpoint(str(tmp_path / "nope.pth"))
 
 
+def test_a_folder_is_not_called_missing_and_its_weights_files_are_named(tmp_path: Path) -> None:
+    save_file({"w": torch.ones(1)}, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="is a folder") as info:
+        fetch_checkpoint(str(tmp_path))
+    assert str(tmp_path / "model.safetensors") in info.value.hint and "config.json" not in info.value.hint
+
+
 def test_offline_is_read_at_call_time(monkeypatch: pytest.MonkeyPatch) -> None:
     import huggingface_hub.constants
 

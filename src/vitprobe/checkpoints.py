@@ -147,6 +147,14 @@ def fetch_checkpoint(spec: str) -> Path:
     if is_url(spec):
         return download_url(spec)
     path = Path(spec).expanduser()
+    if path.is_dir():
+        suffixes = (".safetensors", *_PICKLE_SUFFIXES)
+        inside = sorted(p.name for p in path.iterdir() if p.name.endswith(suffixes))
+        raise CheckpointError(
+            f"checkpoint {path} is a folder, not a weights file",
+            "pass the file itself"
+            + (f", e.g. {path / inside[0]} (weights files there: {', '.join(inside[:5])})" if inside else ""),
+        )
     if not path.is_file():
         raise CheckpointError(
             f"checkpoint file {path} does not exist",
