@@ -362,3 +362,31 @@ def test_boxes_equal_opencv_contours_when_available() -> None:
             x, y, bw, bh = cv2.boundingRect(c)
             expected.append((x, y, min(x + bw, w - 1), min(y + bh, h - 1)))
         assert sorted(map(tuple, loc.boxes_from_mask(m).tolist())) == sorted(expected)
+
+
+def test_maps_of_one_split_are_not_scored_against_another(tmp_path: Path, needles: str) -> None:
+    from vitprobe.data import open_dataset
+
+    test = open_dataset(needles, "test")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    manifest = {
+        "dataset": {"spec": needles, "split": "test", "fingerprint": test.fingerprint},
+        "model": {"spec": "timm:test_vit", "random_init": True},
+        "transform": {"input_size": [3, 160, 160], "crop_pct": 0.95, "crop_mode": "center"},
+    }
+    (cache / "manifest.json").write_text(json.dumps(manifest))
+    maps = tmp_path / "missing-maps.safetensors"
+
+    def run(split: str) -> None:
+        loc.run_localization(
+            loc.LocalizationConfig(
+                data=needles, split=split, out=str(tmp_path / "out"), abmilp_maps=str(maps), cache=str(cache)
+            )
+        )
+
+    with pytest.raises(loc.LocalizationError, match=r"another image list") as info:
+        run("train")  # map i is test image i: pairing it with train image i would be silently wrong
+    assert "--split test" in (info.value.hint or "")
+    with pytest.raises(loc.LocalizationError, match="no such file"):
+        run("test")  # the right split passes the check and goes on to read the maps

@@ -491,6 +491,7 @@ def run_localization(config: LocalizationConfig) -> LocalizationRun:
                 f"--cache {config.cache}: no manifest.json", "pass a token cache directory"
             )
         manifest = read_json(manifest_path)
+        _check_same_images(manifest, dataset, config)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {}
@@ -575,6 +576,21 @@ def run_localization(config: LocalizationConfig) -> LocalizationRun:
     json_path = out / "localization.json"
     write_json(json_path, result)
     return LocalizationRun(json_path=json_path, figures=figures, result=result)
+
+
+def _check_same_images(manifest: Mapping[str, Any], dataset: Any, config: LocalizationConfig) -> None:
+    """Refuse maps of one image list scored against another: map i belongs to dataset index i of the cache's
+    split, so another split (or dataset) would pair maps with the wrong images and boxes, silently."""
+    made = manifest.get("dataset") or {}
+    fingerprint = made.get("fingerprint")
+    if fingerprint and fingerprint != dataset.fingerprint:
+        raise LocalizationError(
+            f"--cache {config.cache} holds {made.get('spec')} ({made.get('split')}), but "
+            f"--data {config.data} --split {config.split} is another image list "
+            f"(fingerprint {str(fingerprint)[:12]} vs {dataset.fingerprint[:12]})",
+            f"score the maps against the split they were made from: --data {made.get('spec')} "
+            f"--split {made.get('split')}",
+        )
 
 
 def _figure_title(name: str, random_init: bool) -> str:
