@@ -403,7 +403,7 @@ def test_vit_large_checkpoint_into_mae_b16_names_both_sizes() -> None:
     message = info.value.message
     assert (
         "looks like a ViT-L/16 (dim 1024, 24 blocks) checkpoint "
-        "but mae-b16 is a ViT-B/16 (dim 768, 12 blocks)"
+        "but mae-b16 is a ViT-B/16 (dim 768, 12 blocks); presets of that size: mae-l16, beitv2-l16"
         in message
     )
     assert f"{12 * 12} unexpected keys: blocks.12." in message and "(+134 more)" in message

@@ -581,6 +581,15 @@ def _arch_of_state_dict(sd: Mapping[str, torch.Tensor]) -> tuple[int | None, int
     return dim, (max(blocks) + 1 if blocks else None), patch
 
 
+@cache
+def _preset_shapes() -> dict[str, tuple[int | None, int | None, int | None]]:
+    """(dim, depth, patch) of every preset, read from its architecture built on the meta device."""
+    return {
+        name: _arch_of_state_dict(create_timm_backbone(p.timm, device="meta", **p.timm_kwargs).state_dict())
+        for name, p in PRESETS.items()
+    }
+
+
 def likely_cause(
     state_dict: Mapping[str, torch.Tensor],
     model: nn.Module,
@@ -593,7 +602,11 @@ def likely_cause(
     file_arch = _arch_of_state_dict(state_dict)
     model_arch = _arch_of_state_dict(expected)
     if file_arch[0] and (file_arch[:2] != model_arch[:2] or (file_arch[2] and file_arch[2] != model_arch[2])):
-        return f"looks like a {_shape_of(*file_arch)} checkpoint but {name} is a {_shape_of(*model_arch)}"
+        same = [n for n, shape in _preset_shapes().items() if shape[:2] == file_arch[:2]]
+        same = [n for n in same if not file_arch[2] or _preset_shapes()[n][2] == file_arch[2]]
+        return f"looks like a {_shape_of(*file_arch)} checkpoint but {name} is a {_shape_of(*model_arch)}" + (
+            f"; presets of that size: {', '.join(same)}" if same else ""
+        )
     for prefix in ("module.", "backbone.", "encoder.", "model.", "trunk."):
         if unexpected and sum(k.startswith(prefix) for k in unexpected) >= len(unexpected) / 2:
             return f"the file's keys carry a {prefix!r} prefix that this layout does not strip"
