@@ -185,3 +185,28 @@ def test_a_run_of_broken_json_files_says_which_file_and_why(tmp_path: Path) -> N
     assert "none of" not in message  # not "nothing found": the files are there
     result = runner.invoke(app, ["report", str(run)])
     assert result.exit_code == 1 and "results.json could not be read" in " ".join(result.output.split())
+
+
+def test_learning_curves_pair_each_readout_and_say_random_weights(
+    runs: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vitprobe import report as rp
+
+    drawn: dict[str, dict] = {}
+    real = rp._line_plot
+
+    def spy(series, **kwargs):  # noqa: ANN001, ANN202 - records what each figure was drawn with
+        drawn[kwargs["ylabel"] + str(len(drawn))] = {"series": dict(series), **kwargs}
+        return real(series, **kwargs)
+
+    monkeypatch.setattr(rp, "_line_plot", spy)
+    rp.make_figures(collect_report(runs[:1]))  # the random-init run
+    (curves,) = [d for d in drawn.values() if d["xlabel"] == "epoch"]
+    assert "random weights" in curves["title"] and curves["pair_by_readout"]
+    assert set(curves["series"]) == {"cls holdout_top1", "mean holdout_top1", "abmilp holdout_top1"}
+    pairs = {"cls holdout_top1": [2.0, 3.0], "cls test_top1": [1.0, 2.0], "abmilp holdout_top1": [3.0, 5.0]}
+    fig = rp._line_figure(pairs, xlabel="epoch", ylabel="top-1 (%)", pair_by_readout=True)
+    lines = {line.get_label(): line for line in fig.axes[0].get_lines()}
+    assert lines["cls holdout_top1"].get_color() == lines["cls test_top1"].get_color()
+    assert lines["cls holdout_top1"].get_color() != lines["abmilp holdout_top1"].get_color()
+    assert lines["cls test_top1"].get_linestyle() == "--" and lines["cls holdout_top1"].get_linestyle() == "-"

@@ -631,7 +631,15 @@ def make_figures(report: Mapping[str, Any]) -> list[Figure]:
                 Figure(
                     f"{slug}_learning_curves.png",
                     f"{_run_label(r)}: learning curves (chosen learning rate)",
-                    _line_plot(series, xlabel="epoch", ylabel="top-1 (%)", x0=1, x=xs),
+                    _line_plot(
+                        series,
+                        xlabel="epoch",
+                        ylabel="top-1 (%)",
+                        x0=1,
+                        x=xs,
+                        title=f"{_run_label(r)}: learning curves at the chosen learning rate",
+                        pair_by_readout=True,
+                    ),
                     run=r["name"],
                 )
             )
@@ -671,9 +679,14 @@ def _line_plot(
     x0: int = 0,
     x: Sequence[float] | None = None,
     unit_x: bool = False,
+    title: str | None = None,
+    pair_by_readout: bool = False,
 ) -> bytes:
     """PNG bytes of `_line_figure`, at 200 dpi like the analyses' own figures (sharp in print)."""
-    fig = _line_figure(series, xlabel=xlabel, ylabel=ylabel, x0=x0, x=x, unit_x=unit_x)
+    fig = _line_figure(
+        series, xlabel=xlabel, ylabel=ylabel, x0=x0, x=x, unit_x=unit_x, title=title,
+        pair_by_readout=pair_by_readout,
+    )  # fmt: skip
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=PRINT_DPI)
     return buf.getvalue()
@@ -687,13 +700,27 @@ def _line_figure(
     x0: int = 0,
     x: Sequence[float] | None = None,
     unit_x: bool = False,
+    title: str | None = None,
+    pair_by_readout: bool = False,
 ) -> Any:
-    """One line per series against the block / layer / epoch index (from `x0`), `x`, or 0…1 (`unit_x`)."""
+    """One line per series against the block / layer / epoch index (from `x0`), `x`, or 0…1 (`unit_x`).
+
+    With `pair_by_readout`, series named "<read-out> <split>_top1" share one colour per read-out, and the
+    test-split series is dashed, so each read-out's selection and test curves read as a pair.
+    """
+    from matplotlib import colormaps
     from matplotlib.figure import Figure as MplFigure
 
     fig = MplFigure(figsize=(6.0, 3.6), dpi=100)
     ax = fig.add_subplot(1, 1, 1)
+    colours: dict[str, Any] = {}
     for name, ys in series.items():
+        style: dict[str, Any] = {}
+        if pair_by_readout:
+            readout, _, split = str(name).rpartition(" ")
+            palette = colormaps["tab10"].colors
+            style["color"] = colours.setdefault(readout, palette[len(colours) % len(palette)])
+            style["linestyle"] = "--" if split.startswith("test") else "-"
         n = len(ys)
         if x is not None and len(x) == n:
             xs = list(x)
@@ -707,6 +734,7 @@ def _line_figure(
             marker="o" if n <= 30 else None,
             markersize=3,
             label=str(name),
+            **style,
         )
     if not unit_x:
         from matplotlib.ticker import MaxNLocator
@@ -714,6 +742,8 @@ def _line_figure(
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # blocks, layers and epochs are whole numbers
     # plain tick values: with an offset, nearly flat curves (random weights) read "+4.604" off the axis
     ax.ticklabel_format(axis="y", useOffset=False)
+    if title:
+        ax.set_title(title, fontsize=9)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(True, alpha=0.3)
