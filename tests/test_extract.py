@@ -319,3 +319,48 @@ def test_cli_extract(data_spec: str, tmp_path: Path) -> None:
     refused = runner.invoke(app, [*args[:-6], "--layers", "-3", "--workers", "0"])
     text = " ".join(refused.output.split())
     assert refused.exit_code == 1 and "error:" in text and "different extraction" in text
+
+
+def test_a_complete_cache_with_a_lost_or_broken_shard_is_repaired_not_reported_complete(
+    data_spec: str, tmp_path: Path
+) -> None:
+    clean = _config(data_spec, tmp_path / "clean", shard_size=2, store="fp16")
+    extract(clean)
+    broken = replace(clean, out=tmp_path / "broken")
+    extract(broken)
+    (broken.out / "shard-00003.safetensors").unlink()  # what `open_cache` tells the user to do
+    shard1 = broken.out / "shard-00001.safetensors"
+    shard1.write_bytes(b"not a safetensors file")  # an unreadable header
+    with pytest.raises(CacheError, match="shard-00001"):
+        open_cache(broken.out)
+    repaired = extract(broken)  # the same command: resumes from the first bad shard
+    assert not repaired.skipped and repaired.new_samples == NUM_IMAGES - 2
+    a, b = open_cache(clean.out, verify=True), open_cache(broken.out, verify=True)
+    assert [s.sha256 for s in a.shards] == [s.sha256 for s in b.shards]
+
+
+def test_cli_ctrl_c_says_where_the_extraction_stopped_and_how_to_resume(
+    data_spec: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_write, written = extract_mod.write_shard, []
+
+    def interrupt_after_two(*args, **kwargs):
+        if len(written) == 2:
+            raise KeyboardInterrupt
+        written.append(args[1])
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(extract_mod, "write_shard", interrupt_after_two)
+    out = tmp_path / "cli"
+    args = ["extract", "--model", "timm:test_vit", "--random-init", "--data", data_spec, "--split", "train",
+            "--out", str(out), "--workers", "0", "--shard-size", "2", "--batch-size", "2"]
+    result = CliRunner().invoke(app, args)
+    text = " ".join(result.output.split())
+    assert result.exit_code == 130, text
+    assert f"error: extraction into {out} interrupted (2 of 5 shards written)" in text
+    assert "re-run the same command to resume" in text
+    assert not (out / LOCK_FILE).exists()
+    monkeypatch.undo()
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 0 and "resuming" in again.output
+    assert open_cache(out, verify=True).num_written == NUM_IMAGES

@@ -368,3 +368,19 @@ def test_negative_layer_counts_from_the_models_last_block_as_in_extract(tmp_path
     result = invoke("probe", *common, "--out", tmp_path / "bad", "--layer", "-2")
     assert result.exit_code == 1
     assert "layer -2 (block 10 of 12) is not in the cache" in result.output and "[11, 5]" in result.output
+
+
+@pytest.mark.parametrize("command", ["probe", "knn"])
+def test_a_shard_whose_bytes_changed_is_refused_before_training_on_it(tmp_path: Path, command: str) -> None:
+    train = write_cache(tmp_path / "train", n=45)
+    test = write_cache(tmp_path / "test", n=15, seed=1)
+    shard = train / "shard-00001.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-7] ^= 0xFF  # a flipped bit in the tensor data: the header still parses
+    shard.write_bytes(bytes(data))
+    extra = FAST if command == "probe" else ["--k", "3"]
+    result = invoke(command, "--train", train, "--test", test, "--out", tmp_path / "run", *extra)
+    assert result.exit_code == 1, result.output
+    assert f"shard {shard} is corrupt: its sha256 differs from the manifest" in result.output
+    assert "re-run the `vitprobe extract` command" in result.output
+    assert not (tmp_path / "run" / "results.json").exists() and not (tmp_path / "run" / "knn.json").exists()

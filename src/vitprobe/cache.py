@@ -18,7 +18,7 @@ import json
 import os
 import socket
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -155,6 +155,11 @@ def bytes_per_sample(layout: dict[str, KeySpec]) -> int:
     return sum(spec.bytes_per_sample for spec in layout.values())
 
 
+def _manifest_field(key: str, convert: Callable[[Any], Any], doc: str) -> Any:
+    """A read-only TokenCache property returning `convert(manifest[key])`."""
+    return property(lambda self: convert(self.manifest[key]), doc=doc)
+
+
 class TokenCache:
     """A validated token cache directory; reads shards lazily (memory-mapped), never the whole cache.
 
@@ -166,6 +171,7 @@ class TokenCache:
         self.manifest = manifest
         self._shards = [ShardInfo(**s) for s in manifest["shards"]]
         self._layout = layout_from_manifest(manifest)
+        self._verified: set[int] = set()  # shards whose sha256 was checked (verify_shard)
 
     def __repr__(self) -> str:
         state = "complete" if self.complete else f"incomplete, {self.num_written}/{self.num_samples} rows"
@@ -178,18 +184,21 @@ class TokenCache:
         return self.num_samples
 
     # --- manifest properties -------------------------------------------------------------------------
-    @property
-    def num_samples(self) -> int:
-        """Rows of the finished cache (images x max(views, 1)); see `num_written` for an incomplete one."""
-        return int(self.manifest["num_samples"])
+    num_samples = _manifest_field(
+        "num_samples", int, "Rows of the finished cache (images x max(views, 1)); see `num_written`."
+    )
+    dim = _manifest_field("dim", int, "Token dimension D.")
+    num_prefix_tokens = _manifest_field("num_prefix_tokens", int, "[cls] + register tokens per image.")
+    num_reg_tokens = _manifest_field("num_reg_tokens", int, "Register (or distillation) tokens per image.")
+    has_cls = _manifest_field("has_cls", bool, "Whether the backbone has a [cls] token.")
+    tokens = _manifest_field("tokens", str, "Token mode: all, cls or pooled.")
+    store_dtype = _manifest_field("store_dtype", str, "Stored dtype: fp16, bf16 or fp32.")
+    views = _manifest_field("views", int, "Augmented views per image (0: the eval transform only).")
+    complete = _manifest_field("complete", bool, "Whether every row has been written.")
 
     @property
     def num_written(self) -> int:
         return sum(s.num_samples for s in self._shards)
-
-    @property
-    def dim(self) -> int:
-        return int(self.manifest["dim"])
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -205,40 +214,12 @@ class TokenCache:
         return [int(layer) for layer in self.manifest["layers"]]
 
     @property
-    def has_cls(self) -> bool:
-        return bool(self.manifest["has_cls"])
-
-    @property
-    def num_prefix_tokens(self) -> int:
-        return int(self.manifest["num_prefix_tokens"])
-
-    @property
-    def num_reg_tokens(self) -> int:
-        return int(self.manifest["num_reg_tokens"])
-
-    @property
-    def tokens(self) -> str:
-        return str(self.manifest["tokens"])
-
-    @property
-    def store_dtype(self) -> str:
-        return str(self.manifest["store_dtype"])
-
-    @property
     def class_names(self) -> list[str]:
         return list(self.manifest["dataset"]["class_names"])
 
     @property
     def num_classes(self) -> int:
         return int(self.manifest["dataset"]["num_classes"])
-
-    @property
-    def views(self) -> int:
-        return int(self.manifest["views"])
-
-    @property
-    def complete(self) -> bool:
-        return bool(self.manifest["complete"])
 
     @property
     def shards(self) -> list[ShardInfo]:
@@ -253,6 +234,23 @@ class TokenCache:
     def layout(self) -> dict[str, KeySpec]:
         """Per-key shape (after the sample axis) and dtype."""
         return dict(self._layout)
+
+    def verify_shard(self, i: int) -> None:
+        """Re-hash shard `i` once per TokenCache and compare with the manifest (reads every byte of it).
+
+        Raises:
+            CacheError: the shard's bytes changed since it was written (disk corruption, an edit).
+        """
+        if i in self._verified:
+            return
+        info = self._shards[i]
+        if sha256_file(self.path / info.file) != info.sha256:
+            raise CacheError(
+                f"shard {self.path / info.file} is corrupt: its sha256 differs from the manifest",
+                f"delete that file and re-run the `vitprobe extract` command that wrote {self.path}; it "
+                "rewrites the cache from that shard on",
+            )
+        self._verified.add(i)
 
     # --- reading -------------------------------------------------------------------------------------
     def read_shard(
@@ -417,35 +415,35 @@ def check_manifest(manifest: Any, *, where: Path | str) -> None:
 
 
 def _check_files(cache: TokenCache, *, verify: bool) -> None:
-    for info in cache.shards:
-        file = cache.path / info.file
-        if not file.is_file():
-            raise CacheError(
-                f"shard {file} listed in the manifest is missing", "re-run `vitprobe extract` to resume"
-            )
-        try:
-            with safe_open(file, framework="pt", device="cpu") as f:
-                slices = {key: f.get_slice(key) for key in f.keys()}
-                found = {key: (s.get_shape(), s.get_dtype()) for key, s in slices.items()}
-        except Exception as exc:  # safetensors raises its own error types for corrupt headers
-            raise CacheError(
-                f"cannot read shard {file}: {exc}", "delete it and re-run `vitprobe extract`"
-            ) from exc
-        expected = {
-            key: ([info.num_samples, *spec.shape], spec.st_dtype) for key, spec in cache.layout.items()
-        }
-        if found != expected:
-            raise CacheError(
-                f"shard {file} does not match the manifest: found {found}, expected {expected}",
-                "re-extract the cache (--overwrite)",
-            )
-        if verify and sha256_file(file) != info.sha256:
-            raise CacheError(
-                f"shard {file} is corrupt: its sha256 differs from the manifest", "delete it and resume"
-            )
+    for i, info in enumerate(cache.shards):
+        problem = shard_problem(cache.path, info, cache.layout)
+        if problem is not None:
+            raise CacheError(problem, "delete that file and re-run `vitprobe extract` to resume")
+        if verify:
+            cache.verify_shard(i)
     norm = cache.manifest["final_norm"]
     if norm.get("file") and not (cache.path / norm["file"]).is_file():
         raise CacheError(f"{cache.path / norm['file']} is missing", "re-extract the cache (--overwrite)")
+
+
+def shard_problem(directory: Path, info: ShardInfo, layout: dict[str, KeySpec]) -> str | None:
+    """Why the file of a recorded shard cannot be used (missing, unreadable header, wrong tensors), or None.
+
+    Reads the safetensors header only; `TokenCache.verify_shard` checks the bytes.
+    """
+    file = Path(directory) / info.file
+    if not file.is_file():
+        return f"shard {file} listed in the manifest is missing"
+    try:
+        with safe_open(file, framework="pt", device="cpu") as f:
+            slices = {key: f.get_slice(key) for key in f.keys()}
+            found = {key: (s.get_shape(), s.get_dtype()) for key, s in slices.items()}
+    except Exception as exc:  # safetensors raises its own error types for corrupt headers
+        return f"cannot read shard {file}: {exc}"
+    expected = {key: ([info.num_samples, *spec.shape], spec.st_dtype) for key, spec in layout.items()}
+    if found != expected:
+        return f"shard {file} does not match the manifest: found {found}, expected {expected}"
+    return None
 
 
 # --- writing (used by vitprobe.extract) ----------------------------------------------------------------
@@ -460,7 +458,6 @@ def write_shard(directory: Path, index: int, start: int, tensors: dict[str, torc
     metadata = _metadata(start=start, stop=start + n)
     with atomic_path(directory / name) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-        _readable(tmp)
         digest = sha256_file(tmp)
     return ShardInfo(file=name, start=start, stop=start + n, sha256=digest)
 
@@ -472,8 +469,7 @@ def write_final_norm(directory: Path, norm: torch.nn.Module) -> dict[str, Any]:
     if state:
         with atomic_path(directory / FINAL_NORM_FILE) as tmp:
             save_file(state, str(tmp), metadata=_metadata(type=info["type"]))
-            _readable(tmp)
-        info["file"] = FINAL_NORM_FILE
+            info["file"] = FINAL_NORM_FILE
     return info
 
 
@@ -488,14 +484,6 @@ def write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
     text = json.dumps({**manifest, "updated": utc_now()}, indent=2) + "\n"
     with atomic_path(Path(directory) / MANIFEST_FILE) as tmp:
         tmp.write_text(text, encoding="utf-8")
-        _readable(tmp)
-
-
-def _readable(path: Path) -> None:
-    """Give a temp file (created 0600) the usual permissions, so caches can be shared with other users."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
 
 
 def read_manifest(directory: Path) -> dict[str, Any] | None:

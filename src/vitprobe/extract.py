@@ -34,6 +34,7 @@ from vitprobe.cache import (
     KeySpec,
     ShardInfo,
     bytes_per_sample,
+    layout_from_manifest,
     lock_cache,
     read_manifest,
     remove_cache_files,
@@ -42,6 +43,7 @@ from vitprobe.cache import (
     shard_file,
     shard_infos,
     shard_layout,
+    shard_problem,
     utc_now,
     write_final_norm,
     write_manifest,
@@ -426,12 +428,13 @@ def _prepare(config: ExtractConfig, manifest: dict[str, Any], backbone: Backbone
                 f"{out} holds a cache of a different extraction ({'; '.join(diffs)})",
                 "choose another --out, or pass --overwrite to replace that cache",
             )
-        if old["complete"]:
-            return _Plan(manifest=old, ranges=ranges, done=shard_infos(old), skipped=True,
+        kept = _intact_prefix(out, shard_infos(old), ranges, manifest)
+        if old["complete"] and len(kept) == len(ranges):
+            return _Plan(manifest=old, ranges=ranges, done=kept, skipped=True,
                          estimate_bytes=_dir_bytes(out),
                          notes=[f"{out} is already a complete cache; pass --overwrite to extract it again"])
-        if config.resume:
-            done = _intact_prefix(out, shard_infos(old), ranges)
+        if config.resume or old["complete"]:  # a complete cache with a lost shard is repaired, never wiped
+            done = kept
             manifest["created"] = old.get("created", manifest["created"])
             notes.append(f"resuming {out}: {len(done)} of {len(ranges)} shards already written")
         else:
@@ -459,13 +462,17 @@ def _prepare(config: ExtractConfig, manifest: dict[str, Any], backbone: Backbone
     return _Plan(manifest=manifest, ranges=ranges, done=done, estimate_bytes=estimate, notes=notes)
 
 
-def _intact_prefix(out: Path, done: list[ShardInfo], ranges: list[tuple[int, int]]) -> list[ShardInfo]:
-    """The recorded shards up to the first one whose file is missing or whose range is off the plan."""
+def _intact_prefix(
+    out: Path, done: list[ShardInfo], ranges: list[tuple[int, int]], manifest: dict[str, Any]
+) -> list[ShardInfo]:
+    """The recorded shards up to the first one whose range is off the plan or whose file is missing or has
+    an unreadable header or the wrong tensors (checked from the header; the bytes are not re-hashed)."""
+    layout = layout_from_manifest(manifest)
     kept = []
     for i, info in enumerate(done):
         if i >= len(ranges) or (info.start, info.stop) != ranges[i] or info.file != shard_file(i):
             break
-        if not (out / info.file).is_file():
+        if shard_problem(out, info, layout) is not None:
             break
         kept.append(info)
     return kept
@@ -491,11 +498,7 @@ def _run(
     todo = list(range(len(plan.done), len(plan.ranges)))  # shard numbers still to write
     mine = todo[rank::world]
     rounds = math.ceil(len(todo) / world)
-    layout = shard_layout(
-        tokens=manifest["tokens"], num_layers=len(manifest["layers"]), grid=manifest["grid"],
-        dim=manifest["dim"], has_cls=manifest["has_cls"], num_reg_tokens=manifest["num_reg_tokens"],
-        store_dtype=manifest["store_dtype"], views=manifest["views"],
-    )
+    layout = layout_from_manifest(manifest)
     limited = _Limit(dataset, manifest["dataset"]["num_images"])
     transform = view_transform(backbone) if config.views else backbone.transform(train=False)
     rows = CacheRows(limited, transform, views=config.views, seed=config.seed)  # type: ignore[arg-type]

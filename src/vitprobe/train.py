@@ -175,10 +175,16 @@ class MemorySource(TokenSource):
 
 
 class CacheSource(TokenSource):
-    """A token cache (vitprobe.cache) read shard by shard at one layer."""
+    """A token cache (vitprobe.cache) read shard by shard at one layer.
 
-    def __init__(self, cache: TokenCache, layer: int) -> None:
+    With `verify` (the default), each shard's sha256 is checked against the manifest the first time it is
+    read, so a corrupted shard stops the run with a CacheError instead of feeding garbage to the heads; this
+    reads each shard once more in full.
+    """
+
+    def __init__(self, cache: TokenCache, layer: int, *, verify: bool = True) -> None:
         self.cache = cache
+        self.verify = verify
         self.layer = layer
         self.layer_pos = list(cache.layers).index(layer)
         self.multi_layer = len(cache.layers) > 1
@@ -194,6 +200,8 @@ class CacheSource(TokenSource):
         self.views = cache.view_ids().long() if cache.views > 1 else None
 
     def read_block(self, i: int, keys: Sequence[str]) -> dict[str, torch.Tensor]:
+        if self.verify:
+            self.cache.verify_shard(i)
         out = dict(self.cache.read_shard(i, keys=[*keys, "labels"]))
         if self.multi_layer:
             for k in keys:

@@ -2,45 +2,52 @@
 
 from __future__ import annotations
 
-from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from vitprobe.commands.options import CheckpointOpt, DataOpt, DeviceOpt, ModelOpt, RandomInitOpt, SplitOpt
+from vitprobe.commands.options import (
+    CheckpointOpt,
+    DataOpt,
+    DeviceOpt,
+    ModelOpt,
+    RandomInitOpt,
+    SplitOpt,
+    parse_number_list,
+    str_choices,
+)
 from vitprobe.errors import VitprobeError
 
-
-class Dtype(str, Enum):
-    auto = "auto"
-    fp32 = "fp32"
-    bf16 = "bf16"
-    fp16 = "fp16"
+Dtype = str_choices("Dtype", ("auto", "fp32", "bf16", "fp16"))
+Store = str_choices("Store", ("fp16", "bf16", "fp32"))
+Tokens = str_choices("Tokens", ("all", "cls", "pooled"))
 
 
-class Store(str, Enum):
-    fp16 = "fp16"
-    bf16 = "bf16"
-    fp32 = "fp32"
+class Interrupted(VitprobeError):
+    """Ctrl-C (SIGINT) during an extraction; exit code 130 as for any process stopped by SIGINT."""
+
+    exit_code = 130
 
 
-class Tokens(str, Enum):
-    all = "all"
-    cls = "cls"
-    pooled = "pooled"
+def _progress(out: Path) -> str:
+    """`12 of 63 shards written`, from the cache's manifest (rank 0 records shards as they land)."""
+    from vitprobe.cache import read_manifest
+    from vitprobe.extract import shard_ranges
+
+    try:
+        manifest = read_manifest(out)
+    except VitprobeError:
+        manifest = None
+    if manifest is None:
+        return "no shard written yet"
+    total = len(shard_ranges(manifest["num_samples"], manifest["shard_size"]))
+    return f"{len(manifest['shards'])} of {total} shards written"
 
 
 def parse_layers(text: str) -> tuple[int, ...]:
     """`-1,-4` -> (-1, -4)."""
-    try:
-        layers = tuple(int(part) for part in text.replace(" ", "").split(",") if part)
-    except ValueError:
-        raise VitprobeError(f"--layers {text!r} is not a comma-separated list of block numbers",
-                            "e.g. --layers -1 or --layers=-1,-4,6") from None
-    if not layers:
-        raise VitprobeError("--layers is empty", "e.g. --layers -1")
-    return layers
+    return parse_number_list(text, "--layers", kind=int, example="-1 or --layers=-1,-4,6")
 
 
 def extract(
@@ -93,7 +100,13 @@ def extract(
         resume=resume, overwrite=overwrite, force=force,
     )
     console = Console(stderr=True, highlight=False)
-    result = run_extract(config, console=console)
+    try:
+        result = run_extract(config, console=console)
+    except KeyboardInterrupt:
+        raise Interrupted(
+            f"extraction into {out} interrupted ({_progress(out)}); the shards written so far are kept",
+            "re-run the same command to resume from the last complete shard",
+        ) from None
     if not result.is_main:
         return
     if result.skipped:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+
+from vitprobe.errors import VitprobeError
 
 ModelOpt = Annotated[
     str,
@@ -36,3 +40,38 @@ DeviceOpt = Annotated[
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 OutDirOpt = Annotated[Path, typer.Option("--out", "-o", help="Output directory.")]
+LayerOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--layer",
+        help="Block to use when the cache holds several (default: the deepest stored; negative counts from "
+        "the model's last block, -1 = last).",
+    ),
+]
+FinalNormOpt = Annotated[
+    bool,
+    typer.Option(
+        "--final-norm", help="Apply the backbone's final LayerNorm (from the cache) to tokens first."
+    ),
+]
+
+
+def str_choices(name: str, values: Sequence[str]) -> type[Enum]:
+    """A `str` Enum whose members are `values` (typer shows them as the option's choices)."""
+    return Enum(name, {value: value for value in values}, type=str)  # type: ignore[return-value]
+
+
+def parse_number_list(
+    text: str, option: str, *, kind: type[int] | type[float], example: str
+) -> tuple[Any, ...]:
+    """`"-1,-4"` -> (-1, -4) for a comma-separated option; a VitprobeError names the option and an example."""
+    try:
+        values = tuple(kind(part) for part in text.replace(" ", "").split(",") if part)
+    except ValueError:
+        noun = "integers" if kind is int else "numbers"
+        raise VitprobeError(
+            f"{option} {text!r} is not a comma-separated list of {noun}", f"e.g. {option} {example}"
+        ) from None
+    if not values:
+        raise VitprobeError(f"{option} is empty", f"e.g. {option} {example}")
+    return values
