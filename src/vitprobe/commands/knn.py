@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -11,28 +10,17 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from vitprobe.commands.options import DeviceOpt
-from vitprobe.errors import ProbeError
+from vitprobe.commands.options import DeviceOpt, FinalNormOpt, LayerOpt, parse_number_list, str_choices
 
 console = Console(highlight=False)
 
 
-class KnnPool(str, Enum):
-    cls = "cls"
-    mean = "mean"
+KnnPool = str_choices("KnnPool", ("cls", "mean"))
 
 
 def parse_ks(text: str) -> tuple[int, ...]:
     """`10,20,100` -> (10, 20, 100)."""
-    try:
-        ks = tuple(int(part) for part in text.replace(" ", "").split(",") if part)
-    except ValueError:
-        raise ProbeError(
-            f"--k {text!r} is not a comma-separated list of integers", "e.g. --k 10,20,100,200"
-        ) from None
-    if not ks:
-        raise ProbeError("--k is empty", "e.g. --k 20")
-    return ks
+    return parse_number_list(text, "--k", kind=int, example="10,20,100,200")
 
 
 def knn(
@@ -52,16 +40,8 @@ def knn(
     pool: Annotated[
         KnnPool, typer.Option("--pool", help="[cls] token or mean of patch tokens.")
     ] = KnnPool.cls,
-    layer: Annotated[
-        int | None,
-        typer.Option(
-            "--layer", help="Block to use when the cache holds several (default: the deepest stored)."
-        ),
-    ] = None,
-    final_norm: Annotated[
-        bool,
-        typer.Option("--final-norm", help="Apply the backbone's final LayerNorm (from the cache) first."),
-    ] = False,
+    layer: LayerOpt = None,
+    final_norm: FinalNormOpt = False,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Test rows per batch.")] = 256,
     device: DeviceOpt = "auto",
     out: Annotated[

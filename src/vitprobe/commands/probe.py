@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -11,57 +10,23 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from vitprobe.commands.options import DeviceOpt
+from vitprobe.commands.options import DeviceOpt, FinalNormOpt, LayerOpt, parse_number_list, str_choices
 from vitprobe.errors import ProbeError
 
 console = Console(highlight=False)
 
 
-class Pool(str, Enum):
-    cls = "cls"
-    mean = "mean"
-    cls_mean = "cls+mean"
-    abmilp = "abmilp"
-    attentive = "attentive"
-
-
-class Optimizer(str, Enum):
-    lars = "lars"
-    sgd = "sgd"
-    adamw = "adamw"
-
-
-class SelectOn(str, Enum):
-    holdout = "holdout"
-    test = "test"
-
-
-class Act(str, Enum):
-    tanh = "tanh"
-    relu = "relu"
-
-
-class Content(str, Enum):
-    patch = "patch"
-    all = "all"
-
-
-class Load(str, Enum):
-    auto = "auto"
-    memory = "memory"
-    stream = "stream"
+Pool = str_choices("Pool", ("cls", "mean", "cls+mean", "abmilp", "attentive"))
+Optimizer = str_choices("Optimizer", ("lars", "sgd", "adamw"))
+SelectOn = str_choices("SelectOn", ("holdout", "test"))
+Act = str_choices("Act", ("tanh", "relu"))
+Content = str_choices("Content", ("patch", "all"))
+Load = str_choices("Load", ("auto", "memory", "stream"))
 
 
 def parse_floats(text: str | None, option: str) -> tuple[float, ...]:
-    """`0.05,0.1` -> (0.05, 0.1); None or empty -> ()."""
-    if not text:
-        return ()
-    try:
-        return tuple(float(part) for part in text.replace(" ", "").split(",") if part)
-    except ValueError:
-        raise ProbeError(
-            f"{option} {text!r} is not a comma-separated list of numbers", "e.g. 0.05,0.1,0.2"
-        ) from None
+    """`0.05,0.1` -> (0.05, 0.1); None -> ()."""
+    return parse_number_list(text, option, kind=float, example="0.05,0.1,0.2") if text is not None else ()
 
 
 def probe(
@@ -81,18 +46,8 @@ def probe(
         list[Pool] | None,
         typer.Option("--pool", help="Read-out to train; repeat for several (default: cls, mean, abmilp)."),
     ] = None,
-    layer: Annotated[
-        int | None,
-        typer.Option(
-            "--layer", help="Block to probe when the cache holds several (default: the deepest stored)."
-        ),
-    ] = None,
-    final_norm: Annotated[
-        bool,
-        typer.Option(
-            "--final-norm", help="Apply the backbone's final LayerNorm (from the cache) to tokens first."
-        ),
-    ] = False,
+    layer: LayerOpt = None,
+    final_norm: FinalNormOpt = False,
     abmilp_depth: Annotated[
         int,
         typer.Option(
