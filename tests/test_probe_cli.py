@@ -230,6 +230,11 @@ def test_predict_refuses_a_cache_from_another_checkpoint_or_layer(run: dict[str,
     wrong_layer = write_cache(run["root"] / "layer11", n=20, layers=(11,), reg=1)
     result = invoke("probe", "--predict", head, "--cache", wrong_layer)
     assert result.exit_code == 1 and "block 5" in result.output
+    pooled = write_cache(run["root"] / "pooled", n=20, layers=(5, 11), reg=1, tokens="pooled")
+    result = invoke("probe", "--predict", run["out"] / "heads" / "abmilp.safetensors", "--cache", pooled)
+    assert result.exit_code == 1
+    assert f"cache {pooled} (--tokens pooled) holds only" in result.output
+    assert "evaluate the head on a cache extracted with --tokens all" in result.output
     reseeded = write_cache(run["root"] / "other-seed", n=20, layers=(5, 11), reg=1, extract_seed=3)
     result = invoke("probe", "--predict", head, "--cache", reseeded)
     assert result.exit_code == 1 and "random-init seeds 0 vs 3" in result.output
@@ -271,6 +276,15 @@ def test_pooled_cache_skips_abmilp_by_default_and_refuses_it_when_asked(tmp_path
         "probe", "--train", train, "--test", test, "--out", tmp_path / "run2", *FAST, "--pool", "abmilp"
     )
     assert result.exit_code == 1 and "--tokens all" in result.output
+    assert f"train cache {train} (--tokens pooled) and test cache {test} (--tokens pooled)" in result.output
+    full_test = write_cache(tmp_path / "test-all", n=15, seed=1)
+    result = invoke(
+        "probe", "--train", train, "--test", full_test, "--out", tmp_path / "run3", *FAST, "--pool", "abmilp"
+    )
+    assert result.exit_code == 1, result.output
+    assert f"the abmilp read-out needs patch tokens, and train cache {train} (--tokens pooled) holds" in (
+        result.output
+    )
 
 
 def test_model_without_cls_skips_cls_with_a_note(tmp_path: Path) -> None:

@@ -602,9 +602,16 @@ def needed_keys(
 
 
 def resolve_specs(
-    cfg: ProbeConfig, available: frozenset[str], *, explicit: bool
+    cfg: ProbeConfig,
+    available: frozenset[str],
+    *,
+    explicit: bool,
+    where: str = "the cache",
+    fix: str = "extract the cache with --tokens all, or drop this --pool",
 ) -> tuple[list[HeadSpec], list[str]]:
-    """The read-outs this cache can feed, and notes for those skipped.
+    """The read-outs the caches can feed (`available` token keys), and notes for those skipped.
+
+    `where` names the cache(s) in messages, `fix` is the hint of a refusal.
 
     A missing [cls] token always skips `cls` / `cls+mean` with a note (models without one). Read-outs that
     need patch tokens on a cache without them are skipped with a note when the pools were defaulted, refused
@@ -625,19 +632,18 @@ def resolve_specs(
             )
             if explicit:
                 raise ProbeError(
-                    f"{why}, and the cache holds only {sorted(available)}",
-                    "extract the cache with --tokens all, or drop this --pool",
+                    f"{why}, and {where} holds only {sorted(available)}", fix
                 )
-            notes.append(f"skipped {pool}: {why} (cache holds {sorted(available)})")
+            notes.append(f"skipped {pool}: {why} ({where} holds {sorted(available)})")
             continue
         if pool in ("mean", "cls+mean") and not available & {"patches", "mean"}:
-            notes.append(f"skipped {pool}: the cache holds no patch tokens or mean")
+            notes.append(f"skipped {pool}: {where} holds no patch tokens or mean")
             continue
         specs.append(spec)
     if not specs:
         raise ProbeError(
-            "no read-out can be trained on this cache (" + "; ".join(notes) + ")",
-            "extract the cache with --tokens all",
+            f"no read-out can be trained on {where} (" + "; ".join(notes) + ")",
+            "extract the caches with --tokens all",
         )
     return specs, notes
 
@@ -904,7 +910,10 @@ def run_probe(
     layer = resolve_layer(train_cache, cfg.layer)
     check_pair(train_cache, test_cache, layer)
     available = frozenset(cache_token_keys(train_cache)) & frozenset(cache_token_keys(test_cache))
-    specs, notes = resolve_specs(cfg, available, explicit=explicit_pools)
+    partial = [f"{name} cache {c.path} (--tokens {c.tokens})"
+               for name, c in (("train", train_cache), ("test", test_cache)) if c.tokens != "all"]
+    where = " and ".join(partial) or "the caches"
+    specs, notes = resolve_specs(cfg, available, explicit=explicit_pools, where=where)
     keys = needed_keys(specs, available, cfg.final_norm)
     norm = final_norm_state(train_cache) if cfg.final_norm else None
     device = resolve_device(cfg.device)
@@ -1143,6 +1152,8 @@ def predict(
         ),
         available,
         explicit=True,
+        where=f"cache {cache.path} (--tokens {cache.tokens})",
+        fix="evaluate the head on a cache extracted with --tokens all",
     )
     keys = needed_keys([spec], available, bool(meta["final_norm"]))
     device = resolve_device(cfg.device)
