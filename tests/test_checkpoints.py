@@ -50,6 +50,13 @@ def test_safetensors_round_trip(tmp_path: Path) -> None:
     assert sorted(got) == ["a", "b.c"] and all(torch.equal(got[k], sd[k]) for k in sd)
 
 
+def test_safetensors_with_a_torch_suffix_is_read_not_called_unsafe(tmp_path: Path) -> None:
+    sd = {"a": torch.randn(3, 4)}
+    save_file(sd, tmp_path / "pytorch_model.bin")  # misnamed: the content decides
+    got = read_checkpoint(tmp_path / "pytorch_model.bin")
+    assert list(got) == ["a"] and torch.equal(got["a"], sd["a"])
+
+
 def test_training_checkpoint_with_argparse_namespace_is_allowed(tmp_path: Path) -> None:
     args = argparse.Namespace(lr=1.5e-4, model="mae_vit_base_patch16", betas=[0.9, 0.95], output_dir="/out")
     torch.save(

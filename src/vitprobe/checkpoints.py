@@ -173,7 +173,7 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
         CheckpointError: the file needs arbitrary code to unpickle, is corrupt, or is not a mapping.
     """
     path = Path(path)
-    if path.name.endswith(".safetensors"):
+    if path.name.endswith(".safetensors") or _is_safetensors(path):  # content decides, not only the name
         return _read_safetensors(path)
     if path.suffix.lower() not in _PICKLE_SUFFIXES:
         raise CheckpointError(
@@ -187,6 +187,17 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
             "save the model's state_dict() (a dict of tensors), not the module itself",
         )
     return obj
+
+
+def _is_safetensors(path: Path) -> bool:
+    """True when the file starts like safetensors: a little-endian u64 header size, then a JSON object."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return False
+    size = int.from_bytes(head[:8], "little") if len(head) == 9 else 0
+    return head[8:9] == b"{" and 2 <= size <= path.stat().st_size - 8
 
 
 def _read_safetensors(path: Path) -> dict[str, Any]:
