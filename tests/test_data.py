@@ -391,6 +391,15 @@ def test_bad_csv_files(tmp_path: Path, text: str, fragment: str) -> None:
 def test_missing_csv_is_named(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match=f"file {tmp_path / 'none.csv'} does not exist"):
         open_dataset(f"csv:{tmp_path / 'none.csv'}", "all")
+    with pytest.raises(DatasetError, match="is a folder, not a CSV file"):
+        open_dataset(f"csv:{tmp_path}", "all")
+
+
+def test_csv_listing_a_missing_image_names_it(tmp_path: Path) -> None:
+    _png(tmp_path / "a.png")
+    (tmp_path / "d.csv").write_text("path,label\nimgs/a.png,cat\n")  # wrong folder in the path column
+    with pytest.raises(DatasetError, match=r"missing image .*imgs/a\.png \(listed in .*d\.csv\)"):
+        open_dataset(f"csv:{tmp_path / 'd.csv'}", "all")
 
 
 # --------------------------------------------------------------------------------------------- CLI

@@ -607,6 +607,11 @@ def _open_csv(spec: str, rest: str, split: str) -> ImageDataset:
                 boxes[order[rel]].append(box)
     if not paths:
         raise DatasetError(f"{spec}: {path} has no rows for split {split!r}", "add rows or pick a split")
+    if not paths[0].is_file():  # as for CUB: one stat catches a CSV read against the wrong folder
+        raise DatasetError(
+            f"{spec}: missing image {paths[0]} (listed in {path})",
+            "fix the path column; relative paths resolve against the CSV's folder",
+        )
     return ImageDataset(
         spec=spec, split=split, kind="csv", root=root, class_names=class_names, paths=paths, labels=labels,
         boxes=boxes if has_boxes else None, notes=notes,
@@ -667,6 +672,8 @@ def _existing_dir(spec: str, rest: str, kind: str) -> Path:
 
 def _existing_file(spec: str, rest: str) -> Path:
     path = Path(rest).expanduser().resolve()
+    if path.is_dir():
+        raise DatasetError(f"{spec}: {path} is a folder, not a CSV file", _hint_for("csv"))
     if not path.is_file():
         raise DatasetError(f"{spec}: file {path} does not exist", _hint_for("csv"))
     return path
