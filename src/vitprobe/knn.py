@@ -142,10 +142,7 @@ def cache_features(
             + (" with --final-norm" if final_norm else ""),
             "extract the cache with --tokens all",
         )
-    norm = None
-    if final_norm:
-        norm = final_norm_state(cache)
-        norm = {"weight": norm["weight"].to(device), "bias": norm["bias"].to(device), "eps": norm["eps"]}
+    norm = final_norm_state(cache, device) if final_norm else None
     source = CacheSource(cache, layer)
     split = Split("knn", source, torch.arange(source.num_rows))
     feats, labels = [], []

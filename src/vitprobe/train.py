@@ -723,8 +723,8 @@ def check_pair(train: TokenCache, test: TokenCache, layer: int) -> None:
         )
 
 
-def final_norm_state(cache: TokenCache) -> dict[str, Any]:
-    """The backbone's final LayerNorm as {"weight", "bias", "eps"} from the cache."""
+def final_norm_state(cache: TokenCache, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """The backbone's final LayerNorm as {"weight", "bias" (fp32, on `device`), "eps"} from the cache."""
     state = cache.final_norm_state()
     info = cache.manifest.get("final_norm", {})
     if "weight" not in state or "bias" not in state:
@@ -734,8 +734,8 @@ def final_norm_state(cache: TokenCache) -> dict[str, Any]:
         )
     eps = info.get("eps")
     return {
-        "weight": state["weight"].float(),
-        "bias": state["bias"].float(),
+        "weight": state["weight"].float().to(device),
+        "bias": state["bias"].float().to(device),
         "eps": float(1e-6 if eps is None else eps),
     }
 
@@ -915,8 +915,8 @@ def run_probe(
     where = " and ".join(partial) or "the caches"
     specs, notes = resolve_specs(cfg, available, explicit=explicit_pools, where=where)
     keys = needed_keys(specs, available, cfg.final_norm)
-    norm = final_norm_state(train_cache) if cfg.final_norm else None
     device = resolve_device(cfg.device)
+    norm = final_norm_state(train_cache, device) if cfg.final_norm else None
     train_src, test_src = CacheSource(train_cache, layer), CacheSource(test_cache, layer)
     out = train_probes(train_src, test_src, cfg, specs, keys=keys, norm=norm, device=device, console=console)
 
@@ -1158,10 +1158,7 @@ def predict(
     keys = needed_keys([spec], available, bool(meta["final_norm"]))
     device = resolve_device(cfg.device)
     head = head.to(device)
-    norm = None
-    if meta["final_norm"]:
-        norm = final_norm_state(cache)
-        norm = {"weight": norm["weight"].to(device), "bias": norm["bias"].to(device), "eps": norm["eps"]}
+    norm = final_norm_state(cache, device) if meta["final_norm"] else None
     source = CacheSource(cache, int(meta["layer"]))
     split = Split("cache", source, torch.arange(source.num_rows))
     positions = split.epoch_rows(None)
