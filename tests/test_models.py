@@ -282,6 +282,61 @@ def test_official_layout_loads_exactly(
     assert tokens[0].shape == (2, backbone.num_prefix_tokens + 4, 32) and torch.isfinite(tokens[0]).all()
 
 
+def dinov2_interpolate_pos_encoding(pos_embed: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """facebookresearch/dinov2 dinov2/models/vision_transformer.py `interpolate_pos_encoding`, written out
+    for the released models (interpolate_offset=0.1, interpolate_antialias=False, one [cls] position)."""
+    pos = pos_embed.float()
+    cls_pos, patch_pos = pos[:, 0], pos[:, 1:]
+    n = patch_pos.shape[1]
+    m = int(n**0.5)
+    assert m * m == n
+    dim = pos.shape[-1]
+    patch_pos = torch.nn.functional.interpolate(
+        patch_pos.reshape(1, m, m, dim).permute(0, 3, 1, 2),
+        mode="bicubic",
+        antialias=False,
+        scale_factor=(float(h + 0.1) / m, float(w + 0.1) / m),
+    )
+    assert (h, w) == patch_pos.shape[-2:]
+    patch_pos = patch_pos.permute(0, 2, 3, 1).view(1, -1, dim)
+    return torch.cat((cls_pos.unsqueeze(0), patch_pos), dim=1).to(pos_embed.dtype)
+
+
+@pytest.mark.parametrize("writer", [write_dinov2, write_timm_safetensors])
+def test_dinov2_weights_of_another_grid_get_dinov2s_own_pos_embed(
+    tmp_path: Path, writer: Callable[..., list[str]]
+) -> None:
+    """The official (and timm's) DINOv2 weights are 518 px, 37x37; the preset runs at 224 px, 16x16, as
+    DINOv2's linear evaluation does, with the position embeddings DINOv2 itself computes for that size."""
+    model_size, file_size = tiny("dinov2-s14"), {**tiny("dinov2-s14"), "img_size": 7 * 14}  # 2x2 vs 7x7
+    want = random_state_dict("dinov2-s14", file_size, seed=5)
+    assert want["pos_embed"].shape == (1, 1 + 7 * 7, 32)
+    writer(want, want, tmp_path / "w.pth")
+    backbone = load_backbone("dinov2-s14", checkpoint=str(tmp_path / "w.pth"), arch_overrides=model_size)
+    got = backbone.model.state_dict()
+    expected = {**want, "pos_embed": dinov2_interpolate_pos_encoding(want["pos_embed"], 2, 2)}
+    assert_loaded(backbone.model, expected)
+    assert got["pos_embed"].shape == (1, 1 + 2 * 2, 32)
+    assert any("pos_embed resampled from 7x7 to 2x2" in note for note in backbone.report.notes)
+
+
+def test_dinov2_preset_is_224px_like_dinov2s_linear_evaluation() -> None:
+    """dinov2/data/transforms.py make_classification_eval_transform: resize 256, center crop 224, bicubic."""
+    for name in ("dinov2-s14", "dinov2-b14"):
+        backbone = load_backbone(name, random_init=True, device="meta")
+        cfg = backbone.data_config()
+        assert cfg["input_size"] == (3, 224, 224) and backbone.grid == (16, 16)
+        assert cfg["crop_pct"] == 224 / 256 and cfg["interpolation"] == "bicubic"
+
+
+def test_other_presets_never_resample_pos_embed(tmp_path: Path) -> None:
+    """Strictness: a file of another image size still fails for presets without a run-time rule."""
+    want = random_state_dict("dino-s16", {**tiny("dino-s16"), "img_size": 64}, seed=6)
+    torch.save(want, tmp_path / "w.pth")
+    with pytest.raises(KeyMismatchError, match="position embeddings of shape"):
+        load_backbone("dino-s16", checkpoint=str(tmp_path / "w.pth"), arch_overrides=tiny("dino-s16"))
+
+
 def test_timm_name_takes_timm_layout_safetensors(tmp_path: Path) -> None:
     ref = create_timm_backbone("test_vit")
     want = {k: v + 1.0 for k, v in ref.state_dict().items()}

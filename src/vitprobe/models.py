@@ -8,6 +8,7 @@ never used; weights files are fetched and read by `vitprobe.checkpoints`, rename
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -26,6 +27,7 @@ from vitprobe.remap import (
     remap_ibot_family,
     remap_ijepa_family,
     remap_mae,
+    resample_pos_embed_dinov2,
 )
 
 if TYPE_CHECKING:
@@ -53,6 +55,9 @@ class Preset:
     paper: str  # arXiv id of the method's paper
     timm_kwargs: Mapping[str, Any] = field(default_factory=dict)  # extra create_model arguments
     notes: str = ""
+    # how the method's own model adapts `pos_embed` to another patch grid at run time (DINOv2); None: a
+    # file with another grid fails strict loading
+    resample_pos_embed: Callable[[torch.Tensor, tuple[int, int], int], torch.Tensor] | None = None
 
 
 def _imagenet_cfg() -> dict[str, Any]:
@@ -107,12 +112,20 @@ def _dino(name: str, size: str, patch: int) -> Preset:
     )
 
 
+_DINOV2_EVAL_ARCH = {  # DINOv2's linear evaluation (dinov2/data/transforms.py): resize 256, center crop 224
+    "img_size": 224,
+    "pretrained_cfg_overlay": {"input_size": (3, 224, 224), "crop_pct": 224 / 256},
+}
+
+
 def _dinov2(name: str, size: str) -> Preset:
     file = f"dinov2_vit{size[0]}14"
     return _timm_hub_preset(
         name, f"vit_{size}_patch14_dinov2.lvd142m", 14, official=f"{_DINOV2_URL}{file}/{file}_pretrain.pth",
         family="JEA", method="DINOv2", paper="2304.07193", remap=remap_dinov2_family, license="apache-2.0",
-        notes="518 px input (37x37 patches), as timm and the official hub model are built",
+        timm_kwargs=_DINOV2_EVAL_ARCH, resample_pos_embed=resample_pos_embed_dinov2,
+        notes="224 px as in DINOv2's linear evaluation: the 37x37 position embeddings of the 518 px weights "
+        "are resampled to 16x16 as DINOv2's interpolate_pos_encoding does",
     )
 
 
@@ -427,12 +440,13 @@ def load_backbone(
     if device == "meta" and not random_init:
         raise ModelError("the meta device holds no weights", "use device='meta' only with random_init=True")
     overrides = dict(arch_overrides or {})
+    resample = None
     if name.startswith(TIMM_PREFIX):
         timm_name, kwargs, remap, default_weights = name.removeprefix(TIMM_PREFIX), {}, remap_any, None
     else:
         preset = get_preset(name)
         timm_name, kwargs, remap = preset.timm, dict(preset.timm_kwargs), preset.remap
-        default_weights = preset.weights
+        default_weights, resample = preset.weights, preset.resample_pos_embed
     report = LoadReport(
         model=name, timm_name=timm_name, source="random-init", sha256=None, random_init=True,
         arch_overrides=overrides,
@@ -448,6 +462,8 @@ def load_backbone(
     build_on = "meta" if device == "meta" else None
     model = create_timm_backbone(timm_name, device=build_on, **{**kwargs, **overrides})
     if weights is not None:
+        if resample is not None:
+            weights = _fit_pos_embed(weights, model, resample, report)
         what = f"{report.source} ({LAYOUT_TITLES[weights.layout]})"
         load_state_dict_strict(model, weights.state_dict, what=what, model_name=name)
     if device not in (None, "meta"):
@@ -468,6 +484,27 @@ def load_backbone_from_config(config: LoadConfig, **kwargs: Any) -> Backbone:
         branch=config.branch,
         **kwargs,
     )
+
+
+def _fit_pos_embed(
+    weights: Remapped,
+    model: nn.Module,
+    resample: Callable[[torch.Tensor, tuple[int, int], int], torch.Tensor],
+    report: LoadReport,
+) -> Remapped:
+    """Resample the file's `pos_embed` to the model's patch grid when only the number of positions differs."""
+    have, want = weights.state_dict.get("pos_embed"), model.state_dict().get("pos_embed")
+    if have is None or want is None or have.shape == want.shape or have.shape[-1] != want.shape[-1]:
+        return weights  # nothing to do, or a mismatch strict loading explains better
+    prefix = 0 if getattr(model, "no_embed_class", False) else int(getattr(model, "num_prefix_tokens", 1))
+    grid = tuple(int(g) for g in model.patch_embed.grid_size)
+    side = round((have.shape[1] - prefix) ** 0.5)
+    state_dict = {**weights.state_dict, "pos_embed": resample(have, grid, prefix)}
+    report.notes.append(
+        f"pos_embed resampled from {side}x{side} to {grid[0]}x{grid[1]} patches, as the method's own model "
+        "does for this image size"
+    )
+    return dataclasses.replace(weights, state_dict=state_dict)
 
 
 def _pools_before_norm(model: nn.Module) -> bool:
