@@ -364,3 +364,20 @@ def test_cli_ctrl_c_says_where_the_extraction_stopped_and_how_to_resume(
     again = CliRunner().invoke(app, args)
     assert again.exit_code == 0 and "resuming" in again.output
     assert open_cache(out, verify=True).num_written == NUM_IMAGES
+
+
+def test_tokens_that_overflow_the_store_dtype_are_refused_not_written_as_inf(
+    data_spec: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_split = extract_mod.split_tokens
+
+    def huge(outs, **kwargs):  # residual streams with outliers beyond fp16's range (65504)
+        return real_split([o * 1e5 for o in outs], **kwargs)
+
+    monkeypatch.setattr(extract_mod, "split_tokens", huge)
+    config = _config(data_spec, tmp_path / "c", store="fp16", limit=4)
+    with pytest.raises(CacheError, match="not finite once stored as fp16") as info:
+        extract(config)
+    assert "--store bf16" in info.value.hint
+    assert not list(config.out.glob("shard-*")) and not (config.out / LOCK_FILE).exists()
+    assert extract(replace(config, store="fp32", overwrite=True)).num_samples == 4  # fp32 holds them

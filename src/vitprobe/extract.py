@@ -540,6 +540,7 @@ def _run(
                 progress.advance(task, n)
             if cuda:
                 torch.cuda.synchronize(device)  # the non-blocking copies into `buffers` have landed
+            _check_finite(buffers, out / shard_file(shard), start, stop, manifest)
             info = write_shard(out, shard, start, buffers)
             _record_round(out, manifest, done, info, world=world, rank=rank)
             if rank == 0 and not progress.console.is_terminal:
@@ -582,6 +583,21 @@ def _fill(buf: torch.Tensor, part: torch.Tensor, offset: int, key: str) -> None:
             "check that the model's input size matches its data config",
         )
     buf[offset : offset + part.shape[0]].copy_(part, non_blocking=True)  # (b, ...) rows of the shard
+
+
+def _check_finite(
+    buffers: dict[str, torch.Tensor], file: Path, start: int, stop: int, manifest: dict[str, Any]
+) -> None:
+    """Refuse to write a shard holding inf or NaN tokens (fp16 overflows above 65504; so can fp16 compute)."""
+    bad = [k for k, buf in buffers.items() if buf.is_floating_point() and not bool(torch.isfinite(buf).all())]
+    if bad:
+        raise CacheError(
+            f"the backbone's {', '.join(bad)} tokens for rows {start}-{stop} ({file.name}) are not finite "
+            f"once stored as {manifest['store_dtype']} (compute {manifest['compute_dtype']}); nothing was "
+            "written for them",
+            "pass --store bf16 or --store fp32 (fp16 holds only |x| <= 65504) and --overwrite; if they stay "
+            "non-finite, try --dtype fp32",
+        )
 
 
 def _record_round(
