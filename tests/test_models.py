@@ -637,6 +637,14 @@ def test_cli_show_official_beitv2_file(tmp_path: Path, tiny_beitv2: str) -> None
     assert "beitv2_pretrain" in table.output and "lm_head.* (2)" in table.output
 
 
+def test_dropped_keys_summary_names_a_lone_key() -> None:
+    """Never `rel_pos_bias.* (1)`, which would read as if BEiT-v2's shared bias itself were dropped."""
+    from vitprobe.commands.models import _summarise
+
+    keys = ["lm_head.bias", "lm_head.weight", "mask_token", "rel_pos_bias.relative_position_index"]
+    assert _summarise(keys) == "lm_head.* (2), mask_token, rel_pos_bias.relative_position_index"
+
+
 def test_cli_show_timm_name_detects_dino_full_checkpoint(tmp_path: Path) -> None:
     want = {k: v + 2.0 for k, v in create_timm_backbone("test_vit").state_dict().items()}
     write_dino_full(want, {k: v - 1 for k, v in want.items()}, tmp_path / "checkpoint.pth")

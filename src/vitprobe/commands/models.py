@@ -156,6 +156,6 @@ def _summarise(keys: list[str], limit: int = 6) -> str:
     groups: dict[str, list[str]] = {}
     for key in keys:
         groups.setdefault(key.split(".")[0], []).append(key)
-    parts = [keys[0] if keys == [head] else f"{head}.* ({len(keys)})" for head, keys in groups.items()]
+    parts = [keys[0] if len(keys) == 1 else f"{head}.* ({len(keys)})" for head, keys in groups.items()]
     more = f", ... ({len(parts) - limit} more groups)" if len(parts) > limit else ""
     return ", ".join(parts[:limit]) + more
