@@ -498,6 +498,17 @@ def test_fine_tuned_beit_is_not_taken_for_pretraining_weights(tmp_path: Path) ->
     )
 
 
+def test_dinov2_with_registers_is_diagnosed(tmp_path: Path) -> None:
+    want = random_state_dict("dinov2-s14", tiny("dinov2-s14"), seed=7)
+    dim = want["cls_token"].shape[-1]
+    extra = {"register_tokens": torch.randn(1, 4, dim), "mask_token": torch.randn(1, dim)}
+    path = tmp_path / "dinov2_vits14_reg4_pretrain.pth"
+    torch.save({**want, **extra}, path)
+    with pytest.raises(KeyMismatchError, match="1 unexpected keys: register_tokens") as info:
+        load_backbone("dinov2-s14", checkpoint=str(path), arch_overrides=tiny("dinov2-s14"))
+    assert "with register tokens" in info.value.message and "reg4_dinov2" in info.value.message
+
+
 def test_foreign_method_is_refused_before_building(tmp_path: Path) -> None:
     torch.save({"model": {"cls_token": torch.zeros(1, 1, 4)}}, tmp_path / "mae.pth")
     with pytest.raises(CheckpointError, match="MAE pretrain checkpoint") as info:

@@ -667,6 +667,11 @@ def likely_cause(
             f"position embeddings of shape {tuple(state_dict['pos_embed'].shape)} in the file vs "
             f"{tuple(expected['pos_embed'].shape)} in the model: another image size, or with/without [cls]"
         )
+    if "register_tokens" in unexpected:
+        return (
+            "a DINOv2 checkpoint with register tokens (…_reg4_pretrain.pth), but this model has none; "
+            "load it with timm:vit_{small,base}_patch14_reg4_dinov2.lvd142m and timm's hub weights"
+        )
     if any(k.endswith(".ls1.gamma") for k in missing) or any(k.endswith(".ls1.gamma") for k in unexpected):
         return "layer scale (ls1/ls2.gamma) present in only one of file and model"
     return f"the file was saved from a different architecture than {name}"
