@@ -398,3 +398,16 @@ def test_a_shard_whose_bytes_changed_is_refused_before_training_on_it(tmp_path: 
     assert f"shard {shard} is corrupt: its sha256 differs from the manifest" in result.output
     assert "re-run the `vitprobe extract` command" in result.output
     assert not (tmp_path / "run" / "results.json").exists() and not (tmp_path / "run" / "knn.json").exists()
+
+
+def test_a_holdout_that_rounds_to_no_image_is_refused_not_selected_on(tmp_path: Path) -> None:
+    train = write_cache(tmp_path / "train", n=12)  # 4 images per class: 10 % of 4 rounds to 0
+    test = write_cache(tmp_path / "test", n=12, seed=1)
+    result = invoke("probe", "--train", train, "--test", test, "--out", tmp_path / "run", *FAST)
+    assert result.exit_code == 1, result.output
+    assert "--holdout 0.1 holds out no image: the train cache has 12 images in 3 classes" in result.output
+    assert "--select-on test" in result.output and not (tmp_path / "run" / "results.json").exists()
+    result = invoke("probe", "--train", train, "--test", test, "--out", tmp_path / "run", *FAST,
+                    "--holdout", "0.25")
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["selection"]["holdout_rows"] == 3

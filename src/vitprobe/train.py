@@ -784,6 +784,14 @@ def train_probes(
 
     if cfg.select_on == "holdout":
         fit_rows, held_rows = stratified_holdout(train_src.labels, train_src.indices, cfg.holdout, cfg.seed)
+        if len(held_rows) == 0:  # selection on nothing would silently pick epoch 1 of the first lr
+            images = len(torch.unique(train_src.indices))
+            raise ProbeError(
+                f"--holdout {cfg.holdout:g} holds out no image: the train cache has {images} images in "
+                f"{train_src.num_classes} classes, and {cfg.holdout:g} of each class rounds to 0 "
+                "(a class keeps at least one image for training)",
+                "pass a larger --holdout (e.g. 0.2), or --select-on test (optimistic)",
+            )
         selection = Split("holdout", train_src, held_rows, train_memory)
     else:
         fit_rows, held_rows = all_rows, all_rows[:0]
