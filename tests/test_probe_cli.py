@@ -99,7 +99,7 @@ def write_cache(
         "dataset": {
             "spec": "imagefolder:toy",
             "split": "train",
-            "fingerprint": "f" * 64,
+            "fingerprint": f"{seed:064x}",  # the noise seed stands for the split: train 0, test 1
             "class_names": class_names,
             "num_classes": len(class_names),
         },
@@ -411,3 +411,18 @@ def test_a_holdout_that_rounds_to_no_image_is_refused_not_selected_on(tmp_path: 
                     "--holdout", "0.25")
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "run" / "results.json").read_text())["selection"]["holdout_rows"] == 3
+
+
+@pytest.mark.parametrize("command", ["probe", "knn"])
+def test_testing_on_the_training_images_is_flagged(tmp_path: Path, command: str) -> None:
+    train = write_cache(tmp_path / "train", n=30)
+    extra = FAST if command == "probe" else ["--k", "3"]
+    result = invoke(command, "--train", train, "--test", train, "--out", tmp_path / "run", *extra)
+    assert result.exit_code == 0, result.output
+    name = "results.json" if command == "probe" else "knn.json"
+    warnings = json.loads((tmp_path / "run" / name).read_text())["warnings"]
+    assert any("the train and test caches hold the same images" in w for w in warnings), warnings
+    assert "the test accuracy is a training accuracy" in result.output
+    test = write_cache(tmp_path / "test", n=15, seed=1)
+    result = invoke(command, "--train", train, "--test", test, "--out", tmp_path / "run2", *extra)
+    assert result.exit_code == 0 and "same images" not in result.output

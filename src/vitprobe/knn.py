@@ -165,7 +165,7 @@ def run_knn(
     from vitprobe.devices import resolve_device
     from vitprobe.files import write_json
     from vitprobe.provenance import versions
-    from vitprobe.train import backbone_identity, check_pair, resolve_layer
+    from vitprobe.train import backbone_identity, check_pair, pair_warnings, resolve_layer
 
     train_cache, test_cache = open_cache(train_path), open_cache(test_path)
     layer = resolve_layer(train_cache, cfg.layer)
@@ -193,11 +193,7 @@ def run_knn(
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "versions": versions(),
         "random_init": identity["random_init"],
-        "warnings": (
-            ["the backbone was randomly initialised: these accuracies measure nothing pretrained"]
-            if identity["random_init"]
-            else []
-        ),
+        "warnings": pair_warnings(train_cache, test_cache),
         "layer": layer,
         "pool": cfg.pool,
         "num_train": len(train_labels),

@@ -709,6 +709,20 @@ def identity_mismatch(ours: dict[str, Any], theirs: dict[str, Any]) -> tuple[str
     return None
 
 
+def pair_warnings(train: TokenCache, test: TokenCache) -> list[str]:
+    """Warnings for a train/test pair's results: random weights, test images that were trained on."""
+    warnings = []
+    if backbone_identity(train.manifest)["random_init"]:
+        warnings.append("the backbone was randomly initialised: these accuracies measure nothing pretrained")
+    a, b = train.manifest["dataset"], test.manifest["dataset"]
+    if a.get("fingerprint") and a.get("fingerprint") == b.get("fingerprint"):
+        warnings.append(
+            f"the train and test caches hold the same images ({a['spec']}, split {a['split']}, fingerprint "
+            f"{str(a['fingerprint'])[:12]}): the test accuracy is a training accuracy"
+        )
+    return warnings
+
+
 def check_pair(train: TokenCache, test: TokenCache, layer: int) -> None:
     """Refuse a train/test pair from different backbones, weights, layers, dims or class sets."""
     where = f"train cache {train.path} vs test cache {test.path}"
@@ -930,9 +944,7 @@ def run_probe(
 
     out_dir = Path(out_dir)
     identity = backbone_identity(train_cache.manifest)
-    warnings = []
-    if identity["random_init"]:
-        warnings.append("the backbone was randomly initialised: these accuracies measure nothing pretrained")
+    warnings = pair_warnings(train_cache, test_cache)
     if cfg.select_on == "test":
         warnings.append(
             "--select-on test: lr and epoch were picked on the test set; accuracies are optimistic"
