@@ -426,3 +426,18 @@ def test_testing_on_the_training_images_is_flagged(tmp_path: Path, command: str)
     test = write_cache(tmp_path / "test", n=15, seed=1)
     result = invoke(command, "--train", train, "--test", test, "--out", tmp_path / "run2", *extra)
     assert result.exit_code == 0 and "same images" not in result.output
+
+
+def test_ctrl_c_during_probe_says_nothing_was_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import vitprobe.train as train_mod
+
+    def interrupted(*args: Any, **kwargs: Any) -> None:
+        raise KeyboardInterrupt
+
+    train = write_cache(tmp_path / "train", n=30)
+    test = write_cache(tmp_path / "test", n=15, seed=1)
+    monkeypatch.setattr(train_mod, "fit", interrupted)
+    result = invoke("probe", "--train", train, "--test", test, "--out", tmp_path / "run", *FAST)
+    assert result.exit_code == 130
+    assert f"error: probe interrupted: nothing new was written to {tmp_path / 'run'}" in result.output
+    assert not (tmp_path / "run").exists()

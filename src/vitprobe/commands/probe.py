@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from vitprobe.commands.extract import Interrupted
 from vitprobe.commands.options import DeviceOpt, FinalNormOpt, LayerOpt, parse_number_list, str_choices
 from vitprobe.errors import ProbeError
 
@@ -144,7 +145,14 @@ def probe(
         device=device,
         load=load.value,
     )
-    results = run_probe(train, test, cfg, out, explicit_pools=bool(pool), console=console)
+    try:
+        results = run_probe(train, test, cfg, out, explicit_pools=bool(pool), console=console)
+    except KeyboardInterrupt:
+        raise Interrupted(
+            f"probe interrupted: nothing new was written to {out} (results and heads are written only once "
+            "every head is trained)",
+            "re-run the command; fewer --epochs or a shorter --lr-grid make it quicker",
+        ) from None
     print_results(results)
     console.print(f"results: {out / 'results.json'}  heads: {out / 'heads'}")
 
