@@ -428,7 +428,9 @@ def test_testing_on_the_training_images_is_flagged(tmp_path: Path, command: str)
     assert result.exit_code == 0 and "same images" not in result.output
 
 
-def test_ctrl_c_during_probe_says_nothing_was_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_ctrl_c_during_probe_says_nothing_was_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import vitprobe.train as train_mod
 
     def interrupted(*args: Any, **kwargs: Any) -> None:
