@@ -382,6 +382,10 @@ def test_every_preset_builds_with_random_init_on_meta(name: str) -> None:
     assert type(backbone.final_norm).__name__ == "LayerNorm"  # never dropped for a pooled fc_norm
     cfg = backbone.data_config()
     assert cfg["mean"] == IMAGENET_MEAN and cfg["std"] == IMAGENET_STD and cfg["interpolation"] == "bicubic"
+    # the linear-probe eval transform of beyond_cls / MAE / DINO / iBOT / DINOv2: resize 256, center crop 224
+    assert cfg["input_size"] == (3, 224, 224) and cfg["crop_pct"] == 224 / 256
+    resize = next(t for t in backbone.transform().transforms if type(t).__name__ == "Resize")
+    assert resize.size == 256
 
 
 @pytest.mark.parametrize("name", ["beitv2-b16", "beitv2-l16"])

@@ -60,14 +60,24 @@ class Preset:
     resample_pos_embed: Callable[[torch.Tensor, tuple[int, int], int], torch.Tensor] | None = None
 
 
-def _imagenet_cfg() -> dict[str, Any]:
-    """Data config for presets without a timm tag: ImageNet mean/std, bicubic, 0.9 center crop."""
+EVAL_CROP_PCT = 224 / 256  # resize 256, center crop 224
+
+
+def _eval_cfg(**overlay: Any) -> dict[str, Any]:
+    """The data config of every preset: the linear-probe evaluation transform of the reference code.
+
+    Bicubic resize to 256, center crop 224, ImageNet mean/std: gmum/beyond_cls `main_linprobe.py`
+    (`transform_val`) and `util/datasets.py`, facebookresearch/mae `main_linprobe.py`, dino `eval_linear.py`,
+    bytedance/ibot `evaluation/eval_linear.py`, dinov2 `data/transforms.py` (all `Resize(256)` +
+    `CenterCrop(224)`). timm's tags say crop 0.9 (DINOv2: 518 px, crop 1.0); untagged names mean/std 0.5.
+    """
     return {
         "pretrained_cfg_overlay": {
             "mean": IMAGENET_MEAN,
             "std": IMAGENET_STD,
             "interpolation": "bicubic",
-            "crop_pct": 0.9,
+            "crop_pct": EVAL_CROP_PCT,
+            **overlay,
         }
     }
 
@@ -91,9 +101,10 @@ _IJEPA_URL = "https://dl.fbaipublicfiles.com/ijepa/"
 def _timm_hub_preset(name: str, timm: str, patch: int, *, official: str, **fields: Any) -> Preset:
     """A preset whose default weights are timm's hub copy of the official file named in its notes."""
     notes = fields.pop("notes", "")
+    timm_kwargs = fields.pop("timm_kwargs", _eval_cfg())
     return Preset(
         name=name, timm=timm, weights=f"hf-hub:timm/{timm}", has_cls=True, patch=patch,
-        notes=f"{notes}{'; ' if notes else ''}official file: {official}", **fields,
+        timm_kwargs=timm_kwargs, notes=f"{notes}{'; ' if notes else ''}official file: {official}", **fields,
     )
 
 
@@ -112,10 +123,7 @@ def _dino(name: str, size: str, patch: int) -> Preset:
     )
 
 
-_DINOV2_EVAL_ARCH = {  # DINOv2's linear evaluation (dinov2/data/transforms.py): resize 256, center crop 224
-    "img_size": 224,
-    "pretrained_cfg_overlay": {"input_size": (3, 224, 224), "crop_pct": 224 / 256},
-}
+_DINOV2_EVAL_ARCH = {"img_size": 224, **_eval_cfg(input_size=(3, 224, 224))}  # timm's tag: 518 px
 
 
 def _dinov2(name: str, size: str) -> Preset:
@@ -133,7 +141,7 @@ def _beitv2(name: str, size: str) -> Preset:
     return Preset(
         name=name, timm=f"beitv2_{size}_patch16_224", family="MIM", method="BEiT-v2", paper="2208.06366",
         weights=f"{_BEITV2_URL}beitv2_{size}_patch16_224_pt1k.pth", remap=remap_beitv2, license="mit",
-        has_cls=True, patch=16, timm_kwargs={**_BEITV2_PRETRAIN_ARCH, **_imagenet_cfg()},
+        has_cls=True, patch=16, timm_kwargs={**_BEITV2_PRETRAIN_ARCH, **_eval_cfg()},
         notes="self-supervised pt1k weights, not timm's fine-tuned beitv2 tags",
     )
 
@@ -153,13 +161,13 @@ PRESETS: dict[str, Preset] = {
         Preset(
             name="ibot-b16", timm="vit_base_patch16_224", family="MIM", method="iBOT", paper="2111.07832",
             weights=f"{_IBOT_URL}vitb_16/checkpoint_teacher.pth", remap=remap_ibot_family,
-            license="apache-2.0", has_cls=True, patch=16, timm_kwargs=_imagenet_cfg(),
+            license="apache-2.0", has_cls=True, patch=16, timm_kwargs=_eval_cfg(),
             notes="ImageNet-1k teacher; masked image modelling with self-distillation (DINO loss on [cls])",
         ),
         Preset(
             name="ijepa-h14", timm="vit_huge_patch14_gap_224.in1k_ijepa", family="JEA", method="I-JEPA",
             paper="2301.08243", weights=f"{_IJEPA_URL}IN1K-vit.h.14-300e.pth.tar", remap=remap_ijepa_family,
-            license="cc-by-nc-4.0", has_cls=False, patch=14,
+            license="cc-by-nc-4.0", has_cls=False, patch=14, timm_kwargs=_eval_cfg(),
             notes="no [cls] token; loads the target encoder, which the paper evaluates "
             "(--branch encoder: the context encoder, which timm loads)",
         ),
