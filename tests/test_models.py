@@ -449,6 +449,8 @@ def test_unknown_or_non_vit_timm_names_are_model_errors() -> None:
 def test_random_init_and_checkpoint_are_exclusive(tmp_path: Path) -> None:
     with pytest.raises(ModelError, match="both"):
         load_backbone("timm:test_vit", random_init=True, checkpoint=str(tmp_path / "x.pth"))
+    with pytest.raises(ModelError, match="--branch encoder picks a network"):
+        load_backbone("ijepa-h14", random_init=True, branch="encoder", device="meta")
 
 
 # ---- strictness -----------------------------------------------------------------------------------

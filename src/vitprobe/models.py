@@ -440,6 +440,11 @@ def load_backbone(
     """
     if random_init and checkpoint is not None:
         raise ModelError("--random-init and --checkpoint were both given", "use one of them")
+    if random_init and branch is not None:
+        raise ModelError(
+            f"--branch {branch} picks a network from a weights file, but --random-init loads none",
+            "leave out --branch, or load a checkpoint",
+        )
     device = None if device is None else str(device)
     if device == "auto":
         from vitprobe.devices import resolve_device
