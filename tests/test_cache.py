@@ -206,3 +206,30 @@ def test_lock_refuses_a_second_writer_and_names_stale_locks(tmp_path: Path) -> N
         with lock_cache(tmp_path):
             pass
     assert f"delete {tmp_path / LOCK_FILE}" in info.value.hint
+
+
+def test_a_full_disk_or_unwritable_directory_is_a_cache_error_and_leaves_no_temp_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import vitprobe.cache as cache_mod
+
+    def disk_full(tensors, filename, metadata=None):  # noqa: ANN001, ANN202 - safetensors' signature
+        Path(filename).write_bytes(b"half a shard")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(cache_mod, "save_file", disk_full)
+    rows = {"labels": torch.zeros(2, dtype=torch.long), "indices": torch.arange(2)}
+    with pytest.raises(CacheError, match="cannot write .*shard-00000.safetensors: .*No space left") as info:
+        write_shard(tmp_path, 0, 0, rows)
+    assert "re-run the same command to resume" in info.value.hint
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+
+    def read_only(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(cache_mod.os, "open", read_only)
+    with pytest.raises(CacheError, match="cannot create .*extract.lock: .*Read-only") as info:
+        with lock_cache(tmp_path):
+            pass
+    assert "writable --out" in info.value.hint

@@ -456,9 +456,15 @@ def write_shard(directory: Path, index: int, start: int, tensors: dict[str, torc
     n = int(tensors["indices"].shape[0])
     name = shard_file(index)
     metadata = _metadata(start=start, stop=start + n)
-    with atomic_path(directory / name) as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-        digest = sha256_file(tmp)
+    try:
+        with atomic_path(directory / name) as tmp:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+            digest = sha256_file(tmp)
+    except OSError as exc:  # disk full, quota, permissions: the temp file is gone, earlier shards are intact
+        raise CacheError(
+            f"cannot write {directory / name}: {exc}",
+            "free disk space or fix the permissions, then re-run the same command to resume",
+        ) from exc
     return ShardInfo(file=name, start=start, stop=start + n, sha256=digest)
 
 
@@ -546,6 +552,8 @@ def lock_cache(directory: Path) -> Iterator[Path]:
         fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     except FileExistsError:
         raise _locked_error(lock) from None
+    except OSError as exc:  # read-only file system, no permission
+        raise CacheError(f"cannot create {lock}: {exc}", "choose a writable --out") from exc
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         json.dump(info, f)
     try:
