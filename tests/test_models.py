@@ -739,3 +739,16 @@ def test_real_size_official_layout(
     backbone = load_backbone(name, checkpoint=str(tmp_path / filename))
     assert_loaded(backbone.model, want)
     assert backbone.report.dropped == dropped and backbone.report.num_params == preset_num_params(name)
+
+
+@pytest.mark.slow
+def test_real_size_dinov2_official_file_loads_into_the_224px_preset(tmp_path: Path) -> None:
+    """dinov2_vits14_pretrain.pth has the hub model's shapes (518 px: pos_embed 1 + 37 * 37, mask_token)."""
+    want = random_state_dict("dinov2-s14", {"img_size": 518}, seed=8)
+    assert want["pos_embed"].shape == (1, 1 + 37 * 37, 384)
+    dropped = write_dinov2(want, want, tmp_path / "dinov2_vits14_pretrain.pth")
+    backbone = load_backbone("dinov2-s14", checkpoint=str(tmp_path / "dinov2_vits14_pretrain.pth"))
+    pos_embed = dinov2_interpolate_pos_encoding(want["pos_embed"], 16, 16)  # (1, 1 + 16 * 16, 384)
+    assert_loaded(backbone.model, {**want, "pos_embed": pos_embed})
+    assert backbone.report.dropped == dropped == ["mask_token"] and backbone.grid == (16, 16)
+    assert any("from 37x37 to 16x16" in note for note in backbone.report.notes)
