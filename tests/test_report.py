@@ -92,6 +92,9 @@ def test_markdown_writes_figures_next_to_it(tmp_path: Path, runs: list[Path]) ->
     for ref in refs:
         assert (tmp_path / "rep" / ref).is_file()
     assert "| mae-tiny ⚠ random weights | synthetic:needles | abmilp | 70.0 | 95.0 | +20.0 |" in text
+    # every figure is captioned with its title, as in the HTML report
+    assert "*[cls] self-attention A[0,0] per block*" in text
+    assert re.search(r"\*mae-tiny \(random weights\).*: learning curves \(chosen learning rate\)\*", text)
 
 
 def test_json_is_the_collected_report(tmp_path: Path, runs: list[Path]) -> None:

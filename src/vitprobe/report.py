@@ -1017,8 +1017,16 @@ def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
-def render_markdown(report: Mapping[str, Any], figure_paths: Mapping[str, str]) -> str:
-    """Markdown with figures referenced by relative path (`figure_paths`: figure name → path)."""
+def render_markdown(
+    report: Mapping[str, Any], figure_paths: Mapping[str, str], titles: Mapping[str, str] | None = None
+) -> str:
+    """Markdown with figures referenced by relative path (`figure_paths`: figure name → path), each captioned
+    with its title (`titles`: figure name → title, as the HTML report's captions; default the name)."""
+    titles = titles or {}
+
+    def figure(name: str, path: str) -> str:
+        return f"![{name}]({path})\n\n*{_md_escape(titles.get(name, name))}*\n"
+
     out = [f"# {report['title']}", ""]
     if report["random_init"]:
         out += [f"> **⚠ {RANDOM_INIT_WARNING}**", ""]
@@ -1036,7 +1044,7 @@ def render_markdown(report: Mapping[str, Any], figure_paths: Mapping[str, str]) 
     cross = [(n, p) for n, p in figure_paths.items() if not n.startswith("run")]
     if cross:
         out += ["## Attention and frequency across models", ""]
-        out += [f"![{n}]({p})" for n, p in cross] + [""]
+        out += [figure(n, p) for n, p in cross]
     for i, run in enumerate(report["runs"]):
         out += [f"## Run: {run['name']}", ""]
         if run["provenance"]["random_init"]:
@@ -1075,7 +1083,7 @@ def render_markdown(report: Mapping[str, Any], figure_paths: Mapping[str, str]) 
             ]
         own = [(n, p) for n, p in figure_paths.items() if n.startswith(f"run{i}_")]
         if own:
-            out += ["### Figures", ""] + [f"![{n}]({p})" for n, p in own] + [""]
+            out += ["### Figures", ""] + [figure(n, p) for n, p in own]
         if run["notes"]:
             out += ["### Notes", ""] + [f"- {n}" for n in run["notes"]] + [""]
     return "\n".join(out) + "\n"
@@ -1156,7 +1164,7 @@ def write_report(config: ReportConfig, *, on_progress: Callable[[str], None] | N
         atomic_write(target, lambda tmp, data=f.data: tmp.write_bytes(data))
         written.append(target)
         rel[f.name] = f"{fig_dir.name}/{f.name}"
-    text = render_markdown(report, rel)
+    text = render_markdown(report, rel, {f.name: f.title for f in figures})
     _write(path, text)
     return ReportOutput(path, text, report, written)
 
