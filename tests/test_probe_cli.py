@@ -443,3 +443,23 @@ def test_ctrl_c_during_probe_says_nothing_was_written(
     assert result.exit_code == 130
     assert f"error: probe interrupted: nothing new was written to {tmp_path / 'run'}" in result.output
     assert not (tmp_path / "run").exists()
+
+
+def test_wrong_paths_give_one_line_errors_with_the_fix(tmp_path: Path) -> None:
+    train = write_cache(tmp_path / "train", n=30)
+    missing = tmp_path / "nope"
+    cases = [
+        (["probe", "--train", train, "--test", missing, "--out", tmp_path / "run"],
+         f"token cache {missing} does not exist — fix: run `vitprobe extract ... --out {missing}` first"),
+        (["knn", "--train", missing, "--test", train],
+         f"token cache {missing} does not exist"),
+        (["probe", "--train", train, "--test", train / "manifest.json", "--out", tmp_path / "run"],
+         f"{train / 'manifest.json'} is a file, not a token cache directory"),
+        (["probe", "--predict", tmp_path / "heads" / "cls.safetensors", "--cache", train],
+         "not found — fix: pass RUN_DIR/heads/<pool>.safetensors"),
+    ]
+    for args, message in cases:
+        result = runner.invoke(app, [str(a) for a in args])
+        assert result.exit_code == 1, result.output
+        assert result.output.startswith("error: ") and message in " ".join(result.output.split())
+        assert "╭" not in result.output  # not a usage-error panel

@@ -361,6 +361,11 @@ def open_cache(
     """
     path = Path(path)
     manifest_path = path / MANIFEST_FILE
+    if path.is_file():
+        raise CacheError(
+            f"{path} is a file, not a token cache directory",
+            "pass the `--out` directory of `vitprobe extract`",
+        )
     if not manifest_path.is_file():
         what = "does not exist" if not path.exists() else f"has no {MANIFEST_FILE}"
         raise CacheError(f"token cache {path} {what}", f"run `vitprobe extract ... --out {path}` first")

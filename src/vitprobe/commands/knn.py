@@ -27,11 +27,11 @@ def knn(
     train: Annotated[
         Path,
         typer.Option(
-            "--train", exists=True, file_okay=False, help="Token cache of the train split (the neighbours)."
+            "--train", help="Token cache of the train split (the neighbours)."
         ),
     ],
     test: Annotated[
-        Path, typer.Option("--test", exists=True, file_okay=False, help="Token cache of the test split.")
+        Path, typer.Option("--test", help="Token cache of the test split.")
     ],
     k: Annotated[str, typer.Option("--k", help="Neighbour counts, comma-separated.")] = "10,20,100,200",
     temperature: Annotated[

@@ -33,11 +33,11 @@ def parse_floats(text: str | None, option: str) -> tuple[float, ...]:
 def probe(
     train: Annotated[
         Path | None,
-        typer.Option("--train", exists=True, file_okay=False, help="Token cache of the train split."),
+        typer.Option("--train", help="Token cache of the train split."),
     ] = None,
     test: Annotated[
         Path | None,
-        typer.Option("--test", exists=True, file_okay=False, help="Token cache of the test split."),
+        typer.Option("--test", help="Token cache of the test split."),
     ] = None,
     out: Annotated[
         Path | None,
@@ -90,15 +90,13 @@ def probe(
         Path | None,
         typer.Option(
             "--predict",
-            exists=True,
-            dir_okay=False,
             help="Evaluate this saved head (heads/<pool>.safetensors).",
         ),
     ] = None,
     cache: Annotated[
         Path | None,
         typer.Option(
-            "--cache", exists=True, file_okay=False, help="With --predict: the cache to evaluate on."
+            "--cache", help="With --predict: the cache to evaluate on."
         ),
     ] = None,
     export_maps: Annotated[
