@@ -210,6 +210,40 @@ def remap_dinov2(ckpt: Mapping[str, Any], *, branch: str | None = None) -> Remap
     return Remapped(sd, "dinov2", dropped=dropped)
 
 
+def resample_pos_embed_dinov2(pos_embed: Tensor, grid: tuple[int, int], num_prefix: int = 1) -> Tensor:
+    """DINOv2's position embeddings for another patch grid, computed as its own model does at run time.
+
+    facebookresearch/dinov2 `dinov2/models/vision_transformer.py` `interpolate_pos_encoding` (with the
+    released models' `interpolate_offset=0.1`, `interpolate_antialias=False`): the prefix rows are kept, the
+    square M x M patch grid is resized bicubically with scale factor (h + 0.1) / M, (w + 0.1) / M, in float32.
+    Loading these once equals what the official model adds to the tokens of an image of that size.
+
+    Args:
+        pos_embed: (1, P + M * M, D) as stored in the file.
+        grid: the target patch grid (h, w).
+        num_prefix: prefix rows (the [cls] position) copied unchanged.
+    """
+    import torch
+    from torch.nn import functional as F
+
+    prefix, patches = pos_embed[:, :num_prefix], pos_embed[:, num_prefix:].float()  # (1, P, D), (1, M*M, D)
+    side = int(round(patches.shape[1] ** 0.5))
+    if side * side != patches.shape[1]:
+        raise CheckpointError(
+            f"pos_embed holds {patches.shape[1]} patch positions, not a square grid", "check the checkpoint"
+        )
+    dim = patches.shape[-1]
+    resized = F.interpolate(
+        patches.reshape(1, side, side, dim).permute(0, 3, 1, 2),  # (1, D, M, M)
+        scale_factor=((grid[0] + 0.1) / side, (grid[1] + 0.1) / side),
+        mode="bicubic",
+        antialias=False,
+    )  # (1, D, h, w)
+    assert tuple(resized.shape[-2:]) == tuple(grid), (resized.shape, grid)
+    resized = resized.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], dim)  # (1, h*w, D)
+    return torch.cat([prefix, resized.to(pos_embed.dtype)], dim=1)
+
+
 _BEITV2_PRETRAIN_ONLY = ("lm_head.", "cls_pt_layers.", "cls_pt_norm.", "cls_pt_lm_head.")
 
 
