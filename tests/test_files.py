@@ -46,7 +46,13 @@ def test_auto_device_and_dtype_follow_cuda_availability() -> None:
     device = resolve_device("auto")
     assert device.type == ("cuda" if torch.cuda.is_available() else "cpu")
     assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
-    assert resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    assert resolve_dtype("fp16", torch.device("cpu")) == torch.float16
+
+
+@pytest.mark.parametrize(("bf16", "expected"), [(True, torch.bfloat16), (False, torch.float16)])
+def test_auto_dtype_on_cuda_falls_back_to_fp16_without_bf16(monkeypatch, bf16: bool, expected) -> None:
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+    assert resolve_dtype("auto", torch.device("cuda")) == expected
     assert resolve_dtype("fp16", torch.device("cpu")) == torch.float16
 
 

@@ -33,11 +33,14 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """`auto` → bf16 on CUDA (autocast), fp32 on CPU; otherwise one of fp32, bf16, fp16."""
+    """`auto` → bf16 on CUDA (autocast; fp16 on GPUs without bf16, e.g. V100, T4), fp32 on CPU."""
     import torch
 
     if name == "auto":
-        name = "bf16" if device.type == "cuda" else "fp32"
+        if device.type != "cuda":
+            name = "fp32"
+        else:
+            name = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     if name not in DTYPES:
         raise VitprobeError(f"unknown dtype {name!r}", f"use one of auto, {', '.join(DTYPES)}")
     return getattr(torch, DTYPES[name])
