@@ -213,3 +213,21 @@ def test_learning_curves_pair_each_readout_and_say_random_weights(
     assert lines["cls holdout_top1"].get_color() == lines["cls test_top1"].get_color()
     assert lines["cls holdout_top1"].get_color() != lines["abmilp holdout_top1"].get_color()
     assert lines["cls test_top1"].get_linestyle() == "--" and lines["cls holdout_top1"].get_linestyle() == "-"
+
+
+def test_wide_multi_panel_figures_get_the_page_width() -> None:
+    import io
+
+    from matplotlib.figure import Figure as MplFigure
+
+    from vitprobe.report import Figure, _img_tag
+
+    def png(w: float, h: float) -> bytes:
+        buf = io.BytesIO()
+        MplFigure(figsize=(w, h), dpi=50).savefig(buf, format="png")
+        return buf.getvalue()
+
+    # a 3-panel curve figure or an 8-image map grid squeezed to 520 px is unreadable
+    assert _img_tag(Figure("grid.png", "maps", png(12.0, 3.0))).startswith('<figure class="wide">')
+    assert _img_tag(Figure("one.png", "curve", png(6.0, 3.6))).startswith("<figure>")
+    assert _img_tag(Figure("x.svg", "svg", b"<svg/>", mime="image/svg+xml")).startswith("<figure>")

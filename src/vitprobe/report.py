@@ -887,6 +887,7 @@ th{background:#f6f8fa}td.num{text-align:right;font-variant-numeric:tabular-nums}
 margin:1rem 0}
 figure{display:inline-block;margin:.5rem;vertical-align:top}figure img{max-width:520px;border:1px solid #eee}
 figcaption{font-size:.85rem;color:#57606a;max-width:520px}.note{color:#57606a;font-size:.9rem}
+figure.wide{display:block}figure.wide img{max-width:100%}figure.wide figcaption{max-width:none}
 """
 
 
@@ -906,11 +907,25 @@ def _looks_numeric(s: str) -> bool:
     return s.replace(".", "", 1).replace("+", "", 1).replace("-", "", 1).isdigit()
 
 
+WIDE_ASPECT = 2.0  # PNGs wider than this (multi-panel curves, map grids) get the page width, not 520 px
+
+
+def _png_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a PNG's IHDR chunk; None for anything else (SVG)."""
+    if data[:8] != b"\x89PNG\r\n\x1a\n" or len(data) < 24:
+        return None
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
 def _img_tag(fig: Figure) -> str:
     data = base64.b64encode(fig.data).decode("ascii")
     e = html.escape
+    size = _png_size(fig.data)
+    wide = size is not None and size[1] > 0 and size[0] / size[1] > WIDE_ASPECT
+    css = ' class="wide"' if wide else ""
     return (
-        f'<figure><img src="data:{fig.mime};base64,{data}" alt="{e(fig.title)}">'
+        f"<figure{css}>"
+        f'<img src="data:{fig.mime};base64,{data}" alt="{e(fig.title)}">'
         f"<figcaption>{e(fig.title)}</figcaption></figure>"
     )
 
