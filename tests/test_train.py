@@ -169,6 +169,17 @@ def test_selection_picks_best_holdout_epoch_and_refit_trains_on_everything() -> 
     assert on_test["selection"]["optimistic"] is True and on_test["selection"]["holdout_rows"] == 0
 
 
+def test_lr_scales_with_the_batch_actually_used_when_the_cache_is_smaller() -> None:
+    train, test = blobs(100), blobs(20, seed=1)
+    cfg = small_cfg(pools=("cls",), batch_size=1024, lr_grid=(0.1,))  # 80 fit rows < 1024
+    out = train_probes(train, test, cfg, specs_of(cfg), keys=["cls"])
+    assert out["selection"]["train_rows"] == 80 and out["selection"]["batch_size"] == 80
+    assert out["readouts"]["cls"]["run"].lr == pytest.approx(0.1 * 80 / 256)
+    big = train_probes(train, test, replace(cfg, batch_size=32), specs_of(cfg), keys=["cls"])
+    assert big["selection"]["batch_size"] == 32
+    assert big["readouts"]["cls"]["run"].lr == pytest.approx(0.1 * 32 / 256)
+
+
 def one_patch_task(n: int, seed: int) -> MemorySource:
     """The label is carried by one patch (marked in the last channel); the other patches are decoys chosen so
     that every class appears equally often in every image, which makes the patch mean uninformative."""

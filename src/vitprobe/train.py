@@ -91,9 +91,17 @@ class ProbeConfig:
     def base_lrs(self) -> tuple[float, ...]:
         return tuple(self.lr_grid) or (self.blr,)
 
-    def lr(self, blr: float) -> float:
-        """Absolute lr for a base lr (MAE: lr = blr × batch / 256)."""
-        return blr * self.batch_size / 256
+    def lr(self, blr: float, rows: int | None = None) -> float:
+        """Absolute lr for a base lr (MAE: lr = blr × batch / 256).
+
+        The batch is the one actually used: `min(batch_size, rows)` when an epoch has fewer rows than
+        `batch_size` (small datasets), so the linear scaling rule is not inflated by rows that do not exist.
+        """
+        return blr * self.effective_batch(rows) / 256
+
+    def effective_batch(self, rows: int | None = None) -> int:
+        """Rows per step: `batch_size`, or all rows of an epoch when there are fewer."""
+        return self.batch_size if rows is None else max(1, min(self.batch_size, rows))
 
     def head_spec(self, pool: str) -> HeadSpec:
         return HeadSpec(
@@ -814,13 +822,13 @@ def train_probes(
     evals = [selection, test_split] if selection is not test_split else [test_split]
 
     dim, num_classes = train_src.dim, train_src.num_classes
+    epoch_rows = len(fit_split.epoch_rows(0))
     runs = []
     for spec in specs:
         for blr in cfg.base_lrs:
             head = init_head(spec, dim, num_classes, cfg.seed).to(device)
-            runs.append(
-                HeadRun(spec, blr, cfg.lr(blr), head, make_optimizer(head, cfg, cfg.lr(blr)), cfg.epochs)
-            )
+            lr = cfg.lr(blr, epoch_rows)
+            runs.append(HeadRun(spec, blr, lr, head, make_optimizer(head, cfg, lr), cfg.epochs))
     common = {"keys": keys, "device": device, "norm": norm, "num_classes": num_classes}
     fit(
         runs,
@@ -887,6 +895,7 @@ def train_probes(
             ),
             "optimistic": cfg.select_on == "test",
             "train_rows": len(fit_rows),
+            "batch_size": cfg.effective_batch(epoch_rows),  # rows per step; the lr scales with it
             "holdout_rows": len(held_rows),
             "test_rows": test_src.num_rows,
             "refit": bool(cfg.refit and cfg.select_on == "holdout"),
