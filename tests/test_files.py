@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from vitprobe.devices import resolve_device, resolve_dtype
+from vitprobe.devices import loader_workers, resolve_device, resolve_dtype
 from vitprobe.errors import VitprobeError
 from vitprobe.files import atomic_path, read_json, sha256_file, write_json
 
@@ -67,3 +67,10 @@ def test_unknown_device_and_dtype_are_refused() -> None:
         resolve_device("tpu")
     with pytest.raises(VitprobeError, match="unknown dtype"):
         resolve_dtype("int8", torch.device("cpu"))
+
+
+def test_loader_workers_never_exceed_the_usable_cores(monkeypatch) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert loader_workers(4) == 2
+    assert loader_workers(1) == 1
+    assert loader_workers(0) == 0

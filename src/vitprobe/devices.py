@@ -44,3 +44,18 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name not in DTYPES:
         raise VitprobeError(f"unknown dtype {name!r}", f"use one of auto, {', '.join(DTYPES)}")
     return getattr(torch, DTYPES[name])
+
+
+def loader_workers(requested: int) -> int:
+    """DataLoader workers: `requested`, but no more than the CPU cores this process may use.
+
+    More workers than cores only adds contention (and a PyTorch warning); on a 2-core laptop the default of 4
+    becomes 2, on a GPU server it stays 4.
+    """
+    import os
+
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        cores = os.cpu_count() or 1
+    return max(0, min(requested, cores))

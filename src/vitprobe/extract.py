@@ -49,6 +49,7 @@ from vitprobe.cache import (
     write_manifest,
     write_shard,
 )
+from vitprobe.devices import loader_workers
 from vitprobe.errors import CacheError, VitprobeError
 from vitprobe.progress import make_progress
 from vitprobe.provenance import versions
@@ -505,8 +506,11 @@ def _run(
     my_ranges = [plan.ranges[s] for s in mine]
     cuda = device.type == "cuda"
     loader = DataLoader(
-        rows, batch_sampler=ShardBatches(my_ranges, config.batch_size), num_workers=config.workers,
-        pin_memory=cuda, persistent_workers=False,
+        rows,
+        batch_sampler=ShardBatches(my_ranges, config.batch_size),
+        num_workers=loader_workers(config.workers),
+        pin_memory=cuda,
+        persistent_workers=False,
     )
     store_dtype = STORE_DTYPES[manifest["store_dtype"]][0]
     done = list(plan.done)

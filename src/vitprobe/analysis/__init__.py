@@ -72,13 +72,15 @@ def make_loader(dataset: Dataset, *, batch_size: int, num_workers: int, device: 
     """A sequential (deterministic order) DataLoader over the subset."""
     from torch.utils.data import DataLoader
 
+    from vitprobe.devices import loader_workers
+
     if batch_size < 1:
         raise VitprobeError(f"--batch-size must be at least 1, got {batch_size}", "use e.g. --batch-size 32")
     return DataLoader(
         dataset,
         batch_size=batch_size,
         shuffle=False,
-        num_workers=num_workers,
+        num_workers=loader_workers(num_workers),
         pin_memory=device.type == "cuda",
         drop_last=False,
     )
