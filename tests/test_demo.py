@@ -50,3 +50,22 @@ def test_demo_refuses_data_made_with_other_settings(tmp_path: Path) -> None:
         run_demo(config, say=said.append)
     assert "another --out" in (info.value.hint or "")
     assert not (out / "caches").exists()  # refused before extracting anything from the wrong data
+
+
+def test_demo_on_an_out_made_with_another_model_says_what_works_for_the_demo(tmp_path: Path) -> None:
+    from vitprobe.demo import DemoConfig, run_demo
+    from vitprobe.errors import CacheError
+    from vitprobe.extract import ExtractConfig, extract
+    from vitprobe.synthetic import make_synthetic
+
+    out = tmp_path / "demo"
+    make_synthetic(out / "data", n=16, classes=2, size=32, seed=0)
+    earlier = ExtractConfig(model="timm:test_vit", data=f"cub:{out / 'data'}", split="train",
+                            out=out / "caches" / "train", random_init=True, workers=0, device="cpu")
+    extract(earlier)
+    config = DemoConfig(out=str(out), model="timm:test_vit2", random_init=True, n=16, classes=2, size=32,
+                        device="cpu")
+    with pytest.raises(CacheError) as info:
+        run_demo(config, say=lambda _: None)
+    assert "other settings" in info.value.message
+    assert "--overwrite" not in (info.value.hint or "") and "new --out" in (info.value.hint or "")

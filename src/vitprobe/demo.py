@@ -72,6 +72,7 @@ def run_demo(config: DemoConfig, *, say: Callable[[str], None] = print, console:
     """
     from vitprobe.analysis.attention import AttentionConfig, run_attention
     from vitprobe.analysis.frequency import FrequencyConfig, run_frequency
+    from vitprobe.errors import CacheError
     from vitprobe.extract import ExtractConfig, extract
     from vitprobe.files import write_json
     from vitprobe.knn import KnnConfig, run_knn
@@ -102,20 +103,28 @@ def run_demo(config: DemoConfig, *, say: Callable[[str], None] = print, console:
     run_dir = out / "run"
     done = step("extract", f"extract [cls] + patch tokens of {config.model} → {out / 'caches'}")
     for split, path in caches.items():
-        extract(
-            ExtractConfig(
-                model=config.model,
-                data=data,
-                split=split,
-                out=path,
-                random_init=random_init,
-                batch_size=config.batch_size,
-                workers=0,
-                device=config.device,
-                seed=config.seed,
-            ),
-            console=console,
-        )
+        try:
+            extract(
+                ExtractConfig(
+                    model=config.model,
+                    data=data,
+                    split=split,
+                    out=path,
+                    random_init=random_init,
+                    batch_size=config.batch_size,
+                    workers=0,
+                    device=config.device,
+                    seed=config.seed,
+                ),
+                console=console,
+            )
+        except CacheError as exc:
+            if exc.hint and "--overwrite" in exc.hint:  # the demo has no --overwrite: say what works here
+                raise CacheError(
+                    f"{exc.message} (an earlier demo in {out} used other settings)",
+                    f"pass a new --out, or delete {out} and run the demo again",
+                ) from exc
+            raise
     done()
     done = step("probe", f"probe cls / mean / abmilp × lr {list(config.lr_grid)} in one pass → {run_dir}")
     probe_cfg = ProbeConfig(
