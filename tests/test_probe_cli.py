@@ -463,3 +463,26 @@ def test_wrong_paths_give_one_line_errors_with_the_fix(tmp_path: Path) -> None:
         assert result.exit_code == 1, result.output
         assert result.output.startswith("error: ") and message in " ".join(result.output.split())
         assert "╭" not in result.output  # not a usage-error panel
+
+
+def test_an_earlier_probe_run_is_never_replaced_by_accident(tmp_path: Path) -> None:
+    train = write_cache(tmp_path / "train", n=45)
+    test = write_cache(tmp_path / "test", n=15, seed=1)
+    out = tmp_path / "run"
+    caches = ("--train", train, "--test", test, "--out", out, *FAST)
+    first = invoke("probe", *caches, "--pool", "cls", "--pool", "mean")
+    assert first.exit_code == 0, first.output
+    before = (out / "results.json").read_bytes()
+
+    again = invoke("probe", *caches, "--pool", "cls")
+    assert again.exit_code == 1
+    assert "already holds results.json" in again.output and "--overwrite" in again.output
+    assert (out / "results.json").read_bytes() == before  # refused before training, nothing touched
+
+    replaced = invoke("probe", *caches, "--pool", "cls", "--overwrite")
+    assert replaced.exit_code == 0, replaced.output
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["readouts"]) == {"cls"}
+    # heads/ holds exactly this run's heads: the earlier run's mean head is gone, no staging dirs remain
+    assert sorted(p.name for p in (out / "heads").iterdir()) == ["cls.json", "cls.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["heads", "results.json"]

@@ -137,7 +137,7 @@ def run_demo(config: DemoConfig, *, say: Callable[[str], None] = print, console:
         seed=config.seed,
         device=config.device,
     )
-    results = run_probe(caches["train"], caches["test"], probe_cfg, run_dir, console=console)
+    results = run_probe(caches["train"], caches["test"], probe_cfg, run_dir, overwrite=True, console=console)
     done()
     done = step("knn", f"weighted k-NN on [cls], k = {list(config.ks)}")
     run_knn(caches["train"], caches["test"], KnnConfig(ks=config.ks, device=config.device), run_dir)

@@ -917,9 +917,13 @@ def run_probe(
     out_dir: str | Path,
     *,
     explicit_pools: bool = True,
+    overwrite: bool = False,
     console: Console | None = None,
 ) -> dict[str, Any]:
     """`vitprobe probe`: train heads on a train cache, select, test, write results.json and heads/.
+
+    An earlier probe run in `out_dir` is never lost by accident: without `overwrite` it is refused before
+    any training; with it, the new heads/ and results.json replace the old ones only once all are written.
 
     Args:
         train_path: token cache of the train split.
@@ -927,15 +931,25 @@ def run_probe(
         cfg: the protocol; recorded whole in results.json.
         out_dir: RUN_DIR; gets results.json and heads/<pool>.safetensors + heads/<pool>.json.
         explicit_pools: whether the user named the pools (unavailable ones then raise instead of a note).
+        overwrite: replace an earlier probe run's results.json and heads/ in `out_dir`.
         console: where the progress bar goes (none when not a terminal).
 
     Returns:
         The results dict written to results.json.
     """
+    import shutil
+    import tempfile
+
     from vitprobe.cache import open_cache
     from vitprobe.devices import resolve_device
     from vitprobe.files import write_json
 
+    out_dir = Path(out_dir)
+    if (out_dir / "results.json").exists() and not overwrite:
+        raise ProbeError(
+            f"{out_dir} already holds results.json of an earlier probe run",
+            "pass --overwrite to replace it (and its heads/), or choose another --out",
+        )
     train_cache = open_cache(train_path)
     test_cache = open_cache(test_path)
     layer = resolve_layer(train_cache, cfg.layer)
@@ -951,30 +965,35 @@ def run_probe(
     train_src, test_src = CacheSource(train_cache, layer), CacheSource(test_cache, layer)
     out = train_probes(train_src, test_src, cfg, specs, keys=keys, norm=norm, device=device, console=console)
 
-    out_dir = Path(out_dir)
     identity = backbone_identity(train_cache.manifest)
     warnings = pair_warnings(train_cache, test_cache)
     if cfg.select_on == "test":
         warnings.append(
             "--select-on test: lr and epoch were picked on the test set; accuracies are optimistic"
         )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".heads-", dir=out_dir))  # swapped in once results are complete
     readouts = {}
-    for spec in specs:
-        entry = out["readouts"][spec.name]
-        head_file = save_head(
-            entry["head"],
-            out_dir / "heads" / f"{spec.name}.safetensors",
-            spec=spec,
-            cache=train_cache,
-            layer=layer,
-            final_norm=cfg.final_norm,
-            blr=entry["run"].blr,
-            lr=entry["run"].lr,
-            epoch=entry["run"].best_epoch,
-        )
-        readouts[spec.name] = _readout_json(
-            entry, cfg, train_cache.class_names, head_file.relative_to(out_dir)
-        )
+    try:
+        for spec in specs:
+            entry = out["readouts"][spec.name]
+            head_file = save_head(
+                entry["head"],
+                staging / f"{spec.name}.safetensors",
+                spec=spec,
+                cache=train_cache,
+                layer=layer,
+                final_norm=cfg.final_norm,
+                blr=entry["run"].blr,
+                lr=entry["run"].lr,
+                epoch=entry["run"].best_epoch,
+            )
+            readouts[spec.name] = _readout_json(
+                entry, cfg, train_cache.class_names, Path("heads") / head_file.name
+            )
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     results = {
         "format": RESULTS_FORMAT,
         "version": FORMAT_VERSION,
@@ -995,7 +1014,13 @@ def run_probe(
         "test_cache": {"path": str(test_cache.path), "provenance": test_cache.provenance()},
         "timing": out["timing"],
     }
+    heads_dir, retired = out_dir / "heads", out_dir / f".heads-old-{staging.name}"
+    if heads_dir.exists():
+        heads_dir.rename(retired)
+    staging.chmod(0o755)
+    staging.rename(heads_dir)
     write_json(out_dir / "results.json", results)
+    shutil.rmtree(retired, ignore_errors=True)
     return results
 
 

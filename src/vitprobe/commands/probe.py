@@ -85,6 +85,10 @@ def probe(
         Load,
         typer.Option("--load", help="Load caches whole (memory), stream shards, or decide by size (auto)."),
     ] = Load.auto,
+    overwrite: Annotated[
+        bool,
+        typer.Option("--overwrite", help="Replace an earlier probe run's results.json and heads/ in --out."),
+    ] = False,
     device: DeviceOpt = "auto",
     predict: Annotated[
         Path | None,
@@ -144,7 +148,9 @@ def probe(
         load=load.value,
     )
     try:
-        results = run_probe(train, test, cfg, out, explicit_pools=bool(pool), console=console)
+        results = run_probe(
+            train, test, cfg, out, explicit_pools=bool(pool), overwrite=overwrite, console=console
+        )
     except KeyboardInterrupt:
         raise Interrupted(
             f"probe interrupted: nothing new was written to {out} (results and heads are written only once "
