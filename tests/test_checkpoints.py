@@ -172,3 +172,11 @@ def test_offline_hub_not_cached_names_the_file_and_the_fix(offline_cache: Path) 
 def test_hf_hub_spec_with_filename(offline_cache: Path) -> None:
     with pytest.raises(WeightsUnavailableError, match="pytorch_model.bin from hf-hub:org/repo"):
         fetch_checkpoint("hf-hub:org/repo:pytorch_model.bin")
+
+
+def test_a_text_file_named_pth_is_explained_not_a_bare_keyerror(tmp_path: Path) -> None:
+    path = tmp_path / "weights.pth"
+    path.write_text("<html>404 not found</html>\n")
+    with pytest.raises(CheckpointError, match="neither a torch.save zip nor a pickle") as info:
+        read_checkpoint(path)
+    assert str(path) in info.value.message and "re-download" in (info.value.hint or "")

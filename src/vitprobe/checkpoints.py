@@ -129,7 +129,7 @@ def hf_hub_file(repo_id: str, filename: str = "model.safetensors") -> Path:
         raise WeightsUnavailableError(
             f"{filename} from hf-hub:{repo_id} is needed: {why}",
             f"download {url} where there is network access and pass it with --checkpoint /path/to/{filename}"
-            + (", or unset HF_HUB_OFFLINE" if offline else ""),
+            + (", or unset HF_HUB_OFFLINE" if offline else " (HF_HUB_OFFLINE=1 skips the download retries)"),
         ) from exc
     return Path(path)
 
@@ -218,6 +218,15 @@ def _torch_load_safely(path: Path) -> Any:
 
     import torch
 
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    # torch.save writes a zip (PK\x03\x04); legacy torch.save / pickle protocol >= 2 start with PROTO (0x80)
+    if magic != b"PK\x03\x04" and magic[:1] != b"\x80":
+        raise CheckpointError(
+            f"{path} is not a readable torch checkpoint (neither a torch.save zip nor a pickle; it starts "
+            f"with {magic!r}): it may be truncated, an HTML error page, or another format",
+            "re-download the file, or pass a .pth/.pt written by torch.save or a .safetensors file",
+        )
     try:
         with warnings.catch_warnings(), torch.serialization.safe_globals([argparse.Namespace]):
             warnings.simplefilter("ignore")  # protocol-version chatter from the weights-only unpickler
@@ -235,4 +244,8 @@ def _torch_load_safely(path: Path) -> Any:
             "(torch.save(model.state_dict(), ...)) or as .safetensors and pass that file",
         ) from exc
     except Exception as exc:  # RuntimeError, EOFError, IndexError...: a truncated file or another format
-        raise CheckpointError(f"{path} is not a readable torch checkpoint: {exc!r}", "re-download") from exc
+        raise CheckpointError(
+            f"{path} is not a readable torch checkpoint (neither a torch.save zip nor a pickle: "
+            f"{type(exc).__name__}: {exc}); it may be truncated, an HTML error page, or another format",
+            "re-download the file, or pass a .pth/.pt written by torch.save or a .safetensors file",
+        ) from exc
