@@ -60,6 +60,8 @@ def test_auto_dtype_on_cuda_falls_back_to_fp16_without_bf16(monkeypatch, bf16: b
 def test_asking_for_cuda_without_a_gpu_is_a_clear_error() -> None:
     with pytest.raises(VitprobeError, match="no CUDA GPU"):
         resolve_device("cuda")
+    with pytest.raises(VitprobeError, match="--device cuda:1 was asked for"):
+        resolve_device("cuda:1")
 
 
 def test_unknown_device_and_dtype_are_refused() -> None:

@@ -23,7 +23,7 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
             raise VitprobeError(
-                "--device cuda was asked for but no CUDA GPU is visible", "use --device cpu or auto"
+                f"--device {name} was asked for but no CUDA GPU is visible", "use --device cpu or auto"
             )
         if name == "cuda" and "LOCAL_RANK" in os.environ:
             name = f"cuda:{int(os.environ['LOCAL_RANK'])}"
