@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from vitprobe.errors import ProbeError
-from vitprobe.knn import KnnConfig, knn_evaluate, knn_scores
+from vitprobe.knn import KnnConfig, clipped_k_warnings, knn_evaluate, knn_scores
 
 
 def brute_force_dino_knn(
@@ -86,6 +86,14 @@ def test_knn_evaluate_top1_top5_equal_brute_force_with_small_batches() -> None:
         assert metrics[k]["top1"] == pytest.approx(hits1 / len(test))
         assert metrics[k]["top5"] == pytest.approx(hits5 / len(test))
     assert metrics[500]["top5"] == 1.0  # five classes: top-5 always hits
+    assert [metrics[k]["k_used"] for k in ks] == [3, 10, 120]  # the k that voted, not the one asked for
+
+
+def test_a_k_beyond_the_train_rows_is_named_in_a_warning() -> None:
+    assert clipped_k_warnings((10, 120, 500), 120) == [
+        "--k 500 is more than the 120 train rows: k = 120 was used (every train sample votes)"
+    ]
+    assert clipped_k_warnings((10, 20), 120) == []
 
 
 def test_knn_config_refuses_bad_values() -> None:

@@ -98,7 +98,8 @@ def knn_evaluate(
     batch_size: int = 256,
     train_chunk: int = 65536,
 ) -> dict[int, dict[str, float]]:
-    """Top-1 / top-5 accuracy (in [0, 1]) per k; features are L2-normalised here."""
+    """Top-1 / top-5 accuracy (in [0, 1]) per k, and `k_used`: k clipped to the train rows (a k beyond
+    them votes with every train sample); features are L2-normalised here."""
     device = train_feats.device
     train_feats = F.normalize(train_feats.float(), dim=1)
     train_labels = train_labels.to(device).long()
@@ -122,7 +123,18 @@ def knn_evaluate(
             top1[k] += int((pred[:, 0] == labels).sum())
             top5[k] += int((pred == labels[:, None]).any(dim=1).sum())
     n = max(len(test_feats), 1)
-    return {k: {"top1": top1[k] / n, "top5": top5[k] / n} for k in ks}
+    used = {k: min(k, len(train_feats)) for k in ks}
+    return {k: {"top1": top1[k] / n, "top5": top5[k] / n, "k_used": used[k]} for k in ks}
+
+
+def clipped_k_warnings(ks: Sequence[int], num_train: int) -> list[str]:
+    """One warning per k larger than the train cache, which `knn_scores` clips to the train rows."""
+    return [
+        f"--k {k} is more than the {num_train} train rows: k = {num_train} was used "
+        "(every train sample votes)"
+        for k in ks
+        if k > num_train
+    ]
 
 
 def cache_features(
@@ -193,7 +205,7 @@ def run_knn(
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "versions": versions(),
         "random_init": identity["random_init"],
-        "warnings": pair_warnings(train_cache, test_cache),
+        "warnings": pair_warnings(train_cache, test_cache) + clipped_k_warnings(cfg.ks, len(train_labels)),
         "layer": layer,
         "pool": cfg.pool,
         "num_train": len(train_labels),

@@ -68,7 +68,8 @@ def knn(
     for column in ("k", "top-1", "top-5"):
         table.add_column(column, justify="right")
     for kk, m in results["knn"].items():
-        table.add_row(kk, f"{100 * m['top1']:.2f}", f"{100 * m['top5']:.2f}")
+        used = "" if str(m["k_used"]) == kk else f" (used {m['k_used']})"
+        table.add_row(kk + used, f"{100 * m['top1']:.2f}", f"{100 * m['top5']:.2f}")
     console.print(table)
     for warning in results["warnings"]:
         console.print(f"[bold yellow]warning:[/] {escape(warning)}")
