@@ -322,6 +322,18 @@ def test_knn_command_writes_knn_json_matching_the_library(tmp_path: Path) -> Non
     assert result.exit_code == 1 and "different backbones" in result.output
 
 
+def test_knn_command_records_and_warns_when_k_exceeds_the_train_rows(tmp_path: Path) -> None:
+    train = write_cache(tmp_path / "train", n=30)
+    test = write_cache(tmp_path / "test", n=12, seed=1)
+    result = invoke("knn", "--train", train, "--test", test, "--k", "5,500", "--out", tmp_path)
+    assert result.exit_code == 0, result.output
+    knn = json.loads((tmp_path / "knn.json").read_text())
+    assert knn["knn"]["5"]["k_used"] == 5 and knn["knn"]["500"]["k_used"] == 30
+    warning = "--k 500 is more than the 30 train rows: k = 30 was used"
+    assert [w for w in knn["warnings"] if "--k" in w] == [warning + " (every train sample votes)"]
+    assert f"warning: {warning}" in result.output and "500 (used 30)" in result.output
+
+
 def test_end_to_end_from_vitprobe_extract(tmp_path: Path) -> None:
     """A tiny random-init timm ViT over a generated imagefolder, then probe, predict with maps, and k-NN."""
     from PIL import Image
@@ -398,6 +410,18 @@ def test_a_shard_whose_bytes_changed_is_refused_before_training_on_it(tmp_path: 
     assert f"shard {shard} is corrupt: its sha256 differs from the manifest" in result.output
     assert "re-run the `vitprobe extract` command" in result.output
     assert not (tmp_path / "run" / "results.json").exists() and not (tmp_path / "run" / "knn.json").exists()
+
+
+def test_refit_with_select_on_test_is_refused_before_training(tmp_path: Path) -> None:
+    train = write_cache(tmp_path / "train", n=30)
+    test = write_cache(tmp_path / "test", n=12, seed=1)
+    out = tmp_path / "run"
+    result = invoke("probe", "--train", train, "--test", test, "--out", out, *FAST, "--refit",
+                    "--select-on", "test")
+    assert result.exit_code == 1, result.output
+    assert "error: --refit with --select-on test" in result.output
+    assert "chosen on a train holdout, and with --select-on test there is no holdout" in result.output
+    assert "drop --refit" in result.output and not out.exists()
 
 
 def test_a_holdout_that_rounds_to_no_image_is_refused_not_selected_on(tmp_path: Path) -> None:

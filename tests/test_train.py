@@ -8,6 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from vitprobe.errors import ProbeError
 from vitprobe.heads import HeadSpec, ProbeHead, build_head
 from vitprobe.train import (
     MemorySource,
@@ -165,8 +166,17 @@ def test_selection_picks_best_holdout_epoch_and_refit_trains_on_everything() -> 
     assert all(run.best_score >= max(o.curves["holdout_top1"]) for o in r["runs"])
     assert out["selection"]["holdout_rows"] == 32 and out["selection"]["train_rows"] == 128
     assert r["refit"].stop_epoch == run.best_epoch and r["head"] is r["refit"].head
-    on_test = train_probes(train, test, replace(cfg, select_on="test"), specs_of(cfg), keys=["cls"])
+    on_test_cfg = replace(cfg, select_on="test", refit=False)  # refit needs the holdout
+    on_test = train_probes(train, test, on_test_cfg, specs_of(cfg), keys=["cls"])
     assert on_test["selection"]["optimistic"] is True and on_test["selection"]["holdout_rows"] == 0
+    assert on_test["selection"]["refit"] is False and "refit" not in on_test["readouts"]["cls"]
+
+
+def test_refit_with_selection_on_test_is_refused() -> None:
+    """Refit retrains with the lr and epoch chosen on a holdout; selecting on test leaves no holdout."""
+    with pytest.raises(ProbeError, match="--refit with --select-on test") as info:
+        small_cfg(refit=True, select_on="test")
+    assert "there is no holdout" in info.value.message and "drop --refit" in info.value.hint
 
 
 def test_lr_scales_with_the_batch_actually_used_when_the_cache_is_smaller() -> None:

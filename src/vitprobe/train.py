@@ -78,6 +78,12 @@ class ProbeConfig:
             raise ProbeError(f"unknown --select-on {self.select_on!r}", "use holdout or test")
         if self.load not in LOAD_MODES:
             raise ProbeError(f"unknown load mode {self.load!r}", f"use one of {', '.join(LOAD_MODES)}")
+        if self.refit and self.select_on == "test":
+            raise ProbeError(
+                "--refit with --select-on test: refit retrains with the lr and epoch chosen on a train "
+                "holdout, and with --select-on test there is no holdout",
+                "drop --refit, or select on the holdout (--select-on holdout, the default)",
+            )
         if self.select_on == "holdout" and not 0.0 < self.holdout < 1.0:
             raise ProbeError(f"--holdout {self.holdout} must lie in (0, 1)", "use e.g. --holdout 0.1")
         if self.epochs < 1 or self.batch_size < 2 or self.eval_every < 1:
@@ -848,7 +854,7 @@ def train_probes(
         best.head.load_state_dict(best.best_state)
         readouts[spec.name] = {"spec": spec, "run": best, "runs": mine}
 
-    if cfg.refit and cfg.select_on == "holdout":
+    if cfg.refit:  # ProbeConfig refuses --refit with --select-on test
         refits = []
         for spec in specs:
             chosen: HeadRun = readouts[spec.name]["run"]
@@ -898,7 +904,7 @@ def train_probes(
             "batch_size": cfg.effective_batch(epoch_rows),  # rows per step; the lr scales with it
             "holdout_rows": len(held_rows),
             "test_rows": test_src.num_rows,
-            "refit": bool(cfg.refit and cfg.select_on == "holdout"),
+            "refit": cfg.refit,
         },
         "timing": {
             "seconds": time.perf_counter() - start,

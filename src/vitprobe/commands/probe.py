@@ -77,7 +77,11 @@ def probe(
     ] = SelectOn.holdout,
     holdout: Annotated[float, typer.Option("--holdout", help="Stratified holdout fraction.")] = 0.1,
     refit: Annotated[
-        bool, typer.Option("--refit", help="Retrain on the full train cache with the chosen lr and epoch.")
+        bool, typer.Option(
+            "--refit",
+            help="Retrain on the full train cache with the lr and epoch chosen on the holdout "
+            "(not with --select-on test).",
+        )
     ] = False,
     eval_every: Annotated[int, typer.Option("--eval-every", min=1, help="Evaluate every N epochs.")] = 1,
     seed: Annotated[int, typer.Option("--seed", help="Head init, data order and holdout split.")] = 0,
