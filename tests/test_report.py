@@ -231,3 +231,14 @@ def test_wide_multi_panel_figures_get_the_page_width() -> None:
     assert _img_tag(Figure("grid.png", "maps", png(12.0, 3.0))).startswith('<figure class="wide">')
     assert _img_tag(Figure("one.png", "curve", png(6.0, 3.6))).startswith("<figure>")
     assert _img_tag(Figure("x.svg", "svg", b"<svg/>", mime="image/svg+xml")).startswith("<figure>")
+
+
+def test_protocol_shows_the_lr_grid_instead_of_an_unused_blr(tmp_path: Path) -> None:
+    run = make_run(tmp_path, "grid", cls=0.5, abmilp=0.7, with_analyses=False)
+    results = json.loads((run / "results.json").read_text())
+    results["config"]["lr_grid"] = [0.001, 0.01]
+    (run / "results.json").write_text(json.dumps(results))
+    protocol = collect_report([run])["runs"][0]["provenance"]["protocol"]
+    assert protocol["lr_grid"] == [0.001, 0.01] and "blr" not in protocol
+    plain = collect_report([make_run(tmp_path, "plain", cls=0.5, abmilp=0.7, with_analyses=False)])
+    assert plain["runs"][0]["provenance"]["protocol"]["blr"] == 0.1

@@ -294,6 +294,8 @@ def _provenance(run: _Run) -> dict[str, Any]:
         v = _find(res, key)
         if v is not None and not isinstance(v, Mapping):
             protocol[key] = v
+    if protocol.get("lr_grid"):  # the grid replaces --blr: showing both would suggest blr was used
+        protocol.pop("blr", None)
     selection = _find(res, "selection", "select_on", "selection_rule")
     optimistic = selection == "test"
     if isinstance(selection, Mapping):
