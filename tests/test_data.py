@@ -304,6 +304,26 @@ def test_cub_layout(tmp_path: Path) -> None:
         open_dataset(f"cub:{root}", "val")
 
 
+def test_a_generator_marker_is_part_of_the_fingerprint(tmp_path: Path) -> None:
+    """A root with synthetic.json adds the line "#generator<TAB><canonical JSON>" after the sorted lines."""
+    root = _cub_tree(tmp_path)
+    pairs = [("images/001.Albatross/a_2.jpg", 0), ("images/002.Auklet/b_3.jpg", 1)]
+    assert open_dataset(f"cub:{root}", "test").fingerprint == _expected_fingerprint(pairs)  # real: unchanged
+    marker = {"seed": 1, "generator": "needles", "size": 64}
+    (root / "synthetic.json").write_text(json.dumps(marker, indent=2))
+    canonical = '{"generator":"needles","seed":1,"size":64}'  # sorted keys, no spaces
+    text = "".join(f"{rel}\t{label}\n" for rel, label in pairs) + f"#generator\t{canonical}\n"
+    generated = open_dataset(f"cub:{root}", "test").fingerprint
+    assert generated == hashlib.sha256(text.encode("utf-8")).hexdigest()
+    (root / "synthetic.json").write_text(json.dumps({**marker, "seed": 2}))
+    assert open_dataset(f"cub:{root}", "test").fingerprint != generated
+    (root / "synthetic.json").write_text('{"note": "not made by a generator"}')  # a real dataset's own file
+    assert open_dataset(f"cub:{root}", "test").fingerprint == _expected_fingerprint(pairs)
+    (root / "synthetic.json").write_text("{broken")
+    with pytest.raises(DatasetError, match="generator marker"):
+        _ = open_dataset(f"cub:{root}", "test").fingerprint
+
+
 @pytest.mark.parametrize(
     "missing", ["images.txt", "image_class_labels.txt", "train_test_split.txt", "classes.txt"]
 )

@@ -105,6 +105,32 @@ def test_spec_generates_once_under_vitprobe_home(tmp_path: Path, monkeypatch: py
     assert [p.name for p in (tmp_path / "home" / "synthetic").iterdir()] == [root.name]  # no temp dirs left
 
 
+@pytest.mark.parametrize("changed", [{"seed": 4}, {"size": 48}], ids=["seed", "size"])
+def test_needles_differing_only_in_size_or_seed_have_different_fingerprints(
+    needles: Path, tmp_path: Path, changed: dict[str, int]
+) -> None:
+    # same n and classes: identical file names and labels, other pixels and boxes
+    other = make_synthetic(tmp_path / "other", **{"n": 40, "classes": 4, "size": 64, "seed": 3, **changed})
+    for split in ("train", "test", "all"):
+        ours, theirs = open_dataset(f"cub:{needles}", split), open_dataset(f"cub:{other}", split)
+        assert ours.relative_paths() == theirs.relative_paths() and ours.labels == theirs.labels
+        assert ours.fingerprint != theirs.fingerprint, split
+    again = make_synthetic(tmp_path / "again", n=40, classes=4, size=64, seed=3)  # same settings, same print
+    same = open_dataset(f"cub:{again}", "test").fingerprint
+    assert same == open_dataset(f"cub:{needles}", "test").fingerprint
+
+
+def test_spec_and_cub_agree_and_tell_seeds_apart(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VITPROBE_HOME", str(tmp_path / "home"))
+    prints = {}
+    for seed in (0, 1):
+        spec = f"synthetic:needles?n=16&classes=4&size=32&seed={seed}"
+        from_spec = open_dataset(spec, "test")
+        assert open_dataset(f"cub:{from_spec.root}", "test").fingerprint == from_spec.fingerprint
+        prints[seed] = from_spec.fingerprint
+    assert prints[0] != prints[1]
+
+
 def test_a_foreign_folder_in_home_is_not_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("VITPROBE_HOME", str(tmp_path))
     foreign = tmp_path / "synthetic" / SyntheticConfig(n=8, classes=2, size=32).name

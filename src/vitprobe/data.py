@@ -3,13 +3,15 @@
 Kinds: `imagefolder:DIR`, `imagenet:DIR`, `cub:DIR`, `csv:FILE` and
 `synthetic:needles[?n=..&classes=..&size=..&seed=..]` (see docs/datasets.md). Nothing here decides how
 images are resized: callers pass the backbone's transform. Every dataset has a `fingerprint`, the sha256 of
-its sorted (relative path, label) list, that caches record.
+its sorted (relative path, label) list (plus the generator's config for generated datasets), that caches
+record.
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
+import json
 import os
 import re
 from collections.abc import Callable, Iterable, Iterator
@@ -30,6 +32,7 @@ IMAGE_EXTENSIONS = frozenset(
 SPLIT_FOLDER_NAMES = ("train", "val", "valid", "validation", "test")  # sub-folders that are splits
 CUB_FILES = ("images.txt", "image_class_labels.txt", "train_test_split.txt", "classes.txt")
 CUB_SPLITS = ("train", "test", "all")
+GENERATOR_MARKER = "synthetic.json"  # written by vitprobe.synthetic into the root of every generated dataset
 ALL = "all"
 
 Box = tuple[float, float, float, float]  # (x, y, w, h) in original pixels
@@ -89,11 +92,13 @@ class ImageDataset(torch.utils.data.Dataset):
     def fingerprint(self) -> str:
         """sha256 hex of the sorted lines `"<relative path>\\t<label>\\n"` (UTF-8, POSIX paths under root).
 
-        It identifies which files carry which labels, not the pixels: regenerating a synthetic dataset with
-        the same parameters gives the same fingerprint; relabelling or adding one file changes it. Computed
-        on each access (seconds for ImageNet's 1.28 M files), so it follows edits to paths and labels.
+        It identifies which files carry which labels, not the pixels: relabelling or adding one file changes
+        it. A generated dataset (its root holds GENERATOR_MARKER) also hashes the generator's config, because
+        its file names and labels do not depend on `size` or `seed`: regenerating with the same parameters
+        gives the same fingerprint, with other parameters another one. Computed on each access (seconds for
+        ImageNet's 1.28 M files), so it follows edits to paths and labels.
         """
-        return fingerprint(self.relative_paths(), self.labels)
+        return fingerprint(self.relative_paths(), self.labels, generator=generator_identity(self.root))
 
     def relative_paths(self) -> list[str]:
         """POSIX paths relative to `root` (absolute when an image lies outside it, e.g. in a CSV)."""
@@ -161,11 +166,41 @@ class ImageDataset(torch.utils.data.Dataset):
         )
 
 
-def fingerprint(relative_paths: Iterable[str], labels: Iterable[int]) -> str:
-    """sha256 hex of the sorted `"<relative path>\\t<label>\\n"` lines (see `ImageDataset.fingerprint`)."""
+def fingerprint(relative_paths: Iterable[str], labels: Iterable[int], *, generator: str | None = None) -> str:
+    """sha256 hex of the sorted `"<relative path>\\t<label>\\n"` lines (see `ImageDataset.fingerprint`).
+
+    Args:
+        relative_paths: POSIX path of each image relative to the dataset root.
+        labels: class index of each image.
+        generator: `generator_identity(root)` of a generated dataset; when given, the line
+            `"#generator\\t<generator>\\n"` follows the sorted lines. None (real datasets) adds nothing.
+    """
     pairs = sorted(zip(relative_paths, map(int, labels), strict=True))
     text = "".join([f"{rel}\t{label}\n" for rel, label in pairs])
+    if generator is not None:
+        text += f"#generator\t{generator}\n"
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def generator_identity(root: Path) -> str | None:
+    """The canonical JSON (sorted keys, no spaces) of `root/synthetic.json`, or None when root has no marker.
+
+    Only a JSON object with a "generator" key (what `vitprobe.synthetic` writes) counts, so a JSON file of
+    that name in a real dataset leaves its fingerprint alone; a marker that is not JSON at all is an error.
+    """
+    path = root / GENERATOR_MARKER
+    if not path.is_file():
+        return None
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DatasetError(
+            f"{path}: cannot read the generator marker ({type(exc).__name__}: {exc})",
+            "delete the generated folder and generate it again",
+        ) from exc
+    if not isinstance(meta, dict) or "generator" not in meta:
+        return None
+    return json.dumps(meta, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -13,6 +13,8 @@ Pixel values make the box checkable: the background is clipped to [16, 239] and 
 The output is the official CUB_200_2011 layout (images.txt, image_class_labels.txt, train_test_split.txt,
 bounding_boxes.txt, classes.txt, images/) plus `synthetic.json` recording how it was made, so
 `open_dataset("cub:DIR", ...)` reads it like the real dataset. Same parameters -> identical PNG bytes.
+File names and labels depend only on n and classes, so the dataset fingerprint (vitprobe.data) also hashes
+`synthetic.json`: sets that differ only in size or seed get different fingerprints.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ _BATCH = 64  # images generated per vectorised batch (also the unit of the per-b
 
 @dataclass(frozen=True)
 class SyntheticConfig:
-    """How a needles dataset is made; written to `synthetic.json` next to the images."""
+    """How a needles dataset is made; written to `synthetic.json` next to the images (and fingerprinted)."""
 
     n: int = 2000  # images in total; split half train / half test, balanced over classes
     classes: int = 10  # K: number of glyphs (classes)
