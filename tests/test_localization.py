@@ -390,3 +390,90 @@ def test_maps_of_one_split_are_not_scored_against_another(tmp_path: Path, needle
     assert "--split test" in (info.value.hint or "")
     with pytest.raises(loc.LocalizationError, match="no such file"):
         run("test")  # the right split passes the check and goes on to read the maps
+
+
+@pytest.mark.parametrize("changed", [{"seed": 1}, {"size": 64}], ids=["seed", "size"])
+def test_maps_of_other_needles_with_the_same_file_names_are_refused(
+    tmp_path: Path, needles: str, changed: dict[str, int]
+) -> None:
+    """Needles of another seed or size have the same file names and labels, but other images and boxes."""
+    from vitprobe.data import open_dataset
+    from vitprobe.synthetic import make_synthetic
+
+    other = make_synthetic(tmp_path / "other", **{"n": 16, "classes": 4, "size": 96, "seed": 0, **changed})
+    made = open_dataset(f"cub:{other}", "test")
+    assert made.relative_paths() == open_dataset(needles, "test").relative_paths()
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    manifest = {
+        "dataset": {"spec": f"cub:{other}", "split": "test", "fingerprint": made.fingerprint},
+        "model": {"spec": "timm:test_vit", "random_init": True},
+        "transform": {"input_size": [3, 160, 160], "crop_pct": 0.95, "crop_mode": "center"},
+    }
+    (cache / "manifest.json").write_text(json.dumps(manifest))
+    maps = str(tmp_path / "m.st")
+    config = loc.LocalizationConfig(
+        data=needles, split="test", out=str(tmp_path / "out"), abmilp_maps=maps, cache=str(cache)
+    )
+    with pytest.raises(loc.LocalizationError, match="another image list"):
+        loc.run_localization(config)
+
+
+def _cache_with_transform(tmp_path: Path, needles: str) -> Path:
+    from vitprobe.data import open_dataset
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    fingerprint = open_dataset(needles, "test").fingerprint
+    manifest = {
+        "dataset": {"spec": needles, "split": "test", "fingerprint": fingerprint},
+        "model": {"spec": "timm:test_vit", "random_init": True},
+        "transform": {"input_size": [3, 96, 96], "crop_pct": 1.0, "crop_mode": "center"},
+    }
+    (cache / "manifest.json").write_text(json.dumps(manifest))
+    return cache
+
+
+def _export_maps(path: Path, pool: str | None, n: int = 8) -> Path:
+    """A maps file as `vitprobe.train.predict` writes it: metadata {"pool", "grid"}."""
+    from safetensors.numpy import save_file
+
+    maps = np.random.default_rng(0).random((n, 6, 6)).astype(np.float32)
+    metadata = None if pool is None else {"pool": pool, "grid": "6x6"}
+    save_file({"maps": maps, "indices": np.arange(n, dtype=np.int64)}, str(path), metadata=metadata)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("pool", "name"), [("abmilp", "abmilp"), ("attentive", "attentive"), (None, "abmilp")]
+)
+def test_exported_maps_are_named_by_the_pool_of_their_head(
+    tmp_path: Path, needles: str, pool: str | None, name: str
+) -> None:
+    from typer.testing import CliRunner
+
+    from vitprobe.cli import app
+
+    cache = _cache_with_transform(tmp_path, needles)
+    maps = _export_maps(tmp_path / "maps.safetensors", pool)
+    assert loc.read_exported_maps(maps)[2] == name
+    out = tmp_path / "out"
+    args = ["analyze", "localization", "--data", needles, "--split", "test", "--out", str(out),
+            "--abmilp-maps", str(maps), "--cache", str(cache), "--figures", "1"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    saved = json.loads((out / "localization.json").read_text())
+    assert set(saved["maps"]) == {name} and saved["maps"][name]["num_images"] == 8
+    assert set(saved["map_sources"]) == {name}
+    assert ("attentive read-out" in saved["map_sources"][name]) == (name == "attentive")
+    assert ("AbMILP" in saved["map_sources"][name]) == (name == "abmilp")
+    assert saved["figures"] == [f"localization_{name}.png"]
+    other = {"abmilp": "attentive", "attentive": "abmilp"}[name]
+    rows = [line for line in result.output.splitlines() if "│" in line]
+    assert any(name in row for row in rows) and not any(other in row for row in rows)
+
+
+def test_maps_of_a_head_without_an_attention_read_out_are_refused(tmp_path: Path) -> None:
+    maps = _export_maps(tmp_path / "maps.safetensors", "cls")
+    with pytest.raises(loc.LocalizationError, match="maps of a 'cls' head"):
+        loc.read_exported_maps(maps)

@@ -334,7 +334,10 @@ SCHEMA_VERSION = 1  # bump when a key of localization.json changes meaning
 MAP_SOURCES = {
     "cls_attention": "[cls]→patch attention of the last block, heads averaged (post-softmax, patch keys)",
     "abmilp": "the trained AbMILP head's softmax scores over patches (`probe --predict --export-maps`)",
+    "attentive": "the trained attentive read-out's softmax attention over patches, averaged over its queries "
+    "(`probe --predict --export-maps`)",
 }
+EXPORTED_POOLS = ("abmilp", "attentive")  # heads whose `probe --predict --export-maps` writes per-patch maps
 
 
 @dataclass(frozen=True)
@@ -347,9 +350,9 @@ class LocalizationConfig:
     model: str | None = None  # backbone for the [cls] attention maps; None: only --abmilp-maps are scored
     checkpoint: str | None = None  # its official checkpoint file or URL
     random_init: bool = False  # random weights (tests, offline demo); every output says so
-    abmilp_maps: str | None = None  # safetensors from `probe --predict --export-maps` ("maps", "indices")
+    abmilp_maps: str | None = None  # `probe --predict --export-maps` of an abmilp or attentive head
     cache: str | None = None  # token cache of those maps: gives the eval transform and the backbone identity
-    limit: int | None = None  # evenly spaced images to score ([cls] pass and AbMILP maps alike); None = all
+    limit: int | None = None  # evenly spaced images to score ([cls] pass and exported maps alike); None = all
     batch_size: int = 32  # images per forward pass for the [cls] maps
     num_workers: int = 0  # DataLoader workers for the [cls] pass
     device: str = "auto"  # auto = CUDA when available
@@ -393,8 +396,13 @@ def cls_attention_maps(backbone: Any, loader: Any, device: torch.device) -> tupl
     return np.concatenate(maps), indices
 
 
-def read_exported_maps(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """Maps (n, h, w) and dataset indices (n,) from `vitprobe probe --predict HEAD --export-maps FILE`."""
+def read_exported_maps(path: str | Path) -> tuple[np.ndarray, np.ndarray, str]:
+    """Maps (n, h, w), dataset indices (n,) and the head's pool, from `probe --predict HEAD --export-maps`.
+
+    The pool ("abmilp" or "attentive") is the file's `pool` metadata, which `vitprobe.train.predict` writes;
+    a file without it is taken as AbMILP maps.
+    """
+    from safetensors import safe_open
     from safetensors.numpy import load_file
 
     path = Path(path)
@@ -402,7 +410,7 @@ def read_exported_maps(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         raise LocalizationError(
             f"--abmilp-maps {path}: no such file",
             "write it with `vitprobe probe --predict RUN/heads/abmilp.safetensors --cache CACHE "
-            "--export-maps FILE`",
+            "--export-maps FILE` (or heads/attentive.safetensors)",
         )
     tensors = load_file(str(path))
     if "maps" not in tensors or "indices" not in tensors or tensors["maps"].ndim != 3:
@@ -413,7 +421,14 @@ def read_exported_maps(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     maps, indices = tensors["maps"].astype(np.float32), tensors["indices"].astype(np.int64)
     if len(maps) != len(indices):
         raise LocalizationError(f"{path}: {len(maps)} maps but {len(indices)} indices", "re-export the maps")
-    return maps, indices
+    with safe_open(str(path), framework="np") as f:
+        pool = (f.metadata() or {}).get("pool", "abmilp")
+    if pool not in EXPORTED_POOLS:
+        raise LocalizationError(
+            f"{path}: maps of a {pool!r} head; localisation scores {' or '.join(EXPORTED_POOLS)} maps",
+            "export them from heads/abmilp.safetensors or heads/attentive.safetensors",
+        )
+    return maps, indices, pool
 
 
 def score_maps(
@@ -464,7 +479,10 @@ def score_maps(
 
 
 def run_localization(config: LocalizationConfig) -> LocalizationRun:
-    """`vitprobe analyze localization`: MaxBoxAccV2 of [cls] attention and/or AbMILP maps; JSON + figures."""
+    """`vitprobe analyze localization`: MaxBoxAccV2 of [cls] attention and/or exported maps; JSON + figures.
+
+    Exported maps (`--abmilp-maps`) are named by the pool of the head that made them: "abmilp" or "attentive".
+    """
     from vitprobe.analysis import make_loader, open_subset, select_indices
     from vitprobe.data import open_dataset
     from vitprobe.devices import resolve_device
@@ -533,12 +551,12 @@ def run_localization(config: LocalizationConfig) -> LocalizationRun:
                 "--abmilp-maps needs the eval transform the maps were made under",
                 "also pass --cache CACHE (the cache the maps came from) or --model MODEL",
             )
-        maps, indices = read_exported_maps(config.abmilp_maps)
+        maps, indices, pool = read_exported_maps(config.abmilp_maps)
         if config.limit:
             rows = select_indices(len(maps), config.limit)
             maps, indices = maps[rows], indices[rows]
-        with progress_bar(len(maps), "scoring AbMILP maps") as advance:
-            results["abmilp"], kept["abmilp"] = score_maps(
+        with progress_bar(len(maps), f"scoring {pool} maps") as advance:
+            results[pool], kept[pool] = score_maps(
                 maps, indices, dataset, data_config, n_keep=config.n_figures, on_progress=advance
             )
     figures = []
@@ -594,7 +612,12 @@ def _check_same_images(manifest: Mapping[str, Any], dataset: Any, config: Locali
 
 
 def _figure_title(name: str, random_init: bool) -> str:
-    title = {"cls_attention": "[cls] attention (last block)", "abmilp": "AbMILP scores"}.get(name, name)
+    titles = {
+        "cls_attention": "[cls] attention (last block)",
+        "abmilp": "AbMILP scores",
+        "attentive": "attentive read-out (queries averaged)",
+    }
+    title = titles.get(name, name)
     return title + (" — RANDOM WEIGHTS" if random_init else "")
 
 

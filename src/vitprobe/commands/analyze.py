@@ -162,7 +162,11 @@ def localization(
     random_init: RandomInitOpt = False,
     abmilp_maps: Annotated[
         Path | None,
-        typer.Option("--abmilp-maps", help="Maps from `vitprobe probe --predict HEAD --export-maps FILE`."),
+        typer.Option(
+            "--abmilp-maps",
+            help="Maps of an abmilp or attentive head, from `vitprobe probe --predict HEAD --export-maps "
+            "FILE`; scored under the head's pool name.",
+        ),
     ] = None,
     cache: Annotated[
         Path | None,
@@ -176,7 +180,7 @@ def localization(
         int, typer.Option("--figures", min=0, help="Images drawn with true and predicted boxes.")
     ] = 6,
 ) -> None:
-    """MaxBoxAccV2 (Choe et al.) of [cls] attention and/or AbMILP maps against the dataset's boxes."""
+    """MaxBoxAccV2 (Choe et al.) of [cls] attention and/or AbMILP or attentive maps against the boxes."""
     from vitprobe.localization import LocalizationConfig, run_localization
 
     config = LocalizationConfig(
