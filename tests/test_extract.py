@@ -4,7 +4,12 @@
 from __future__ import annotations
 
 import json
+import os
 import random
+import signal
+import subprocess
+import sys
+import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -339,6 +344,26 @@ def test_a_complete_cache_with_a_lost_or_broken_shard_is_repaired_not_reported_c
     assert [s.sha256 for s in a.shards] == [s.sha256 for s in b.shards]
 
 
+def test_a_shard_with_corrupt_bytes_but_an_intact_header_is_repaired_only_once_deleted(
+    data_spec: str, tmp_path: Path
+) -> None:
+    """What docs/cache-format.md says: extract checks headers, not bytes; deleting the shard repairs it."""
+    config = _config(data_spec, tmp_path / "c", shard_size=2, store="fp16")
+    extract(config)
+    clean = [s.sha256 for s in open_cache(config.out, verify=True).shards]
+    shard = config.out / "shard-00002.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-3] ^= 0xFF  # tensor bytes, not the header
+    shard.write_bytes(bytes(data))
+    assert extract(config).skipped  # "already a complete cache": the corrupt shard stays
+    with pytest.raises(CacheError, match="sha256 differs"):
+        open_cache(config.out, verify=True)
+    shard.unlink()
+    repaired = extract(config)
+    assert not repaired.skipped and repaired.new_samples == NUM_IMAGES - 4  # shard 2 and every later one
+    assert [s.sha256 for s in open_cache(config.out, verify=True).shards] == clean
+
+
 def test_cli_ctrl_c_says_where_the_extraction_stopped_and_how_to_resume(
     data_spec: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -364,6 +389,96 @@ def test_cli_ctrl_c_says_where_the_extraction_stopped_and_how_to_resume(
     again = CliRunner().invoke(app, args)
     assert again.exit_code == 0 and "resuming" in again.output
     assert open_cache(out, verify=True).num_written == NUM_IMAGES
+
+
+def _dying_workers(monkeypatch: pytest.MonkeyPatch, *, sigint: bool, message: str, at_row: int = 4) -> None:
+    """Row `at_row` plays the race of Ctrl-C with DataLoader workers > 0, without real signals: SIGINT reaches
+    the handler in place (its KeyboardInterrupt lost, as when raised inside the loader's cleanup), then the
+    loader reports its dead workers as a RuntimeError."""
+    real_getitem = extract_mod.CacheRows.__getitem__
+
+    def getitem(self, row: int):
+        if row == at_row:
+            if sigint:
+                with pytest.raises(KeyboardInterrupt):
+                    signal.getsignal(signal.SIGINT)(signal.SIGINT, None)
+            raise RuntimeError(message)
+        return real_getitem(self, row)
+
+    monkeypatch.setattr(extract_mod.CacheRows, "__getitem__", getitem)
+
+
+WORKERS_EXITED = "DataLoader worker (pid(s) 4242) exited unexpectedly"
+
+
+def test_cli_ctrl_c_that_kills_the_dataloader_workers_first_is_still_an_interruption(
+    data_spec: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    before = signal.getsignal(signal.SIGINT)
+    _dying_workers(monkeypatch, sigint=True, message=WORKERS_EXITED)
+    out = tmp_path / "cli"
+    args = ["extract", "--model", "timm:test_vit", "--random-init", "--data", data_spec, "--split", "train",
+            "--out", str(out), "--workers", "0", "--shard-size", "2", "--batch-size", "2"]
+    result = CliRunner().invoke(app, args)
+    text = " ".join(result.output.split())
+    assert result.exit_code == 130, text
+    assert f"error: extraction into {out} interrupted (2 of 5 shards written)" in text
+    assert "re-run the same command to resume" in text and "RuntimeError" not in text
+    assert signal.getsignal(signal.SIGINT) is before  # the extraction's handler is gone again
+    assert not (out / LOCK_FILE).exists()
+    monkeypatch.undo()
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 0 and "resuming" in again.output
+    assert open_cache(out, verify=True).num_written == NUM_IMAGES
+
+
+@pytest.mark.parametrize(
+    ("sigint", "message"),
+    [(False, WORKERS_EXITED), (True, "CUDA error: an illegal memory access was encountered")],
+    ids=["worker-crash-without-sigint", "other-error-after-sigint"],
+)
+def test_a_worker_crash_without_ctrl_c_is_an_error_not_an_interruption(
+    data_spec: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sigint: bool, message: str
+) -> None:
+    before = signal.getsignal(signal.SIGINT)
+    _dying_workers(monkeypatch, sigint=sigint, message=message)
+    config = _config(data_spec, tmp_path / "c", shard_size=2, batch_size=2)
+    with pytest.raises(RuntimeError) as info:
+        extract(config)
+    assert str(info.value) == message
+    assert signal.getsignal(signal.SIGINT) is before
+    assert not (config.out / LOCK_FILE).exists()
+    monkeypatch.undo()
+    assert extract(config).new_samples == NUM_IMAGES - 4  # resumes after the two shards written
+
+
+def test_a_real_ctrl_c_to_the_process_group_with_workers_is_one_line_and_exit_130(
+    data_spec: str, tmp_path: Path
+) -> None:
+    """SIGINT to the whole process group (what Ctrl-C and `timeout -s INT` do) once shards are written."""
+    out, log = tmp_path / "cache", tmp_path / "log.txt"
+    args = [sys.executable, "-m", "vitprobe", "extract", "--model", "timm:test_vit", "--random-init",
+            "--data", data_spec, "--split", "train", "--out", str(out), "--workers", "2", "--views", "200",
+            "--shard-size", "4", "--batch-size", "2"]  # 1,800 rows: far from done when the signal comes
+    with log.open("w") as sink:
+        proc = subprocess.Popen(  # SIGINT restored: a shell's background job would pass it on as ignored
+            args, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
+        try:
+            deadline = time.monotonic() + 120
+            while not (out / "shard-00001.safetensors").exists() and proc.poll() is None:  # shard 0 recorded
+                assert time.monotonic() < deadline, "no shard written in 120 s"
+                time.sleep(0.05)
+            os.killpg(proc.pid, signal.SIGINT)
+            rc = proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    text = " ".join(log.read_text().split())
+    assert rc == 130, text
+    assert f"error: extraction into {out} interrupted" in text and "Traceback" not in text
+    assert open_cache(out, require_complete=False, verify=True).num_written > 0
 
 
 def test_tokens_that_overflow_the_store_dtype_are_refused_not_written_as_inf(

@@ -16,12 +16,15 @@ import math
 import os
 import random
 import shutil
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from pathlib import Path
+from types import FrameType, TracebackType
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -519,7 +522,7 @@ def _run(
     progress = make_progress(console, rate_unit="img/s", enabled=rank == 0)
     label = "extracting" if world == 1 else f"extracting (rank 0 of {world})"
     start_time = time.perf_counter()
-    with progress:
+    with _SigintWatch(), progress:
         task = progress.add_task(label, total=mine_rows)
         batches = iter(loader)
         for j, shard in enumerate(mine):
@@ -558,6 +561,44 @@ def _run(
         manifest["complete"] = True
         write_manifest(out, manifest)
     return seconds, total_new
+
+
+class _SigintWatch:
+    """While extracting: note that SIGINT arrived, and report DataLoader workers killed by it as Ctrl-C.
+
+    Ctrl-C sends SIGINT to the whole process group, so the DataLoader workers die of it too. Usually the main
+    process raises KeyboardInterrupt first, but it may instead see the dead workers first (or have its
+    KeyboardInterrupt swallowed while the loader cleans up), and then raises `RuntimeError: DataLoader worker
+    (pid(s) N) exited unexpectedly`. After a SIGINT that error is turned into KeyboardInterrupt; without one
+    (a worker that crashed) it stays an error. The handler chains to the one it replaces, which is restored
+    on exit; it is only installed in the main thread over a Python-level handler (not when SIGINT is ignored).
+    """
+
+    def __init__(self) -> None:
+        self.seen = False
+        self._installed = False
+        self._previous: Callable[[int, FrameType | None], Any] = signal.default_int_handler
+
+    def __enter__(self) -> _SigintWatch:
+        previous = signal.getsignal(signal.SIGINT)
+        if threading.current_thread() is threading.main_thread() and callable(previous):
+            self._previous = previous
+            signal.signal(signal.SIGINT, self._handle)
+            self._installed = True
+        return self
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.seen = True
+        self._previous(signum, frame)  # Python's default raises KeyboardInterrupt
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._installed:
+            signal.signal(signal.SIGINT, self._previous)
+            self._installed = False
+        if self.seen and isinstance(exc, RuntimeError) and "DataLoader worker (pid" in str(exc):
+            raise KeyboardInterrupt from exc
 
 
 class _Limit:
