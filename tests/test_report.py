@@ -242,3 +242,14 @@ def test_protocol_shows_the_lr_grid_instead_of_an_unused_blr(tmp_path: Path) -> 
     assert protocol["lr_grid"] == [0.001, 0.01] and "blr" not in protocol
     plain = collect_report([make_run(tmp_path, "plain", cls=0.5, abmilp=0.7, with_analyses=False)])
     assert plain["runs"][0]["provenance"]["protocol"]["blr"] == 0.1
+
+
+def test_a_clipped_knn_k_is_labelled_with_the_k_used(tmp_path: Path) -> None:
+    run = make_run(tmp_path, "clipped", cls=0.5, abmilp=0.7, with_analyses=False)
+    knn = json.loads((run / "knn.json").read_text())
+    first = next(iter(knn["knn"]))
+    knn["knn"] = {first: knn["knn"][first], "500": {"top1": 0.3, "top5": 0.9, "k_used": 200}}
+    knn["knn"][first]["k_used"] = int(first)
+    (run / "knn.json").write_text(json.dumps(knn))
+    readouts = [a["readout"] for a in collect_report([run])["runs"][0]["accuracy"]]
+    assert f"k-NN cls k={first}" in readouts and "k-NN cls k=500 (used 200)" in readouts

@@ -381,12 +381,18 @@ def _accuracy_rows(run: _Run, prov: Mapping[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def _k_label(k: Any, entry: Mapping[str, Any]) -> str:
+    """"500 (used 200)" when the train cache had fewer rows than the k asked for (knn.json's `k_used`)."""
+    used = entry.get("k_used")
+    return f"{k} (used {used})" if used is not None and str(used) != str(k) else str(k)
+
+
 def _knn_entries(knn: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
     pool = knn.get("pool") or _find(knn, "pool") or "cls"
     for key in ("knn", "results", "k", "per_k", "by_k"):
         v = knn.get(key)
         if isinstance(v, Mapping):
-            return [(f"k-NN {pool} k={k}", d) for k, d in v.items() if isinstance(d, Mapping)]
+            return [(f"k-NN {pool} k={_k_label(k, d)}", d) for k, d in v.items() if isinstance(d, Mapping)]
         if isinstance(v, list) and all(isinstance(d, Mapping) for d in v):
             return [(f"k-NN {pool} k={d.get('k', i)}", d) for i, d in enumerate(v)]
     return [(f"k-NN {pool}", knn)] if _top1(knn) is not None else []
