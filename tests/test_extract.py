@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -376,7 +377,14 @@ def test_cli_ctrl_c_says_where_the_extraction_stopped_and_how_to_resume(
         return real_write(*args, **kwargs)
 
     monkeypatch.setattr(extract_mod, "write_shard", interrupt_after_two)
-    out = tmp_path / "cli"
+    _assert_interrupted_then_resumed(data_spec, tmp_path / "cli", monkeypatch)
+
+
+def _assert_interrupted_then_resumed(
+    data_spec: str, out: Path, monkeypatch: pytest.MonkeyPatch, *, check: Callable[[str], None] | None = None
+) -> None:
+    """Run the CLI (with the interruption `monkeypatch` set up): one-line error, exit 130, lock gone; then
+    undo the patch, re-run, and check the resumed cache is complete and verifies."""
     args = ["extract", "--model", "timm:test_vit", "--random-init", "--data", data_spec, "--split", "train",
             "--out", str(out), "--workers", "0", "--shard-size", "2", "--batch-size", "2"]
     result = CliRunner().invoke(app, args)
@@ -385,6 +393,8 @@ def test_cli_ctrl_c_says_where_the_extraction_stopped_and_how_to_resume(
     assert f"error: extraction into {out} interrupted (2 of 5 shards written)" in text
     assert "re-run the same command to resume" in text
     assert not (out / LOCK_FILE).exists()
+    if check is not None:
+        check(text)
     monkeypatch.undo()
     again = CliRunner().invoke(app, args)
     assert again.exit_code == 0 and "resuming" in again.output
@@ -416,20 +426,14 @@ def test_cli_ctrl_c_that_kills_the_dataloader_workers_first_is_still_an_interrup
 ) -> None:
     before = signal.getsignal(signal.SIGINT)
     _dying_workers(monkeypatch, sigint=True, message=WORKERS_EXITED)
-    out = tmp_path / "cli"
-    args = ["extract", "--model", "timm:test_vit", "--random-init", "--data", data_spec, "--split", "train",
-            "--out", str(out), "--workers", "0", "--shard-size", "2", "--batch-size", "2"]
-    result = CliRunner().invoke(app, args)
-    text = " ".join(result.output.split())
-    assert result.exit_code == 130, text
-    assert f"error: extraction into {out} interrupted (2 of 5 shards written)" in text
-    assert "re-run the same command to resume" in text and "RuntimeError" not in text
-    assert signal.getsignal(signal.SIGINT) is before  # the extraction's handler is gone again
-    assert not (out / LOCK_FILE).exists()
-    monkeypatch.undo()
-    again = CliRunner().invoke(app, args)
-    assert again.exit_code == 0 and "resuming" in again.output
-    assert open_cache(out, verify=True).num_written == NUM_IMAGES
+
+    def no_traceback_and_handler_restored(text: str) -> None:
+        assert "RuntimeError" not in text
+        assert signal.getsignal(signal.SIGINT) is before  # the extraction's handler is gone again
+
+    _assert_interrupted_then_resumed(
+        data_spec, tmp_path / "cli", monkeypatch, check=no_traceback_and_handler_restored
+    )
 
 
 @pytest.mark.parametrize(
