@@ -679,22 +679,9 @@ def _run_label(run: Mapping[str, Any]) -> str:
     return label if label == run["name"] or run["name"] in label else f"{label} [{run['name']}]"
 
 
-def _line_plot(
-    series: Mapping[str, Sequence[float | None]],
-    *,
-    xlabel: str,
-    ylabel: str,
-    x0: int = 0,
-    x: Sequence[float] | None = None,
-    unit_x: bool = False,
-    title: str | None = None,
-    pair_by_readout: bool = False,
-) -> bytes:
-    """PNG bytes of `_line_figure`, at 200 dpi like the analyses' own figures (sharp in print)."""
-    fig = _line_figure(
-        series, xlabel=xlabel, ylabel=ylabel, x0=x0, x=x, unit_x=unit_x, title=title,
-        pair_by_readout=pair_by_readout,
-    )  # fmt: skip
+def _line_plot(series: Mapping[str, Sequence[float | None]], **options: Any) -> bytes:
+    """PNG bytes of `_line_figure(series, **options)`, at 200 dpi like the analyses' own figures."""
+    fig = _line_figure(series, **options)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=PRINT_DPI)
     return buf.getvalue()
