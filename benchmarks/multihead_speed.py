@@ -1,30 +1,38 @@
-"""Benchmark: K probe heads trained in one pass over a token cache vs K separate runs, side by side.
+"""Benchmark: K probe heads in one pass over a streamed token cache vs K separate runs, side by side.
 
-The cache is built from scikit-learn's digits (real 8×8 images, upsampled to 16×16 and cut into a 4×4 grid of
-4×4-pixel patches, each projected to D channels by a fixed random matrix plus a fixed position code; the
-[cls] token is a random projection of the whole image), written with vitprobe's cache writer and read back
-shard by shard (`--load stream`, the large-cache path) or whole (`--load memory`). Both arms run the same
-heads with the same seed and data order, so they end with identical weights; only the reading differs.
+K = 3 read-outs (cls, mean, abmilp) × L learning rates, for L = 1, 3, 9 (K = 3, 9, 27). The caches have
+ViT-Tiny's shape — 196 patch tokens + [cls], D = 192, fp16, in shards read one at a time (`--load stream`) —
+and real content: scikit-learn's digits upsampled to 224×224, cut into 16×16-pixel patches and projected
+to D channels by a fixed random matrix (plus a position code); [cls] is a projection of the whole image.
 
-    .venv/bin/python benchmarks/multihead_speed.py                      # stream, 9 heads
-    .venv/bin/python benchmarks/multihead_speed.py --load memory --repeat 4
+Arms, interleaved per repeat (the machine is shared and noisy; median and min–max are reported):
+- one pass: one `run_probe` with every read-out and the whole lr grid (one bank per read-out);
+- separate: K `run_probe` calls, one (read-out, lr) each;
+- with `--commands`, the same as whole `vitprobe probe` commands (start-up, cache opening and writing
+  included).
 
-Prints the wall time of each arm, the ratio, and the test accuracy of every read-out.
+    .venv/bin/python benchmarks/multihead_speed.py                       # in-process, K = 3, 9, 27
+    .venv/bin/python benchmarks/multihead_speed.py --commands --repeats 2
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
+import subprocess
+import sys
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+LR_GRIDS = {3: (1.0,), 9: (0.3, 1.0, 3.0), 27: (0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0)}
+POOLS = ("cls", "mean", "abmilp")
 
-def digits_cache(root: Path, split: str, *, dim: int, repeat: int, shard_size: int) -> Path:
-    """Write a token cache of digits patches (train split tiled `repeat` times for timing)."""
+
+def digits_cache(root: Path, split: str, *, dim: int, shard_size: int) -> Path:
+    """Write a token cache of digits as 14×14 grids of D-dimensional patch tokens."""
     import torch.nn.functional as F
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
@@ -41,28 +49,23 @@ def digits_cache(root: Path, split: str, *, dim: int, repeat: int, shard_size: i
     x, y = load_digits(return_X_y=True)
     x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.3, random_state=0, stratify=y)
     x, y = (x_tr, y_tr) if split == "train" else (x_te, y_te)
-    if split == "train":
-        x, y = x.repeat(repeat, 0), y.repeat(repeat, 0)
     g = torch.Generator().manual_seed(0)
-    images = torch.tensor(x, dtype=torch.float32).view(-1, 1, 8, 8) / 16
-    images = F.interpolate(images, size=16, mode="bilinear", align_corners=False)  # (n, 1, 16, 16)
-    patches = F.unfold(images, kernel_size=4, stride=4).transpose(1, 2)  # (n, 16, 16): 4×4 grid of 4×4 px
-    project = torch.randn(16, dim, generator=g) / 4
-    position = torch.randn(16, dim, generator=g) * 0.1
-    tokens = patches @ project + position  # (n, 16, D)
-    cls = images.flatten(1) @ (torch.randn(256, dim, generator=g) / 16)  # (n, D)
-    n = len(y)
-    rows = {
-        "patches": tokens.half(),
-        "cls": cls.half(),
-        "labels": torch.tensor(y).long(),
-        "indices": torch.arange(n).long(),
-    }
+    project = torch.randn(256, dim, generator=g) / 16
+    position = torch.randn(196, dim, generator=g) * 0.1
+    cls_project = torch.randn(64, dim, generator=g) / 8
     path = root / split
-    shards = [
-        write_shard(path, i, s, {k: v[s : s + shard_size] for k, v in rows.items()})
-        for i, s in enumerate(range(0, n, shard_size))
-    ]
+    shards, n = [], len(y)
+    for i, s in enumerate(range(0, n, shard_size)):
+        images = torch.tensor(x[s : s + shard_size], dtype=torch.float32).view(-1, 1, 8, 8) / 16
+        big = F.interpolate(images, size=224, mode="bilinear", align_corners=False)  # (b, 1, 224, 224)
+        patches = F.unfold(big, kernel_size=16, stride=16).transpose(1, 2)  # (b, 196, 256)
+        rows = {
+            "patches": (patches @ project + position).half(),  # (b, 196, D)
+            "cls": (images.flatten(1) @ cls_project).half(),  # (b, D)
+            "labels": torch.tensor(y[s : s + shard_size]).long(),
+            "indices": torch.arange(s, min(s + shard_size, n)).long(),
+        }
+        shards.append(write_shard(path, i, s, rows))
     write_manifest(
         path,
         {
@@ -76,7 +79,7 @@ def digits_cache(root: Path, split: str, *, dim: int, repeat: int, shard_size: i
                 "source": "sklearn.datasets.load_digits",
             },
             "layers": [0],
-            "grid": [4, 4],
+            "grid": [14, 14],
             "dim": dim,
             "num_prefix_tokens": 1,
             "has_cls": True,
@@ -88,7 +91,7 @@ def digits_cache(root: Path, split: str, *, dim: int, repeat: int, shard_size: i
             "dataset": {
                 "spec": "sklearn:digits",
                 "split": split,
-                "fingerprint": "digits",
+                "fingerprint": f"digits-{split}",
                 "class_names": [str(i) for i in range(10)],
                 "num_classes": 10,
             },
@@ -102,91 +105,109 @@ def digits_cache(root: Path, split: str, *, dim: int, repeat: int, shard_size: i
     return path
 
 
+def probe_options(epochs: int, batch: int) -> dict[str, object]:
+    return {"epochs": epochs, "min_steps": 0, "batch_size": batch, "load": "stream", "eval_every": 1}
+
+
+def in_process(
+    train: Path,
+    test: Path,
+    out: Path,
+    pools: tuple[str, ...],
+    grid: tuple[float, ...],
+    opts: dict[str, object],
+) -> float:
+    from vitprobe.probe import ProbeConfig, run_probe
+
+    start = time.perf_counter()
+    run_probe(
+        train, test, ProbeConfig.from_protocol("auto", pools=pools, lr_grid=grid, **opts), out, overwrite=True
+    )
+    return time.perf_counter() - start
+
+
+def command(
+    train: Path,
+    test: Path,
+    out: Path,
+    pools: tuple[str, ...],
+    grid: tuple[float, ...],
+    opts: dict[str, object],
+) -> float:
+    args = [
+        sys.executable,
+        "-m",
+        "vitprobe",
+        "probe",
+        "--train",
+        str(train),
+        "--test",
+        str(test),
+        "--out",
+        str(out),
+        "--overwrite",
+        "--lr-grid",
+        ",".join(f"{v:g}" for v in grid),
+    ]
+    for pool in pools:
+        args += ["--pool", pool]
+    for key, value in opts.items():
+        args += [f"--{key.replace('_', '-')}", str(value)]
+    start = time.perf_counter()
+    subprocess.run(args, check=True, capture_output=True)
+    return time.perf_counter() - start
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--pools", default="cls,mean,abmilp")
-    parser.add_argument("--lr-grid", default="1,3,10")
-    parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--batch-size", type=int, default=128)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--ks", default="3,9,27")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--dim", type=int, default=192)
-    parser.add_argument("--repeat", type=int, default=4, help="tile the train split this many times")
-    parser.add_argument("--shard-size", type=int, default=512)
-    parser.add_argument("--load", choices=("stream", "memory"), default="stream")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--shard-size", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--commands", action="store_true", help="time whole `vitprobe probe` commands")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-
-    from vitprobe.cache import open_cache
-    from vitprobe.devices import resolve_device
-    from vitprobe.train import CacheSource, ProbeConfig, needed_keys, train_probes
-
-    device = resolve_device("auto")
+    run = command if args.commands else in_process
+    opts = probe_options(args.epochs, args.batch_size)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        train = CacheSource(
-            open_cache(
-                digits_cache(root, "train", dim=args.dim, repeat=args.repeat, shard_size=args.shard_size)
-            ),
-            0,
-        )
-        test = CacheSource(
-            open_cache(digits_cache(root, "test", dim=args.dim, repeat=1, shard_size=args.shard_size)), 0
-        )
-        cfg = ProbeConfig(
-            pools=tuple(args.pools.split(",")),
-            epochs=args.epochs,
-            batch_size=args.batch_size,
-            warmup_epochs=max(1, args.epochs // 10),
-            lr_grid=tuple(map(float, args.lr_grid.split(","))),
-            load=args.load,
-            eval_every=1,
-        )
-        specs = [cfg.head_spec(p) for p in cfg.pools]
-        keys = needed_keys(specs, train.keys, False)
-        k = len(specs) * len(cfg.base_lrs)
+        train = digits_cache(root, "train", dim=args.dim, shard_size=args.shard_size)
+        test = digits_cache(root, "test", dim=args.dim, shard_size=args.shard_size)
+        in_process(train, test, root / "warm", ("cls",), (1.0,), {**opts, "epochs": 1})  # imports, allocator
         print(
-            f"device {device}, {train.num_rows} train rows × {train.grid[0] * train.grid[1]} patches × "
-            f"D={train.dim} (fp16, {args.load}), {test.num_rows} test rows, {args.epochs} epochs, K={k} heads"
+            f"{'commands' if args.commands else 'in-process'}: 1257 train / 540 test rows × 196 patches × "
+            f"D={args.dim} (fp16, streamed, {args.shard_size}-row shards), {args.epochs} epochs, batch "
+            f"{args.batch_size}, {torch.get_num_threads()} threads, {args.repeats} interleaved repeats"
         )
-
-        # Warm-up (imports, allocator) so that neither arm pays one-time costs.
-        warm = replace(cfg, pools=cfg.pools[:1], lr_grid=cfg.base_lrs[:1], epochs=1)
-        train_probes(train, test, warm, specs[:1], keys=keys, device=device)
-
-        start, cpu = time.perf_counter(), time.process_time()
-        together = train_probes(train, test, cfg, specs, keys=keys, device=device)
-        one_pass, one_pass_cpu = time.perf_counter() - start, time.process_time() - cpu
-
-        start, cpu = time.perf_counter(), time.process_time()
-        separate = {}
-        for spec in specs:
-            for blr in cfg.base_lrs:
-                alone = replace(cfg, pools=(spec.pool,), lr_grid=(blr,))
-                out = train_probes(
-                    train, test, alone, [spec], keys=needed_keys([spec], train.keys, False), device=device
-                )
-                separate[(spec.pool, blr)] = out["readouts"][spec.pool]["run"]
-        apart, apart_cpu = time.perf_counter() - start, time.process_time() - cpu
-
-    # Same seed and data order: every head's per-epoch curves must match its separate twin exactly.
-    same = all(
-        r.curves == separate[(r.spec.pool, r.blr)].curves
-        for v in together["readouts"].values()
-        for r in v["runs"]
-    )
-    print(f"one pass, K={k} heads: {one_pass:7.2f} s wall, {one_pass_cpu:7.2f} s CPU")
-    print(f"K separate runs:      {apart:7.2f} s wall, {apart_cpu:7.2f} s CPU")
-    print(
-        f"speed-up (separate / one pass): {apart / one_pass:.2f}x wall, {apart_cpu / one_pass_cpu:.2f}x CPU; "
-        f"identical curves: {same}"
-    )
-    print("read-out   blr  epoch  holdout top-1  test top-1  test top-5")
-    for name, r in together["readouts"].items():
-        run, test_m = r["run"], r["test"]
-        print(
-            f"{name:9s} {run.blr:4g}  {run.best_epoch:5d}  {100 * run.best_score:12.2f}  "
-            f"{100 * test_m.top1:10.2f}  {100 * test_m.top5:10.2f}"
-        )
+        print("| K | one pass (s) | K separate runs (s) | ratio separate / one pass | target 0.6 × K |")
+        print("|---|---|---|---|---|")
+        for k in map(int, args.ks.split(",")):
+            grid = LR_GRIDS[k]
+            ones, apart = [], []
+            for rep in range(args.repeats):
+                arms = ["one", "separate"] if rep % 2 == 0 else ["separate", "one"]
+                for arm in arms:
+                    if arm == "one":
+                        ones.append(run(train, test, root / "one", POOLS, grid, opts))
+                    else:
+                        apart.append(
+                            sum(
+                                run(train, test, root / f"sep-{pool}-{lr:g}", (pool,), (lr,), opts)
+                                for pool in POOLS
+                                for lr in grid
+                            )
+                        )
+            ratios = [a / o for a, o in zip(apart, ones, strict=True)]
+            print(
+                f"| {k} | {statistics.median(ones):.2f} ({min(ones):.2f}–{max(ones):.2f}) | "
+                f"{statistics.median(apart):.2f} ({min(apart):.2f}–{max(apart):.2f}) | "
+                f"**{statistics.median(ratios):.2f}×** ({min(ratios):.2f}–{max(ratios):.2f}) | "
+                f"{0.6 * k:.1f}× |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

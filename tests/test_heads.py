@@ -9,14 +9,8 @@ import torch
 from torch import nn
 
 from vitprobe.errors import ProbeError
-from vitprobe.heads import (
-    AbMILPReadout,
-    AttentiveReadout,
-    HeadSpec,
-    Tokens,
-    apply_final_norm,
-    build_head,
-)
+from vitprobe.heads import AbMILPReadout, AttentiveReadout, HeadSpec, build_head
+from vitprobe.tokens import Tokens, apply_final_norm
 
 B, N, D = 3, 16, 8
 

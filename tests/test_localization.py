@@ -435,7 +435,7 @@ def _cache_with_transform(tmp_path: Path, needles: str) -> Path:
 
 
 def _export_maps(path: Path, pool: str | None, n: int = 8) -> Path:
-    """A maps file as `vitprobe.train.predict` writes it: metadata {"pool", "grid"}."""
+    """A maps file as `vitprobe.probe.predict` writes it: metadata {"pool", "grid"}."""
     from safetensors.numpy import save_file
 
     maps = np.random.default_rng(0).random((n, 6, 6)).astype(np.float32)

@@ -118,6 +118,8 @@ def write_cache(
 FAST = [
     "--epochs",
     "3",
+    "--min-steps",
+    "0",
     "--batch-size",
     "16",
     "--warmup-epochs",
@@ -416,8 +418,9 @@ def test_refit_with_select_on_test_is_refused_before_training(tmp_path: Path) ->
     train = write_cache(tmp_path / "train", n=30)
     test = write_cache(tmp_path / "test", n=12, seed=1)
     out = tmp_path / "run"
-    result = invoke("probe", "--train", train, "--test", test, "--out", out, *FAST, "--refit",
-                    "--select-on", "test")
+    result = invoke(
+        "probe", "--train", train, "--test", test, "--out", out, *FAST, "--refit", "--select-on", "test"
+    )
     assert result.exit_code == 1, result.output
     assert "error: --refit with --select-on test" in result.output
     assert "chosen on a train holdout, and with --select-on test there is no holdout" in result.output
@@ -431,8 +434,9 @@ def test_a_holdout_that_rounds_to_no_image_is_refused_not_selected_on(tmp_path: 
     assert result.exit_code == 1, result.output
     assert "--holdout 0.1 holds out no image: the train cache has 12 images in 3 classes" in result.output
     assert "--select-on test" in result.output and not (tmp_path / "run" / "results.json").exists()
-    result = invoke("probe", "--train", train, "--test", test, "--out", tmp_path / "run", *FAST,
-                    "--holdout", "0.25")
+    result = invoke(
+        "probe", "--train", train, "--test", test, "--out", tmp_path / "run", *FAST, "--holdout", "0.25"
+    )
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "run" / "results.json").read_text())["selection"]["holdout_rows"] == 3
 
@@ -455,7 +459,7 @@ def test_testing_on_the_training_images_is_flagged(tmp_path: Path, command: str)
 def test_ctrl_c_during_probe_says_nothing_was_written(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import vitprobe.train as train_mod
+    import vitprobe.probe.train as train_mod
 
     def interrupted(*args: Any, **kwargs: Any) -> None:
         raise KeyboardInterrupt
@@ -473,14 +477,19 @@ def test_wrong_paths_give_one_line_errors_with_the_fix(tmp_path: Path) -> None:
     train = write_cache(tmp_path / "train", n=30)
     missing = tmp_path / "nope"
     cases = [
-        (["probe", "--train", train, "--test", missing, "--out", tmp_path / "run"],
-         f"token cache {missing} does not exist — fix: run `vitprobe extract ... --out {missing}` first"),
-        (["knn", "--train", missing, "--test", train],
-         f"token cache {missing} does not exist"),
-        (["probe", "--train", train, "--test", train / "manifest.json", "--out", tmp_path / "run"],
-         f"{train / 'manifest.json'} is a file, not a token cache directory"),
-        (["probe", "--predict", tmp_path / "heads" / "cls.safetensors", "--cache", train],
-         "not found — fix: pass RUN_DIR/heads/<pool>.safetensors"),
+        (
+            ["probe", "--train", train, "--test", missing, "--out", tmp_path / "run"],
+            f"token cache {missing} does not exist — fix: run `vitprobe extract ... --out {missing}` first",
+        ),
+        (["knn", "--train", missing, "--test", train], f"token cache {missing} does not exist"),
+        (
+            ["probe", "--train", train, "--test", train / "manifest.json", "--out", tmp_path / "run"],
+            f"{train / 'manifest.json'} is a file, not a token cache directory",
+        ),
+        (
+            ["probe", "--predict", tmp_path / "heads" / "cls.safetensors", "--cache", train],
+            "not found — fix: pass RUN_DIR/heads/<pool>.safetensors",
+        ),
     ]
     for args, message in cases:
         result = runner.invoke(app, [str(a) for a in args])

@@ -77,8 +77,8 @@ def run_demo(config: DemoConfig, *, say: Callable[[str], None] = print, console:
     from vitprobe.files import write_json
     from vitprobe.knn import KnnConfig, run_knn
     from vitprobe.localization import LocalizationConfig, run_localization
+    from vitprobe.probe import ProbeConfig, predict, run_probe
     from vitprobe.report import ReportConfig, write_report
-    from vitprobe.train import ProbeConfig, predict, run_probe
 
     out = Path(config.out).expanduser()
     random_init = config.weights_random
@@ -127,13 +127,15 @@ def run_demo(config: DemoConfig, *, say: Callable[[str], None] = print, console:
             raise
     done()
     done = step("probe", f"probe cls / mean / abmilp × lr {list(config.lr_grid)} in one pass → {run_dir}")
-    probe_cfg = ProbeConfig(
+    probe_cfg = ProbeConfig.from_protocol(
+        "auto",
         pools=("cls", "mean", "abmilp"),
         epochs=config.epochs,
+        min_steps=0,
         batch_size=config.batch_size,
         optimizer=config.optimizer,
         lr_grid=config.lr_grid,
-        warmup_epochs=min(2, config.epochs),
+        warmup_epochs=float(min(2, config.epochs)),
         seed=config.seed,
         device=config.device,
     )

@@ -12,71 +12,14 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from vitprobe.errors import ProbeError
+from vitprobe.tokens import Tokens
 
 POOLS = ("cls", "mean", "cls+mean", "abmilp", "attentive")
 ABMILP_ACTS = ("tanh", "relu")
 ABMILP_CONTENTS = ("patch", "all")
-
-
-@dataclass
-class Tokens:
-    """One batch of cached tokens from one block; absent parts are None.
-
-    Attributes:
-        cls: the [cls] token (B, D), None for models without one or caches that did not keep it.
-        patches: patch tokens (B, N, D) in row-major grid order, None for pooled or cls-only caches.
-        reg: register tokens (B, R, D), None when the model has none.
-        mean: the mean of the patch tokens (B, D), stored only by pooled caches.
-    """
-
-    cls: torch.Tensor | None = None
-    patches: torch.Tensor | None = None
-    reg: torch.Tensor | None = None
-    mean: torch.Tensor | None = None
-
-    @property
-    def prefix(self) -> torch.Tensor | None:
-        """[cls] then register tokens (B, P, D), the order a ViT keeps them in; None if there are none."""
-        parts = []
-        if self.cls is not None:
-            parts.append(self.cls[:, None])  # (B, 1, D)
-        if self.reg is not None:
-            parts.append(self.reg)
-        return torch.cat(parts, dim=1) if parts else None
-
-    def patch_mean(self) -> torch.Tensor:
-        """Mean of the patch tokens (B, D), from the patches when present, else the stored mean."""
-        if self.patches is not None:
-            return self.patches.mean(dim=1)
-        assert self.mean is not None, "mean read-out on a batch without patches or mean"
-        return self.mean
-
-    def to(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> Tokens:
-        """Move every part to `device` as `dtype` (caches may store bf16; heads train in fp32)."""
-
-        def move(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t.to(device=device, dtype=dtype, non_blocking=True)
-
-        return Tokens(
-            cls=move(self.cls), patches=move(self.patches), reg=move(self.reg), mean=move(self.mean)
-        )
-
-
-def apply_final_norm(tokens: Tokens, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> Tokens:
-    """Apply the backbone's final LayerNorm to every token (what timm's `forward_features` returns).
-
-    A stored mean cannot be normalised after the fact (the mean of normalised tokens is not the normalised
-    mean), so a pooled batch keeps `mean=None` here and the mean read-out then needs patches.
-    """
-
-    def norm(t: torch.Tensor | None) -> torch.Tensor | None:
-        return None if t is None else F.layer_norm(t, (t.shape[-1],), weight.to(t), bias.to(t), eps)
-
-    return Tokens(cls=norm(tokens.cls), patches=norm(tokens.patches), reg=norm(tokens.reg), mean=None)
 
 
 @dataclass(frozen=True)

@@ -141,8 +141,15 @@ def cache_features(
     cache: Any, *, pool: str, layer: int, final_norm: bool, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One feature per image (view 0) from a token cache: (n, D) features and (n,) labels, on `device`."""
-    from vitprobe.heads import Tokens
-    from vitprobe.train import CacheSource, Split, cache_token_keys, final_norm_state, iter_batches, to_tokens
+    from vitprobe.tokens import (
+        CacheSource,
+        Split,
+        Tokens,
+        cache_token_keys,
+        final_norm_state,
+        iter_batches,
+        to_tokens,
+    )
 
     available = cache_token_keys(cache)
     if pool == "cls" and "cls" not in available:
@@ -176,8 +183,8 @@ def run_knn(
     from vitprobe.cache import open_cache
     from vitprobe.devices import resolve_device
     from vitprobe.files import write_json
+    from vitprobe.pairing import backbone_identity, check_pair, pair_warnings, resolve_layer
     from vitprobe.provenance import versions
-    from vitprobe.train import backbone_identity, check_pair, pair_warnings, resolve_layer
 
     train_cache, test_cache = open_cache(train_path), open_cache(test_path)
     layer = resolve_layer(train_cache, cfg.layer)

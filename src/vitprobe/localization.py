@@ -399,7 +399,7 @@ def cls_attention_maps(backbone: Any, loader: Any, device: torch.device) -> tupl
 def read_exported_maps(path: str | Path) -> tuple[np.ndarray, np.ndarray, str]:
     """Maps (n, h, w), dataset indices (n,) and the head's pool, from `probe --predict HEAD --export-maps`.
 
-    The pool ("abmilp" or "attentive") is the file's `pool` metadata, which `vitprobe.train.predict` writes;
+    The pool ("abmilp" or "attentive") is the file's `pool` metadata, which `vitprobe.probe.predict` writes;
     a file without it is taken as AbMILP maps.
     """
     from safetensors import safe_open

@@ -1,4 +1,4 @@
-"""`vitprobe probe` command: parse options, build a ProbeConfig, call `vitprobe.train`, print a table."""
+"""`vitprobe probe` command: parse options, build a ProbeConfig, call `vitprobe.probe`, print a table."""
 
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ console = Console(highlight=False)
 
 Pool = str_choices("Pool", ("cls", "mean", "cls+mean", "abmilp", "attentive"))
 Optimizer = str_choices("Optimizer", ("lars", "sgd", "adamw"))
+Protocol = str_choices("Protocol", ("auto", "mae", "ep", "logreg"))
+Amp = str_choices("Amp", ("auto", "off", "bf16"))
 SelectOn = str_choices("SelectOn", ("holdout", "test"))
 Act = str_choices("Act", ("tanh", "relu"))
 Content = str_choices("Content", ("patch", "all"))
@@ -43,6 +45,15 @@ def probe(
         Path | None,
         typer.Option("--out", "-o", file_okay=False, help="RUN_DIR: results.json and heads/ go here."),
     ] = None,
+    protocol: Annotated[
+        Protocol,
+        typer.Option(
+            "--protocol",
+            help="Named recipe the defaults come from: auto (converged by default: SGD, 13 lrs, >= 12,500 "
+            "steps), mae (MAE / Beyond [cls] LARS recipe), ep (efficient probing), logreg (L-BFGS logistic "
+            "regression on pooled features). Options below override it.",
+        ),
+    ] = Protocol.auto,
     pool: Annotated[
         list[Pool] | None,
         typer.Option("--pool", help="Read-out to train; repeat for several (default: cls, mean, abmilp)."),
@@ -60,31 +71,67 @@ def probe(
         Content,
         typer.Option("--abmilp-content", help="patch: pool patch tokens only; all: [cls]/registers too."),
     ] = Content.patch,
-    queries: Annotated[int, typer.Option("--queries", min=1, help="Queries of the attentive read-out.")] = 4,
-    epochs: Annotated[int, typer.Option("--epochs", min=1, help="Training epochs (MAE: 90).")] = 90,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=2, help="Rows per step.")] = 1024,
-    optimizer: Annotated[Optimizer, typer.Option("--optimizer", help="MAE uses LARS.")] = Optimizer.lars,
-    blr: Annotated[float, typer.Option("--blr", help="Base lr; lr = blr × batch / 256.")] = 0.1,
+    queries: Annotated[
+        int | None,
+        typer.Option("--queries", min=1, help="Queries of the attentive read-out (auto 4, ep 32)."),
+    ] = None,
+    epochs: Annotated[
+        int | None, typer.Option("--epochs", min=1, help="Minimum epochs (auto 10, mae 90).")
+    ] = None,
+    min_steps: Annotated[
+        int | None,
+        typer.Option(
+            "--min-steps", min=0, help="Minimum optimiser steps; epochs grow to reach them (auto 12500)."
+        ),
+    ] = None,
+    batch_size: Annotated[
+        int | None, typer.Option("--batch-size", min=2, help="Rows per step (auto 256, mae 16384, ep 4096).")
+    ] = None,
+    optimizer: Annotated[
+        Optimizer | None, typer.Option("--optimizer", help="auto: sgd; mae and ep: lars.")
+    ] = None,
+    momentum: Annotated[float | None, typer.Option("--momentum", help="LARS / SGD momentum (0.9).")] = None,
+    blr: Annotated[
+        float | None, typer.Option("--blr", help="One base lr (lr = blr × batch / 256); same as --lr-grid X.")
+    ] = None,
     lr_grid: Annotated[
         str | None,
-        typer.Option("--lr-grid", help="Base lrs trained side by side, comma-separated (default: --blr)."),
+        typer.Option(
+            "--lr-grid", help="Base lrs trained side by side, comma-separated (auto: 0.001 ... 10)."
+        ),
     ] = None,
-    warmup_epochs: Annotated[int, typer.Option("--warmup-epochs", min=0, help="Linear warm-up epochs.")] = 10,
-    weight_decay: Annotated[float, typer.Option("--weight-decay", min=0.0, help="MAE: 0.")] = 0.0,
+    warmup_epochs: Annotated[
+        float | None, typer.Option("--warmup-epochs", min=0.0, help="Linear warm-up epochs (auto 0, mae 10).")
+    ] = None,
+    weight_decay: Annotated[
+        float | None, typer.Option("--weight-decay", min=0.0, help="Linear probes: 0.")
+    ] = None,
+    c_grid: Annotated[
+        str | None, typer.Option("--c-grid", help="logreg: L2 strengths C, comma-separated (1e-6 ... 1e5).")
+    ] = None,
+    max_iter: Annotated[
+        int | None, typer.Option("--max-iter", min=1, help="logreg: L-BFGS iterations per C (1000).")
+    ] = None,
     select_on: Annotated[
         SelectOn,
         typer.Option("--select-on", help="Pick lr/epoch on a train holdout, or on test (optimistic)."),
     ] = SelectOn.holdout,
     holdout: Annotated[float, typer.Option("--holdout", help="Stratified holdout fraction.")] = 0.1,
     refit: Annotated[
-        bool, typer.Option(
+        bool,
+        typer.Option(
             "--refit",
             help="Retrain on the full train cache with the lr and epoch chosen on the holdout "
             "(not with --select-on test).",
-        )
+        ),
     ] = False,
-    eval_every: Annotated[int, typer.Option("--eval-every", min=1, help="Evaluate every N epochs.")] = 1,
+    eval_every: Annotated[
+        int | None, typer.Option("--eval-every", min=0, help="Evaluate every N epochs (0: ~100 evaluations).")
+    ] = None,
     seed: Annotated[int, typer.Option("--seed", help="Head init, data order and holdout split.")] = 0,
+    amp: Annotated[
+        Amp, typer.Option("--amp", help="bf16 autocast for the heads (auto: on CUDA).")
+    ] = Amp.auto,
     load: Annotated[
         Load,
         typer.Option("--load", help="Load caches whole (memory), stream shards, or decide by size (auto)."),
@@ -103,9 +150,7 @@ def probe(
     ] = None,
     cache: Annotated[
         Path | None,
-        typer.Option(
-            "--cache", help="With --predict: the cache to evaluate on."
-        ),
+        typer.Option("--cache", help="With --predict: the cache to evaluate on."),
     ] = None,
     export_maps: Annotated[
         Path | None,
@@ -116,20 +161,29 @@ def probe(
 ) -> None:
     """Train [cls] / mean / AbMILP / attentive heads on a token cache, all read-outs × lrs in one pass.
 
-    Or, with `--predict HEAD --cache CACHE`, evaluate a saved head (and export its attention maps).
+    Each read-out's lr and epoch are chosen on a train holdout and its test accuracy is reported with a
+    health verdict. Or, with `--predict HEAD --cache CACHE`, evaluate a saved head (and export its maps).
     """
     if predict is not None:
-        _predict(predict, cache, out=out, export_maps=export_maps, batch_size=batch_size, device=device)
+        _predict(
+            predict, cache, out=out, export_maps=export_maps, batch_size=batch_size or 1024, device=device
+        )
         return
     if train is None or test is None or out is None:
         raise ProbeError(
             "`vitprobe probe` needs --train CACHE --test CACHE --out RUN_DIR",
             "pass --train, --test and --out, or --predict HEAD --cache CACHE to evaluate a saved head",
         )
-    from vitprobe.train import ProbeConfig, run_probe
+    if blr is not None and lr_grid is not None:
+        raise ProbeError("--blr and --lr-grid both set the base lrs", "pass one of them")
+    from vitprobe.probe import ProbeConfig, run_probe
 
-    cfg = ProbeConfig(
-        pools=tuple(p.value for p in pool) if pool else ProbeConfig.pools,
+    grid = (
+        parse_floats(lr_grid, "--lr-grid") if lr_grid is not None else ((blr,) if blr is not None else None)
+    )
+    cfg = ProbeConfig.from_protocol(
+        protocol.value,
+        pools=tuple(p.value for p in pool) if pool else None,
         layer=layer,
         final_norm=final_norm,
         abmilp_depth=abmilp_depth,
@@ -137,18 +191,22 @@ def probe(
         abmilp_content=abmilp_content.value,
         queries=queries,
         epochs=epochs,
+        min_steps=min_steps,
         batch_size=batch_size,
-        optimizer=optimizer.value,
-        blr=blr,
-        lr_grid=parse_floats(lr_grid, "--lr-grid"),
+        optimizer=optimizer.value if optimizer else None,
+        momentum=momentum,
+        lr_grid=grid,
         warmup_epochs=warmup_epochs,
         weight_decay=weight_decay,
+        c_grid=parse_floats(c_grid, "--c-grid") if c_grid is not None else None,
+        max_iter=max_iter,
         select_on=select_on.value,
         holdout=holdout,
         refit=refit,
         eval_every=eval_every,
         seed=seed,
         device=device,
+        amp=amp.value,
         load=load.value,
     )
     try:
@@ -166,26 +224,48 @@ def probe(
 
 
 def print_results(results: dict[str, Any]) -> None:
-    """A rich table of the read-outs' test accuracies, with the notes and warnings."""
+    """A rich table of the read-outs' test accuracies and health, then the notes, warnings and fixes."""
     selection = results["selection"]
-    title = f"probe, block {results['layer']}" + (" + final norm" if results["final_norm"] else "")
+    protocol = results["protocol"]["name"]
+    title = f"probe ({protocol}), block {results['layer']}" + (
+        " + final norm" if results["final_norm"] else ""
+    )
     title += f" — selected on {selection['split']}" + (" (optimistic)" if selection["optimistic"] else "")
+    schedule = results.get("schedule")
     table = Table(title=title)
-    for column in ("read-out", "top-1", "top-5", "blr", "lr", "epoch", f"{selection['split']} top-1"):
-        table.add_column(column, justify="left" if column == "read-out" else "right")
+    grid = "C" if protocol == "logreg" else "blr"
+    columns = ["read-out", "top-1", "top-5", grid, "lr", "epoch", f"{selection['split']} top-1", "health"]
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("read-out", "health") else "right")
     for name, r in results["readouts"].items():
+        flagged = r["verdict"] != "ok"
+        codes = ", ".join(c["code"] for c in r["health"] if c["severity"] == "warning")
         table.add_row(
             name + (" (refit)" if r["refit"] else ""),
-            f"{100 * r['top1']:.2f}",
+            f"{100 * r['top1']:.2f}" + (" ⚠" if flagged else ""),
             f"{100 * r['top5']:.2f}",
-            f"{r['blr']:g}",
-            f"{r['lr']:.4g}",
-            str(r["epoch"]),
-            f"{100 * r['selection_top1']:.2f}",
+            f"{r['C']:.3g}" if grid == "C" else f"{r['blr']:g}",
+            "—" if r["lr"] is None else f"{r['lr']:.4g}",
+            "—" if r["epoch"] is None else str(r["epoch"]),
+            "—" if r["selection_top1"] is None else f"{100 * r['selection_top1']:.2f}",
+            f"[yellow]{escape(codes)}[/]" if flagged else "[green]ok[/]",
         )
     console.print(table)
+    if schedule:
+        console.print(
+            f"[dim]schedule: batch {schedule['batch_size']}, {schedule['epochs']} epochs × "
+            f"{schedule['steps_per_epoch']} steps = {schedule['total_steps']} steps"
+            + (" (epochs raised to reach --min-steps)" if schedule["scaled"] else "")
+            + "[/]"
+        )
     for note in results["notes"]:
         console.print(f"[dim]note: {escape(note)}[/]")
+    for r in results["readouts"].values():
+        for c in r["health"]:
+            style = "bold yellow" if c["severity"] == "warning" else "dim"
+            console.print(
+                f"[{style}]{c['severity']}:[/] {escape(c['message'])} [dim]— fix: {escape(c['fix'])}[/]"
+            )
     for warning in results["warnings"]:
         console.print(f"[bold yellow]warning:[/] {escape(warning)}")
 
@@ -201,7 +281,7 @@ def _predict(
 ) -> None:
     if cache is None:
         raise ProbeError("--predict needs --cache CACHE", "pass the token cache to evaluate the head on")
-    from vitprobe.train import PredictConfig, predict
+    from vitprobe.probe import PredictConfig, predict
 
     result = predict(
         head,

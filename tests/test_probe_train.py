@@ -1,25 +1,18 @@
-"""Probe training: schedule, LARS, holdout, streaming, one-pass multi-head equality, determinism, accuracy."""
+"""Probe training: schedule, holdout, streaming, one pass vs separate runs, determinism, selection."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 
 import pytest
 import torch
 
 from vitprobe.errors import ProbeError
-from vitprobe.heads import HeadSpec, ProbeHead, build_head
-from vitprobe.train import (
-    MemorySource,
-    ProbeConfig,
-    Split,
-    iter_batches,
-    lr_factor,
-    make_optimizer,
-    stratified_holdout,
-    train_probes,
-)
+from vitprobe.heads import HeadSpec
+from vitprobe.probe import ProbeConfig, train_probes
+from vitprobe.probe.protocols import Schedule, lr_factor, plan_schedule
+from vitprobe.probe.selection import stratified_holdout
+from vitprobe.tokens import MemorySource, Split, iter_batches
 
 
 def blobs(n: int, *, classes: int = 4, dim: int = 8, patches: int = 4, seed: int = 0) -> MemorySource:
@@ -33,9 +26,18 @@ def blobs(n: int, *, classes: int = 4, dim: int = 8, patches: int = 4, seed: int
 
 
 def small_cfg(**kw: object) -> ProbeConfig:
-    base = ProbeConfig(pools=("cls", "mean", "abmilp"), epochs=4, batch_size=32, warmup_epochs=1,
-                       lr_grid=(0.5, 2.0), optimizer="sgd", holdout=0.2)
-    return replace(base, **kw)
+    base = {
+        "pools": ("cls", "mean", "abmilp"),
+        "epochs": 4,
+        "min_steps": 0,
+        "batch_size": 32,
+        "warmup_epochs": 1.0,
+        "lr_grid": (0.5, 2.0),
+        "optimizer": "sgd",
+        "holdout": 0.2,
+        "eval_every": 1,
+    }
+    return ProbeConfig.from_protocol("auto", **{**base, **kw})
 
 
 def specs_of(cfg: ProbeConfig) -> list[HeadSpec]:
@@ -43,30 +45,36 @@ def specs_of(cfg: ProbeConfig) -> list[HeadSpec]:
 
 
 def test_lr_schedule_is_mae_warmup_then_half_cosine() -> None:
-    steps, epochs, warmup = 10, 20, 5
-    assert lr_factor(0, steps, epochs, warmup) == 0.0
-    assert lr_factor(25, steps, epochs, warmup) == pytest.approx(2.5 / 5)
-    assert lr_factor(50, steps, epochs, warmup) == pytest.approx(1.0)
-    assert lr_factor(125, steps, epochs, warmup) == pytest.approx(0.5 * (1 + math.cos(math.pi * 7.5 / 15)))
-    assert lr_factor(200, steps, epochs, warmup) == pytest.approx(0.0, abs=1e-12)
-    assert ProbeConfig(batch_size=1024, blr=0.1).lr(0.1) == pytest.approx(0.4)  # lr = blr × batch / 256
+    schedule = Schedule(
+        batch_size=8,
+        steps_per_epoch=10,
+        epochs=20,
+        total_steps=200,
+        warmup_epochs=5,
+        eval_every=1,
+        scaled=False,
+    )
+    assert lr_factor(0, schedule) == 0.0
+    assert lr_factor(25, schedule) == pytest.approx(2.5 / 5)
+    assert lr_factor(50, schedule) == pytest.approx(1.0)
+    assert lr_factor(125, schedule) == pytest.approx(0.5 * (1 + math.cos(math.pi * 7.5 / 15)))
+    assert lr_factor(200, schedule) == pytest.approx(0.0, abs=1e-12)
+    assert ProbeConfig().lr(0.1, 1024) == pytest.approx(0.4)  # lr = blr × batch / 256
 
 
-def test_lars_step_is_maes_lars() -> None:
-    """MAE util/lars.py: matrices get trust 0.001·|w|/|g| (even at weight decay 0), biases plain SGD."""
-    torch.manual_seed(0)
-    head: ProbeHead = build_head(HeadSpec(pool="cls"), 6, 3)
-    cfg = ProbeConfig(optimizer="lars", momentum=0.9, weight_decay=0.0)
-    lr = 0.7
-    opt = make_optimizer(head, cfg, lr)
-    w0, b0 = head.linear.weight.detach().clone(), head.linear.bias.detach().clone()
-    head.linear.weight.grad = torch.randn_like(w0)
-    head.linear.bias.grad = torch.randn_like(b0)
-    gw, gb = head.linear.weight.grad.clone(), head.linear.bias.grad.clone()
-    opt.step()
-    trust = 0.001 * w0.norm() / gw.norm()
-    torch.testing.assert_close(head.linear.weight.detach(), w0 - lr * trust * gw)
-    torch.testing.assert_close(head.linear.bias.detach(), b0 - lr * gb)
+def test_schedule_grows_epochs_to_the_minimum_number_of_steps() -> None:
+    """auto: 1,000 train rows at batch 256 give 3 full batches an epoch, so 12,500 steps take 4,167 epochs;
+    ImageNet-1k's 1,281,167 rows give 5,004 steps an epoch and keep the 10-epoch minimum."""
+    cfg = ProbeConfig.from_protocol("auto")
+    small = plan_schedule(cfg, 1000)
+    assert (small.batch_size, small.steps_per_epoch, small.epochs) == (256, 3, 4167)
+    assert small.total_steps >= 12_500 and small.scaled and small.eval_every == 42
+    imagenet = plan_schedule(cfg, 1_281_167)
+    assert (imagenet.epochs, imagenet.steps_per_epoch, imagenet.scaled) == (10, 5004, False)
+    mae = plan_schedule(ProbeConfig.from_protocol("mae"), 1_281_167)  # the paper's recipe, unscaled
+    assert (mae.batch_size, mae.steps_per_epoch, mae.epochs, mae.total_steps) == (16384, 78, 90, 7020)
+    tiny = plan_schedule(ProbeConfig.from_protocol("mae"), 100)  # batch capped at the rows
+    assert (tiny.batch_size, tiny.steps_per_epoch, tiny.epochs) == (100, 1, 90)
 
 
 def test_stratified_holdout_holds_out_each_class_and_keeps_views_together() -> None:
@@ -114,34 +122,51 @@ def test_views_rotate_per_epoch_and_evaluation_uses_view_zero() -> None:
     assert split.epoch_rows(None).tolist() == [0, 3, 6, 9]
 
 
-def test_one_pass_multi_head_equals_each_head_trained_alone() -> None:
+def test_one_pass_equals_each_readout_trained_alone() -> None:
+    """Banks share nothing but the batches: a read-out among others ends bit-identical to it alone."""
     train, test = blobs(160), blobs(40, seed=1)
     cfg = small_cfg()
     together = train_probes(train, test, cfg, specs_of(cfg), keys=["cls", "patches"])
     for pool in cfg.pools:
-        alone_cfg = replace(cfg, pools=(pool,))
+        alone_cfg = small_cfg(pools=(pool,))
         alone = train_probes(train, test, alone_cfg, specs_of(alone_cfg), keys=["cls", "patches"])
-        a, b = together["readouts"][pool], alone["readouts"][pool]
-        for run_a, run_b in zip(a["runs"], b["runs"], strict=True):
-            assert run_a.blr == run_b.blr
-            assert run_a.curves == run_b.curves
-            for (ka, va), (kb, vb) in zip(run_a.head.state_dict().items(), run_b.head.state_dict().items(),
-                                          strict=True):
-                assert ka == kb and torch.equal(va, vb), (pool, run_a.blr, ka)
-        assert a["test"].top1 == b["test"].top1
+        a, b = together.readouts[pool], alone.readouts[pool]
+        assert a.curves == b.curves and (a.blr, a.epoch) == (b.blr, b.epoch)
+        for (ka, va), (kb, vb) in zip(a.head.state_dict().items(), b.head.state_dict().items(), strict=True):
+            assert ka == kb and torch.equal(va, vb), (pool, ka)
+        assert a.test.top1 == b.test.top1
+
+
+def test_an_lr_grid_in_one_bank_equals_each_lr_trained_alone() -> None:
+    """The K heads of a bank end where K single-lr runs end (batched ops: equal to rounding)."""
+    train, test = blobs(160), blobs(40, seed=1)
+    cfg = small_cfg(pools=("cls", "abmilp"), lr_grid=(0.5, 2.0))
+    grid = train_probes(train, test, cfg, specs_of(cfg), keys=["cls", "patches"])
+    for blr in cfg.lr_grid:
+        one_cfg = small_cfg(pools=("cls", "abmilp"), lr_grid=(blr,))
+        one = train_probes(train, test, one_cfg, specs_of(one_cfg), keys=["cls", "patches"])
+        for pool in cfg.pools:
+            ours, alone = grid.readouts[pool].curves[f"{blr:g}"], one.readouts[pool].curves[f"{blr:g}"]
+            for name in ("train_loss", "holdout_loss", "test_loss"):
+                assert ours[name] == pytest.approx(alone[name], rel=1e-4, abs=1e-5), (pool, blr, name)
 
 
 def test_results_are_deterministic_for_a_seed() -> None:
     train, test = blobs(160), blobs(40, seed=1)
     cfg = small_cfg(pools=("abmilp",), optimizer="lars", lr_grid=(1.0,))
-    first = train_probes(train, test, cfg, specs_of(cfg), keys=["patches"])["readouts"]["abmilp"]
-    second = train_probes(train, test, cfg, specs_of(cfg), keys=["patches"])["readouts"]["abmilp"]
-    other = train_probes(train, test, replace(cfg, seed=1), specs_of(cfg), keys=["patches"])
-    other = other["readouts"]["abmilp"]
-    for k, v in first["head"].state_dict().items():
-        assert torch.equal(v, second["head"].state_dict()[k])
-    assert first["run"].curves == second["run"].curves
-    assert not torch.equal(first["head"].linear.weight, other["head"].linear.weight)
+    first = train_probes(train, test, cfg, specs_of(cfg), keys=["patches"]).readouts["abmilp"]
+    second = train_probes(train, test, cfg, specs_of(cfg), keys=["patches"]).readouts["abmilp"]
+    other = train_probes(
+        train,
+        test,
+        small_cfg(pools=("abmilp",), optimizer="lars", lr_grid=(1.0,), seed=1),
+        specs_of(cfg),
+        keys=["patches"],
+    ).readouts["abmilp"]
+    for k, v in first.head.state_dict().items():
+        assert torch.equal(v, second.head.state_dict()[k])
+    assert first.curves == second.curves
+    assert not torch.equal(first.head.linear.weight, other.head.linear.weight)
 
 
 def test_streaming_run_is_deterministic_and_learns() -> None:
@@ -150,26 +175,30 @@ def test_streaming_run_is_deterministic_and_learns() -> None:
     cfg = small_cfg(pools=("cls",), load="stream", epochs=6, lr_grid=(1.0,), shuffle_shards=2)
     a = train_probes(train, test, cfg, specs_of(cfg), keys=["cls"])
     b = train_probes(train, test, cfg, specs_of(cfg), keys=["cls"])
-    assert a["timing"]["in_memory"] is False
-    assert torch.equal(a["readouts"]["cls"]["head"].linear.weight, b["readouts"]["cls"]["head"].linear.weight)
-    assert a["readouts"]["cls"]["test"].top1 > 0.9
+    assert a.timing["in_memory"] is False
+    assert torch.equal(a.readouts["cls"].head.linear.weight, b.readouts["cls"].head.linear.weight)
+    assert a.readouts["cls"].test.top1 > 0.9
 
 
 def test_selection_picks_best_holdout_epoch_and_refit_trains_on_everything() -> None:
     train, test = blobs(160), blobs(40, seed=1)
     cfg = small_cfg(pools=("cls",), refit=True)
     out = train_probes(train, test, cfg, specs_of(cfg), keys=["cls"])
-    r = out["readouts"]["cls"]
-    run = r["run"]
-    curve = run.curves["holdout_top1"]
-    assert run.best_score == max(curve) and run.best_epoch == run.curves["epoch"][curve.index(max(curve))]
-    assert all(run.best_score >= max(o.curves["holdout_top1"]) for o in r["runs"])
-    assert out["selection"]["holdout_rows"] == 32 and out["selection"]["train_rows"] == 128
-    assert r["refit"].stop_epoch == run.best_epoch and r["head"] is r["refit"].head
-    on_test_cfg = replace(cfg, select_on="test", refit=False)  # refit needs the holdout
+    r = out.readouts["cls"]
+    chosen = r.curves[f"{r.blr:g}"]
+    curve = chosen["holdout_top1"]
+    assert r.selection_top1 == pytest.approx(max(curve))
+    best_epochs = [e for e, v in zip(chosen["epoch"], curve, strict=True) if v == max(curve)]
+    assert r.epoch in best_epochs  # ties go to the lower holdout loss
+    loss_at = dict(zip(chosen["epoch"], chosen["holdout_loss"], strict=True))
+    assert loss_at[r.epoch] == min(loss_at[e] for e in best_epochs)
+    assert all(r.selection_top1 >= max(c["holdout_top1"]) for c in r.curves.values())
+    assert out.selection["holdout_rows"] == 32 and out.selection["train_rows"] == 128
+    assert r.refit and r.test_top1_before_refit is not None
+    on_test_cfg = small_cfg(pools=("cls",), select_on="test")  # refit needs the holdout
     on_test = train_probes(train, test, on_test_cfg, specs_of(cfg), keys=["cls"])
-    assert on_test["selection"]["optimistic"] is True and on_test["selection"]["holdout_rows"] == 0
-    assert on_test["selection"]["refit"] is False and "refit" not in on_test["readouts"]["cls"]
+    assert on_test.selection["optimistic"] is True and on_test.selection["holdout_rows"] == 0
+    assert on_test.selection["refit"] is False and not on_test.readouts["cls"].refit
 
 
 def test_refit_with_selection_on_test_is_refused() -> None:
@@ -183,11 +212,13 @@ def test_lr_scales_with_the_batch_actually_used_when_the_cache_is_smaller() -> N
     train, test = blobs(100), blobs(20, seed=1)
     cfg = small_cfg(pools=("cls",), batch_size=1024, lr_grid=(0.1,))  # 80 fit rows < 1024
     out = train_probes(train, test, cfg, specs_of(cfg), keys=["cls"])
-    assert out["selection"]["train_rows"] == 80 and out["selection"]["batch_size"] == 80
-    assert out["readouts"]["cls"]["run"].lr == pytest.approx(0.1 * 80 / 256)
-    big = train_probes(train, test, replace(cfg, batch_size=32), specs_of(cfg), keys=["cls"])
-    assert big["selection"]["batch_size"] == 32
-    assert big["readouts"]["cls"]["run"].lr == pytest.approx(0.1 * 32 / 256)
+    assert out.selection["train_rows"] == 80 and out.selection["batch_size"] == 80
+    assert out.readouts["cls"].lr == pytest.approx(0.1 * 80 / 256)
+    big = train_probes(
+        train, test, small_cfg(pools=("cls",), batch_size=32, lr_grid=(0.1,)), specs_of(cfg), keys=["cls"]
+    )
+    assert big.selection["batch_size"] == 32
+    assert big.readouts["cls"].lr == pytest.approx(0.1 * 32 / 256)
 
 
 def one_patch_task(n: int, seed: int) -> MemorySource:
@@ -210,28 +241,17 @@ def one_patch_task(n: int, seed: int) -> MemorySource:
 
 def test_abmilp_learns_a_one_patch_task_that_mean_pooling_cannot() -> None:
     train, test = one_patch_task(512, 0), one_patch_task(256, 1)
-    cfg = ProbeConfig(pools=("mean", "abmilp"), epochs=30, batch_size=64, warmup_epochs=2, optimizer="adamw",
-                      lr_grid=(0.01,), holdout=0.1)
+    cfg = small_cfg(
+        pools=("mean", "abmilp"),
+        epochs=30,
+        batch_size=64,
+        warmup_epochs=2.0,
+        optimizer="adamw",
+        lr_grid=(0.01,),
+        holdout=0.1,
+    )
     out = train_probes(train, test, cfg, specs_of(cfg), keys=["patches"])
-    mean, abmilp = out["readouts"]["mean"]["test"].top1, out["readouts"]["abmilp"]["test"].top1
+    mean, abmilp = out.readouts["mean"].test.top1, out.readouts["abmilp"].test.top1
     assert abmilp > 0.9, abmilp
     assert mean < 0.45, mean
     assert abmilp > mean + 0.4
-
-
-def test_linear_probe_on_digits_is_within_two_points_of_logistic_regression() -> None:
-    """scikit-learn's digits (8×8 images) as [cls] features; same split for both classifiers."""
-    from sklearn.datasets import load_digits
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import train_test_split
-
-    x, y = load_digits(return_X_y=True)
-    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.3, random_state=0, stratify=y)
-    reference = LogisticRegression(max_iter=5000).fit(x_tr, y_tr).score(x_te, y_te)
-    train = MemorySource({"cls": torch.tensor(x_tr, dtype=torch.float32), "labels": torch.tensor(y_tr)})
-    test = MemorySource({"cls": torch.tensor(x_te, dtype=torch.float32), "labels": torch.tensor(y_te)})
-    cfg = ProbeConfig(pools=("cls",), epochs=40, batch_size=64, warmup_epochs=4, optimizer="lars",
-                      lr_grid=(1.0, 10.0))
-    out = train_probes(train, test, cfg, specs_of(cfg), keys=["cls"])
-    ours = out["readouts"]["cls"]["test"].top1
-    assert ours >= reference - 0.02, (ours, reference)
