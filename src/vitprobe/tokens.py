@@ -38,6 +38,10 @@ class Tokens:
     reg: torch.Tensor | None = None
     mean: torch.Tensor | None = None
 
+    def parts(self) -> list[torch.Tensor]:
+        """The tensors present (cls, patches, reg, mean)."""
+        return [t for t in (self.cls, self.patches, self.reg, self.mean) if t is not None]
+
     @property
     def prefix(self) -> torch.Tensor | None:
         """[cls] then register tokens (B, P, D), the order a ViT keeps them in; None if there are none."""

@@ -3,12 +3,14 @@
 Each batch is read, moved and normalised once for all heads; each read-out is one `HeadBank` of K heads
 (one per learning rate) with one batched optimiser, and one backward pass serves every bank. A head keeps
 its best state on the selection split (best top-1, ties to the lower loss, then the earlier epoch). A head
-whose loss stops being finite is marked diverged and never selected. K heads in one bank end where K
+whose loss stops being finite (or blows up past 100× a uniform guess's) is marked diverged and never
+selected. K heads in one bank end where K
 separately trained `ProbeHead`s end (tests/test_probe_bank.py).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -21,11 +23,16 @@ from vitprobe.heads import HeadSpec, ProbeHead, build_head
 from vitprobe.probe.bank import HeadBank, load_heads
 from vitprobe.probe.optim import BatchedOptimizer, OptimizerSpec
 from vitprobe.probe.protocols import Schedule, lr_factor
+from vitprobe.probe.selection import DIVERGED_LOSS
 from vitprobe.progress import make_progress
 from vitprobe.tokens import Split, Tokens, iter_batches, to_tokens
 
 if TYPE_CHECKING:
     from rich.console import Console
+
+
+class NonFiniteTokens(Exception):
+    """A batch held inf/NaN tokens (raised by `fit` at the next evaluation; the caller names the rows)."""
 
 
 def head_seed(seed: int, spec: HeadSpec) -> int:
@@ -210,8 +217,12 @@ def fit(
     select: str | None = None,
     console: Console | None = None,
     description: str = "probing",
+    check_finite: bool = False,
 ) -> None:
     """Train every run in one pass per epoch, evaluating on `evals` every `schedule.eval_every` epochs.
+
+    With `check_finite` (streamed tokens, not checked when loaded), a batch with inf/NaN tokens raises
+    `NonFiniteTokens` at the end of its epoch (checked on the device, without a sync per step).
 
     With `select`, each head keeps its best state on that split; without it, the state at the run's
     `stop_epoch` becomes its best state. Curves record, per evaluation, each head's train loss and accuracy
@@ -219,6 +230,7 @@ def fit(
     """
     generator = torch.Generator().manual_seed(seed)
     last_epoch = max(r.stop_epoch for r in runs)
+    bad = torch.zeros((), dtype=torch.bool, device=device)
     progress = make_progress(console, transient=True)
     step = 0
     with progress:
@@ -238,6 +250,9 @@ def fit(
                 shuffle_shards=shuffle_shards,
             ):
                 views = _batch_tokens(batch, layers, device, norm)
+                if check_finite:
+                    for t in (t for v in views.values() for t in v.parts()):
+                        bad |= ~torch.isfinite(t).all()
                 labels = batch["labels"].to(device).long()
                 total = torch.zeros((), device=device)
                 for r in active:
@@ -262,6 +277,8 @@ def fit(
                     r.optimizer.step(factor)
                 step += 1
                 progress.advance(task)
+            if check_finite and bool(bad):
+                raise NonFiniteTokens
             done = epoch + 1
             evaluating = [r for r in active if done % schedule.eval_every == 0 or done == r.stop_epoch]
             if evaluating:
@@ -293,10 +310,12 @@ def _evaluate_and_select(
     scores = {
         s.name: evaluate([(r.bank, r.layer) for r in runs], s, batch_size=batch_size, **common) for s in evals
     }
+    blown_up = DIVERGED_LOSS * math.log(max(common["num_classes"], 2))
     for i, r in enumerate(runs):
+        mean_loss = (r._loss_sum / max(r._count, 1)).cpu()
+        r.finite &= (mean_loss < blown_up).to(r.finite.device)  # a blown-up loss counts as diverged
         finite = r.finite.cpu()
         r.curves.setdefault("epoch", []).append(done)
-        mean_loss = (r._loss_sum / max(r._count, 1)).cpu()
         r.curves.setdefault("train_loss", []).append(
             [float(v) if f else None for v, f in zip(mean_loss.tolist(), finite.tolist(), strict=True)]
         )

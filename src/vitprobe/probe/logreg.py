@@ -45,7 +45,7 @@ def fit_logreg(
     C: float,
     *,
     max_iter: int = 1000,
-    tol: float = 1e-7,
+    tol: float = 1e-6,
     init: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> LogRegFit:
     """Multinomial L2 logistic regression on (n, F) features by L-BFGS (strong-Wolfe line search).

@@ -38,6 +38,10 @@ class Protocol:
     description: str
     source: str
     values: dict[str, Any] = field(default_factory=dict)
+    # What the reference's other optimiser choices mean, applied when the user picks that --optimizer and
+    # does not set the fields: beyond_cls / efficient-probing build `SGD(head.parameters(), lr, weight_decay)`
+    # (no momentum, decay on every parameter) and `AdamW(head.parameters(), ...)` (decay on every parameter).
+    optimizer_values: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 PROTOCOLS: dict[str, Protocol] = {
@@ -62,9 +66,8 @@ PROTOCOLS: dict[str, Protocol] = {
     "mae": Protocol(
         description="MAE / Beyond [cls] linear probing: LARS, blr 0.1, batch 16384, 90 epochs, 10 warm-up, "
         "wd 0",
-        source="facebookresearch/mae main_linprobe.py + util/lars.py; gmum/beyond_cls README (2048 x accum "
-        "2 x "
-        "4 GPUs = 16384)",
+        source="facebookresearch/mae main_linprobe.py + util/lars.py; gmum/beyond_cls README "
+        "(2048 x accum 2 x 4 GPUs = 16384)",
         values={
             "optimizer": "lars",
             "momentum": 0.9,
@@ -75,6 +78,10 @@ PROTOCOLS: dict[str, Protocol] = {
             "epochs": 90,
             "min_steps": 0,
             "warmup_epochs": 10.0,
+        },
+        optimizer_values={
+            "sgd": {"momentum": 0.0, "decay_vectors": True},
+            "adamw": {"decay_vectors": True},
         },
     ),
     "ep": Protocol(
@@ -92,6 +99,10 @@ PROTOCOLS: dict[str, Protocol] = {
             "min_steps": 0,
             "warmup_epochs": 10.0,
             "queries": 32,
+        },
+        optimizer_values={
+            "sgd": {"momentum": 0.0, "decay_vectors": True},
+            "adamw": {"decay_vectors": True},
         },
     ),
     "logreg": Protocol(
@@ -147,7 +158,9 @@ class ProbeConfig:
         unknown = sorted(set(given) - {f.name for f in fields(cls)})
         if unknown:
             raise TypeError(f"ProbeConfig has no field {', '.join(unknown)}")
-        values = {**PROTOCOLS[name].values, **given}
+        protocol = PROTOCOLS[name]
+        implied = protocol.optimizer_values.get(given.get("optimizer", ""), {})
+        values = {**protocol.values, **implied, **given}
         changed = tuple(sorted(k for k in given if PROTOCOLS[name].values.get(k, _default(k)) != given[k]))
         return cls(protocol=name, overrides=changed, **values)
 

@@ -18,6 +18,7 @@ from vitprobe.errors import ProbeError
 UNDER_TRAINED_MOVEMENT = 1.0  # a trained Linear moves at least its own initial norm (init std 0.01)
 NEAR_CHANCE = 0.05  # training top-1 within this of the majority-class rate: nothing was learnt
 MIN_HOLDOUT_ROWS = 30  # fewer holdout images than this make the lr / epoch choice noise
+DIVERGED_LOSS = 100.0  # a mean training loss above this × ln(classes) (a uniform guess) has blown up
 
 
 @dataclass(frozen=True)
@@ -110,7 +111,7 @@ def health(
     def add(code: str, severity: str, message: str, fix: str) -> None:
         checks.append(Check(code, severity, f"{pool}: {message}", fix))
 
-    what, value = grid_name[2:], grid[chosen]
+    what, value = ("base lr" if grid_name == "--lr-grid" else grid_name[2:]), grid[chosen]
     if len(grid) > 1 and value == max(grid):
         add("grid_edge_high", "warning",
             f"the chosen {what} {value:g} is the largest in the grid; the optimum may lie above it",
@@ -121,7 +122,8 @@ def health(
             f"extend {grid_name} downward (e.g. add {value / 5:g},{value / 2:g})")
     if diverged:
         add("diverged", "note",
-            f"{what} {', '.join(f'{v:g}' for v in diverged)} diverged (loss inf/NaN) and were not selected",
+            f"{what} {', '.join(f'{v:g}' for v in diverged)} diverged (training loss inf/NaN, or above "
+            f"{DIVERGED_LOSS:g}x a uniform guess's) and were not selected",
             "nothing to do unless the chosen value is next to them")
     if selection_curve is not None and len(epochs_evaluated) >= 4 and best_epoch == epochs_evaluated[-1]:
         cut = epochs_evaluated[-1] * 0.75

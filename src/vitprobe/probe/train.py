@@ -19,7 +19,7 @@ from vitprobe.errors import ProbeError
 from vitprobe.heads import HeadSpec, ProbeHead, build_head
 from vitprobe.probe import logreg
 from vitprobe.probe.bank import load_heads
-from vitprobe.probe.engine import BankRun, Metrics, evaluate, fit, make_run
+from vitprobe.probe.engine import BankRun, Metrics, NonFiniteTokens, evaluate, fit, make_run
 from vitprobe.probe.protocols import ProbeConfig, Schedule, lr_factor, plan_schedule
 from vitprobe.probe.selection import Check, health, lars_budget, pick, stratified_holdout
 from vitprobe.tokens import Split, TokenSource, iter_batches, load_whole, pooled_source, to_tokens
@@ -83,8 +83,53 @@ def load_decision(
     return True, torch.device("cpu"), False
 
 
+def _where(source: TokenSource) -> str:
+    cache = getattr(source, "cache", None)
+    return f"cache {cache.path}" if cache is not None else "the token source"
+
+
+def nonfinite_rows(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Positions of the rows whose float tensors hold inf or NaN."""
+    bad: torch.Tensor | None = None
+    for t in tensors.values():
+        if t.is_floating_point():
+            rows = ~torch.isfinite(t.reshape(len(t), -1)).all(dim=1)  # (n, ...) -> (n,)
+            bad = rows if bad is None else bad | rows
+    return torch.zeros(0, dtype=torch.long) if bad is None else bad.nonzero().flatten().cpu()
+
+
+def refuse_nonfinite(
+    source: TokenSource, keys: Sequence[str], memory: dict[str, torch.Tensor] | None
+) -> None:
+    """Raise a ProbeError naming the rows (dataset indices) with inf/NaN tokens, if any."""
+    if memory is not None:
+        rows = nonfinite_rows({k: memory[k] for k in keys})
+    else:
+        found = [
+            nonfinite_rows(source.read_block(i, keys)) + start for i, (start, _) in enumerate(source.blocks)
+        ]
+        rows = torch.cat(found) if found else torch.zeros(0, dtype=torch.long)
+    if len(rows):
+        shown = ", ".join(str(int(i)) for i in source.indices[rows][:10]) + (" ..." if len(rows) > 10 else "")
+        raise ProbeError(
+            f"{_where(source)} holds inf/NaN tokens in {len(rows)} rows (dataset indices {shown}); a probe "
+            "trained on them reports chance accuracy",
+            "re-extract the cache (check the backbone's weights and --store: fp16 overflows where bf16 "
+            "does not), or leave those images out of the dataset",
+        )
+
+
 def check_labels(train: TokenSource, fit_rows: torch.Tensor, test: TokenSource) -> list[str]:
-    """Refuse a train set of one class; warn about test classes the train rows never show."""
+    """Refuse labels outside the class range and a train set of one class; warn about test classes the
+    train rows never show."""
+    for source in (train, test):
+        out = ((source.labels < 0) | (source.labels >= source.num_classes)).nonzero().flatten()
+        if len(out):
+            raise ProbeError(
+                f"{_where(source)} has labels outside its {source.num_classes} classes in {len(out)} rows "
+                f"(first: row {int(out[0])}, label {int(source.labels[out[0]])})",
+                "re-extract the cache from a dataset whose labels index its class list",
+            )
     present = torch.unique(train.labels[fit_rows])
     if len(present) < 2:
         only = train.class_names[int(present[0])] if len(present) else "none"
@@ -134,6 +179,9 @@ def train_probes(
     dtype = torch.float32 if widen else None
     train_memory = load_whole(train_src, keys, store, pin=pin, dtype=dtype) if in_memory else None
     test_memory = load_whole(test_src, keys, store, pin=pin, dtype=dtype) if in_memory else None
+    if in_memory:  # streamed tokens are checked batch by batch while training (fit's check_finite)
+        refuse_nonfinite(train_src, keys, train_memory)
+        refuse_nonfinite(test_src, keys, test_memory)
     all_rows = torch.arange(train_src.num_rows)
     test_split = Split("test", test_src, torch.arange(test_src.num_rows), test_memory)
 
@@ -257,16 +305,21 @@ def _train_gradient(
         for spec in specs
     ]
     heads = len(runs) * len(lrs)
-    fit(
-        runs,
-        fit_split,
-        evals,
-        schedule,
-        select=selection.name,
-        console=console,
-        description=f"{heads} heads × {schedule.epochs} epochs",
-        **common,
-    )
+    try:
+        fit(
+            runs,
+            fit_split,
+            evals,
+            schedule,
+            select=selection.name,
+            console=console,
+            description=f"{heads} heads × {schedule.epochs} epochs",
+            check_finite=fit_split.memory is None,  # loaded tokens were checked once, when loaded
+            **common,
+        )
+    except NonFiniteTokens:
+        refuse_nonfinite(fit_split.source, keys, None)  # names the rows
+        raise
 
     chosen: dict[str, tuple[BankRun, int, ProbeHead]] = {}
     for r in runs:
@@ -446,6 +499,9 @@ def _train_logreg(
         x_fit, y_fit = pooled_features(fit_split, spec, **get)
         x_sel, y_sel = pooled_features(selection, spec, **get)
         x_test, y_test = pooled_features(test_split, spec, **get)
+        for x, split in ((x_fit, fit_split), (x_sel, selection), (x_test, test_split)):
+            if not torch.isfinite(x).all():
+                refuse_nonfinite(split.source, keys, None)
         mean, var = logreg.standardise(x_fit)
         z_fit, z_sel, z_test = (logreg.standardised(x, mean, var) for x in (x_fit, x_sel, x_test))
         fits = logreg.sweep(z_fit, y_fit, z_sel, y_sel, num_classes, cfg.c_grid, max_iter=cfg.max_iter)
