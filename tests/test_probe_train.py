@@ -340,3 +340,49 @@ def test_load_decision_keeps_caches_on_the_gpu_when_they_fit_and_pins_host_memor
         torch.device("cpu"),
         False,
     )
+
+
+def test_lowshot_subsets_are_class_stratified_seeded_and_keep_views_together() -> None:
+    from vitprobe.probe.lowshot import subset
+
+    labels = torch.arange(400) % 4
+    groups = torch.arange(400) // 2  # two views per image
+    view_labels = labels[groups]
+    rows, notes = subset(view_labels, groups, shots=5, fraction=None, seed=0)
+    assert torch.bincount(view_labels[rows]).tolist() == [10, 10, 10, 10] and notes == []  # 5 images × 2 views
+    assert set(groups[rows].tolist()) == {int(g) for g in groups[rows]}  # whole images only
+    again, _ = subset(view_labels, groups, shots=5, fraction=None, seed=0)
+    other, _ = subset(view_labels, groups, shots=5, fraction=None, seed=1)
+    assert torch.equal(rows, again) and not torch.equal(rows, other)
+    part, _ = subset(labels, torch.arange(400), shots=None, fraction=0.1, seed=0)
+    assert torch.bincount(labels[part]).tolist() == [10, 10, 10, 10]
+    few, notes = subset(labels, torch.arange(400), shots=200, fraction=None, seed=0)
+    assert len(few) == 400 and "fewer than 200" in notes[0]
+
+
+def test_lowshot_reports_mean_and_std_over_seeds_with_each_seeds_value() -> None:
+    train, test = blobs(400, seed=0), blobs(100, seed=1)
+    cfg = small_cfg(pools=("cls",), lr_grid=(0.5, 2.0), shots=5, seeds=3)
+    out = train_probes(train, test, cfg, specs_of(cfg), keys=["cls"])
+    r = out.readouts["cls"]
+    values = [s["top1"] for s in r.seeds]
+    assert [s["seed"] for s in r.seeds] == [0, 1, 2] and len(set(values)) > 1  # different subsets
+    assert r.test.top1 == pytest.approx(sum(values) / 3)
+    assert r.top1_std == pytest.approx(torch.tensor(values).std().item())
+    lowshot = out.selection["lowshot"]
+    assert lowshot["train_rows"] == [16, 16, 16] and lowshot["holdout_rows"] == [4, 4, 4]  # 1 of 5 per class
+    with pytest.raises(ProbeError, match="no subset was asked for"):
+        small_cfg(seeds=3)
+
+
+def test_one_shot_cannot_select_and_says_so() -> None:
+    train, test = blobs(400, seed=0), blobs(100, seed=1)
+    cfg = small_cfg(pools=("cls",), lr_grid=(0.1, 1.0, 10.0), shots=1)
+    out = train_probes(train, test, cfg, specs_of(cfg), keys=["cls"])
+    r = out.readouts["cls"]
+    assert out.selection["holdout_rows"] == 0 and out.selection["split"] == "none"
+    assert r.blr == 1.0 and r.epoch == cfg.epochs and r.selection_top1 is None  # the grid's middle, last epoch
+    assert "no_holdout" in {c.code for c in r.health} and r.verdict == "warning"
+    logreg_cfg = ProbeConfig.from_protocol("logreg", pools=("cls",), c_grid=(0.01, 1.0, 100.0), shots=1)
+    lr = train_probes(train, test, logreg_cfg, specs_of(logreg_cfg), keys=["cls"]).readouts["cls"]
+    assert lr.C == 1.0 and "no_holdout" in {c.code for c in lr.health}

@@ -125,6 +125,18 @@ def probe(
             "(not with --select-on test).",
         ),
     ] = False,
+    shots: Annotated[
+        int | None, typer.Option("--shots", min=1, help="Low-shot: train on K images per class (per seed).")
+    ] = None,
+    train_fraction: Annotated[
+        float | None,
+        typer.Option(
+            "--train-fraction", help="Low-shot: train on this class-stratified fraction (e.g. 0.01)."
+        ),
+    ] = None,
+    seeds: Annotated[
+        int, typer.Option("--seeds", min=1, help="Low-shot: subsets drawn; mean ± std over them is reported.")
+    ] = 1,
     eval_every: Annotated[
         int | None, typer.Option("--eval-every", min=0, help="Evaluate every N epochs (0: ~100 evaluations).")
     ] = None,
@@ -204,6 +216,9 @@ def probe(
         holdout=holdout,
         refit=refit,
         eval_every=eval_every,
+        shots=shots,
+        train_fraction=train_fraction,
+        seeds=seeds,
         seed=seed,
         device=device,
         amp=amp.value,
@@ -242,7 +257,9 @@ def print_results(results: dict[str, Any]) -> None:
         codes = ", ".join(c["code"] for c in r["health"] if c["severity"] == "warning")
         table.add_row(
             name + (" (refit)" if r["refit"] else ""),
-            f"{100 * r['top1']:.2f}" + (" ⚠" if flagged else ""),
+            f"{100 * r['top1']:.2f}"
+            + (f" ± {100 * r['top1_std']:.2f}" if r.get("seeds") else "")
+            + (" ⚠" if flagged else ""),
             f"{100 * r['top5']:.2f}",
             f"{r['C']:.3g}" if grid == "C" else f"{r['blr']:g}",
             "—" if r["lr"] is None else f"{r['lr']:.4g}",
@@ -258,6 +275,14 @@ def print_results(results: dict[str, Any]) -> None:
             + (" (epochs raised to reach --min-steps)" if schedule["scaled"] else "")
             + "[/]"
         )
+    lowshot = selection.get("lowshot")
+    if lowshot:
+        subset = (
+            f"{lowshot['shots']} shots per class"
+            if lowshot["shots"]
+            else f"{lowshot['train_fraction']:g} of the train images"
+        )
+        console.print(f"[dim]low-shot: {subset}, mean ± std over seeds {lowshot['seeds']}[/]")
     for note in results["notes"]:
         console.print(f"[dim]note: {escape(note)}[/]")
     for r in results["readouts"].values():

@@ -140,6 +140,9 @@ class ProbeConfig:
     holdout: float = 0.1  # stratified fraction of the train cache held out for selection
     refit: bool = False  # after selection, retrain on the full train cache with the chosen lr and epochs
     eval_every: int = 0  # evaluate every N epochs (and at the last); 0 = about 100 evaluations per run
+    shots: int | None = None  # low-shot: train on K images per class (docs/probing.md, "Low-shot")
+    train_fraction: float | None = None  # low-shot: train on this class-stratified fraction of the images
+    seeds: int = 1  # low-shot: subsets (and head inits) drawn; mean ± std over them is reported
     c_grid: tuple[float, ...] = LOGREG_C_GRID  # logreg protocol: L2 strengths C (sklearn's convention)
     max_iter: int = 1000  # logreg protocol: L-BFGS iterations per C
     seed: int = 0  # head init, data order and holdout split
@@ -175,6 +178,10 @@ class ProbeConfig:
             weight_decay=self.weight_decay,
             decay_vectors=self.decay_vectors,
         )
+
+    @property
+    def lowshot(self) -> bool:
+        return self.shots is not None or self.train_fraction is not None
 
     def lr(self, blr: float, batch: int) -> float:
         """Absolute lr of a base lr at the batch actually used (MAE: lr = blr × batch / 256)."""
@@ -227,6 +234,23 @@ def _check(cfg: ProbeConfig) -> None:
         )
     if cfg.select_on == "holdout" and not (math.isfinite(cfg.holdout) and 0.0 < cfg.holdout < 1.0):
         raise ProbeError(f"--holdout {cfg.holdout} must lie in (0, 1)", "use e.g. --holdout 0.1")
+    if cfg.shots is not None and cfg.train_fraction is not None:
+        raise ProbeError("--shots and --train-fraction both choose the train subset", "pass one of them")
+    if cfg.shots is not None and cfg.shots < 1:
+        raise ProbeError(f"--shots {cfg.shots} must be >= 1", "e.g. --shots 5")
+    if cfg.train_fraction is not None and not (
+        math.isfinite(cfg.train_fraction) and 0 < cfg.train_fraction <= 1
+    ):
+        raise ProbeError(
+            f"--train-fraction {cfg.train_fraction} must lie in (0, 1]", "e.g. --train-fraction 0.01"
+        )
+    if cfg.seeds < 1:
+        raise ProbeError(f"--seeds {cfg.seeds} must be >= 1", "e.g. --seeds 5")
+    if cfg.seeds > 1 and cfg.shots is None and cfg.train_fraction is None:
+        raise ProbeError(
+            "--seeds draws several train subsets, and no subset was asked for",
+            "add --shots K or --train-fraction F",
+        )
     if cfg.epochs < 1 or cfg.batch_size < 2 or cfg.eval_every < 0 or cfg.min_steps < 0:
         raise ProbeError(
             "--epochs must be >= 1, --batch-size >= 2, --eval-every and --min-steps >= 0", "fix the values"

@@ -255,4 +255,6 @@ def readout_json(r: ReadoutResult, class_names: Sequence[str], head_file: Path) 
         "head": str(head_file),
         "curves": r.curves,
         "sweep": r.sweep,
+        "top1_std": r.top1_std,
+        "seeds": r.seeds,
     }
