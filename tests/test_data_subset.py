@@ -67,3 +67,43 @@ def test_takes_a_dataset(tmp_path: Path) -> None:
     assert chosen == stratified_subset(dataset.labels, 6, seed=0)
     assert Counter(dataset.labels[i] for i in chosen) == {0: 2, 1: 2, 2: 2}
 
+
+def test_extract_limit_is_stratified_and_stores_dataset_indices(tmp_path: Path) -> None:
+    """`extract --limit 8` on a class-sorted folder: 2 images of each of 4 classes, rows = those images."""
+    import json
+    from dataclasses import replace
+
+    import numpy as np
+    import torch
+
+    from vitprobe.cache import MANIFEST_FILE, open_cache
+    from vitprobe.errors import CacheError
+    from vitprobe.extract import ExtractConfig, extract
+
+    rng = np.random.default_rng(0)
+    for k in range(4):
+        (tmp_path / "data" / f"c{k}").mkdir(parents=True)
+        for j in range(5):
+            pixels = rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "data" / f"c{k}" / f"{j}.png")
+    spec = f"imagefolder:{tmp_path / 'data'}"
+    config = ExtractConfig(model="timm:test_vit", data=spec, split="all", out=tmp_path / "limited",
+                           random_init=True, workers=0, batch_size=4, shard_size=4, store="fp32",
+                           limit=8)  # fmt: skip
+    extract(config)
+    labels = open_dataset(spec, "all").labels
+    rows = stratified_subset(labels, 8, seed=0)
+    limited = open_cache(config.out)
+    assert limited.indices().tolist() == rows and limited.labels().tolist() == [labels[i] for i in rows]
+    assert Counter(limited.labels().tolist()) == {0: 2, 1: 2, 2: 2, 3: 2}
+    assert limited.manifest["dataset"]["selection"] == "stratified"
+    full = open_cache(extract(replace(config, out=tmp_path / "full", limit=None)).path)
+    assert full.manifest["dataset"]["selection"] is None
+    every = torch.cat([s["patches"] for s in full.iter_shards(["patches"])])  # (20, P, D)
+    chosen = torch.cat([s["patches"] for s in limited.iter_shards(["patches"])])  # (8, P, D)
+    torch.testing.assert_close(chosen, every[rows], rtol=1e-5, atol=1e-5)  # row r holds image rows[r]
+    manifest = json.loads((config.out / MANIFEST_FILE).read_text())  # a cache from before: first-N
+    del manifest["dataset"]["selection"]
+    (config.out / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(CacheError, match="dataset.selection: cache has None, this run 'stratified'"):
+        extract(config)
