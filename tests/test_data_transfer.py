@@ -340,3 +340,60 @@ def test_kinds_without_parameters_refuse_a_query(tmp_path: Path) -> None:
     odd = tmp_path / "odd?name"
     shutil.copytree(tmp_path / "food-101", odd / "food-101")
     assert len(open_dataset(f"food101:{odd}", "train")) == 6  # a folder whose name holds '?' is a path
+
+
+def _break_flowers(tree: Tree) -> None:
+    (tree.root / "setid.mat").unlink()
+
+
+def _break_cars_meta(tree: Tree) -> None:
+    from scipy.io import savemat
+
+    savemat(tree.root / "devkit" / "cars_meta.mat", {"names": np.zeros(2)})
+
+
+def _break_cars_annos(tree: Tree) -> None:
+    (tree.root / "devkit" / "cars_train_annos.mat").write_bytes(b"MATLAB 5.0 MAT-file, but truncated")
+
+
+def _break_dtd(tree: Tree) -> None:
+    (tree.root / "labels" / "train1.txt").write_text("banded/banded_0001.jpg\nno_class.jpg\n")
+
+
+def _break_aircraft(tree: Tree) -> None:
+    (tree.root / "images_variant_train.txt").write_text("1000000 747-400\n")
+
+
+def _break_stl10(tree: Tree) -> None:
+    (tree.root / "train_X.bin").write_bytes(b"\x00" * 1000)
+
+
+def _break_cifar(tree: Tree) -> None:
+    from transfer_trees import cifar_pixels, py2_pickle
+
+    (tree.root / "data_batch_2").write_bytes(py2_pickle({"data": cifar_pixels(1, 0), "labels": [7]}))
+
+
+def _break_pets(tree: Tree) -> None:
+    (tree.root / "annotations" / "test.txt").write_text("Abyssinian_1 one 1 1\n")
+
+
+BROKEN = {
+    "flowers102": (make_flowers102, _break_flowers, "train", r"missing .*flowers-102/setid\.mat"),
+    "cars/meta": (make_cars, _break_cars_meta, "train", r"cars_meta\.mat has no variable 'class_names'"),
+    "cars/annos": (make_cars, _break_cars_annos, "train", r"cannot read the MATLAB file .*train_annos\.mat"),
+    "dtd": (make_dtd, _break_dtd, "train", r"train1\.txt line 2 is not 'CLASS/FILE\.jpg'"),
+    "aircraft": (make_aircraft, _break_aircraft, "train", r"variant_train\.txt line 1: '747-400' is not in"),
+    "stl10": (make_stl10, _break_stl10, "train", r"train_X\.bin holds 1000 bytes, not 6 images"),
+    "cifar10": (make_cifar10, _break_cifar, "train", r"data_batch_2 row 0 has label 7, but .*meta names 3"),
+    "pets": (make_pets, _break_pets, "trainval", r"test\.txt line 1 is not 'IMAGE_ID CLASS SPECIES BREED'"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN))
+def test_a_broken_layout_names_the_file(tmp_path: Path, case: str) -> None:
+    maker, breaker, split, message = BROKEN[case]
+    tree = maker(tmp_path)
+    breaker(tree)
+    with pytest.raises(DatasetError, match=message):
+        open_dataset(f"{case.split('/')[0]}:{tmp_path}", split)

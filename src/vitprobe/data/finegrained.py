@@ -20,6 +20,7 @@ from vitprobe.data.layout import (
     drop_bad_boxes,
     load_mat,
     locate,
+    mat_field,
     mat_scalar,
     numbered_lines,
     read_text,
@@ -52,12 +53,11 @@ def open_flowers102(spec: Spec, split: str) -> ImageDataset:
 
     root = locate(spec, ["flowers-102"], "imagelabels.mat", hint("flowers-102", "Flowers102"))
     check_split(spec, split, ("train", "val", "test"))
-    labels_of = np.asarray(load_mat(spec, root / "imagelabels.mat").get("labels")).reshape(-1).astype(int) - 1
-    setid = load_mat(spec, root / "setid.mat")
+    labels_file, setid_file = root / "imagelabels.mat", root / "setid.mat"
+    labels_of = np.asarray(mat_field(spec, load_mat(spec, labels_file), "labels", labels_file)).reshape(-1)
+    labels_of = labels_of.astype(int) - 1  # 1-based in the file
     key = {"train": "trnid", "val": "valid", "test": "tstid"}[split]
-    if key not in setid:
-        raise DatasetError(f"{spec.text}: {root / 'setid.mat'} has no {key!r}", "restore the original file")
-    ids = np.asarray(setid[key]).reshape(-1).astype(int)
+    ids = np.asarray(mat_field(spec, load_mat(spec, setid_file), key, setid_file)).reshape(-1).astype(int)
     names = list(Flowers102.classes)
     if len(ids) and (ids.min() < 1 or ids.max() > len(labels_of)):
         raise DatasetError(f"{spec.text}: {root / 'setid.mat'} {key} has ids outside 1..{len(labels_of)}",
@@ -146,9 +146,10 @@ def open_cars(spec: Spec, split: str) -> ImageDataset:
         annos_file, folder = root / "cars_test_annos_withlabels.mat", root / "cars_test"
         if not annos_file.is_file() and (root / "devkit" / annos_file.name).is_file():
             annos_file = root / "devkit" / annos_file.name  # some copies keep it in devkit/
-    meta = load_mat(spec, root / "devkit" / "cars_meta.mat")
-    class_names = [str(mat_scalar(c)) for c in np.asarray(meta.get("class_names")).reshape(-1)]
-    annos = np.asarray(load_mat(spec, annos_file).get("annotations")).reshape(-1)
+    meta_file = root / "devkit" / "cars_meta.mat"
+    names = mat_field(spec, load_mat(spec, meta_file), "class_names", meta_file)
+    class_names = [str(mat_scalar(c)) for c in np.asarray(names).reshape(-1)]
+    annos = np.asarray(mat_field(spec, load_mat(spec, annos_file), "annotations", annos_file)).reshape(-1)
     fields = ("bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2", "class", "fname")
     if annos.dtype.names is None or any(f not in annos.dtype.names for f in fields):
         raise DatasetError(

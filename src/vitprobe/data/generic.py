@@ -68,11 +68,8 @@ def open_sun397(spec: Spec, split: str) -> ImageDataset:
     official partition's Training_NN.txt / Testing_NN.txt (50 + 50 images per class), found in
     SUN397/Partitions/, DIR/Partitions/ or next to SUN397/.
     """
-    root = locate(spec, ["SUN397"], "ClassName.txt", hint("SUN397", "SUN397"))
-    top = Path(spec.path).expanduser().resolve()
-    partitions = _sun397_partitions(root, top)
-    splits = sun397_splits(spec, partitions)
-    check_split(spec, split, splits)
+    root, top, partitions = _sun397_folders(spec)
+    check_split(spec, split, ["train", "test", ALL] if partitions else [ALL])
     given = spec.params.get("partition")
     if given is not None and partitions is None:
         raise DatasetError(
@@ -115,11 +112,15 @@ def open_sun397(spec: Spec, split: str) -> ImageDataset:
     )  # fmt: skip
 
 
-def sun397_splits(spec: Spec, partitions: Path | None | bool = False) -> list[str]:
-    if partitions is False:
-        root = locate(spec, ["SUN397"], "ClassName.txt", hint("SUN397", "SUN397"))
-        partitions = _sun397_partitions(root, Path(spec.path).expanduser().resolve())
-    return ["train", "test", ALL] if partitions else [ALL]
+def sun397_splits(spec: Spec) -> list[str]:
+    return ["train", "test", ALL] if _sun397_folders(spec)[2] else [ALL]
+
+
+def _sun397_folders(spec: Spec) -> tuple[Path, Path, Path | None]:
+    """(the SUN397 folder, the folder the spec names, the folder of the official partition files or None)."""
+    root = locate(spec, ["SUN397"], "ClassName.txt", hint("SUN397", "SUN397"))
+    top = Path(spec.path).expanduser().resolve()
+    return root, top, _sun397_partitions(root, top)
 
 
 CALTECH_ANNOTATION_FOLDERS = {  # 101_ObjectCategories name -> Annotations name, where the release differs
@@ -209,7 +210,7 @@ def _caltech_boxes(
             continue
         try:
             coords = np.asarray(loadmat(mat_path)["box_coord"], dtype=np.float64).reshape(-1)
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except Exception as exc:  # noqa: BLE001 - a broken .mat raises anything from IndexError to MatReadError
             raise DatasetError(f"{where}: cannot read the box of {mat_path} ({type(exc).__name__}: {exc})",
                                "restore the file from the Caltech-101 archive") from exc  # fmt: skip
         if coords.shape != (4,):

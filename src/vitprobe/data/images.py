@@ -9,7 +9,9 @@ Policy (docs/datasets.md, "Bad images"):
   N extraneous bytes before marker 0xd9"; Pillow decodes such files silently, usually as garbage after the
   point of corruption) is read with a `DatasetWarning` naming the file;
 - any other warning Pillow raises while decoding is re-raised as a `DatasetWarning` naming the file.
-Images stored as array rows (CIFAR, STL-10) are `RecordImages`; they involve no decoder.
+Images stored as array rows (CIFAR, STL-10) are `RecordImages`; they involve no decoder. Warnings are
+caught with `warnings.catch_warnings`, which is process-wide: decode from processes (DataLoader workers),
+not threads, or a warning may be attributed to another thread's file.
 """
 
 from __future__ import annotations

@@ -141,8 +141,15 @@ def load_mat(spec: Spec, path: Path) -> dict[str, object]:
         raise DatasetError(f"{spec.text}: missing {path}", "restore the file from the dataset's archive")
     try:
         return loadmat(path)
-    except (OSError, ValueError, TypeError, NotImplementedError) as exc:
+    except Exception as exc:  # noqa: BLE001 - a broken file raises anything from IndexError to MatReadError
         raise DatasetError(
             f"{spec.text}: cannot read the MATLAB file {path} ({type(exc).__name__}: {exc})",
             "restore the file from the dataset's archive",
         ) from exc
+
+
+def mat_field(spec: Spec, mat: dict[str, object], key: str, path: Path) -> object:
+    """`mat[key]` of a loaded .mat file; a missing variable names the file and the variable."""
+    if key not in mat:
+        raise DatasetError(f"{spec.text}: {path} has no variable {key!r}", "restore the original file")
+    return mat[key]
