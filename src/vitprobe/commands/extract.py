@@ -74,7 +74,9 @@ def extract(
         "--views", min=0, help="Augmented views per image (random-resized-crop + flip); 0 = eval transform.")
     ] = 0,
     seed: Annotated[int, typer.Option("--seed", help="Seed of random init and of the views.")] = 0,
-    limit: Annotated[int | None, typer.Option("--limit", min=1, help="Only the first N images.")] = None,
+    limit: Annotated[
+        int | None, typer.Option("--limit", min=1, help="Only N images, class-stratified (seeded by --seed).")
+    ] = None,
     shard_size: Annotated[int | None, typer.Option(
         "--shard-size", min=1, help="Samples per shard (default: about 1 GB per shard).")] = None,
     resume: Annotated[bool, typer.Option(

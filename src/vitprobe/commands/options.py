@@ -31,7 +31,8 @@ DataOpt = Annotated[
     str,
     typer.Option(
         "--data",
-        help="Dataset spec: imagefolder:DIR, imagenet:DIR, cub:DIR, csv:FILE or synthetic:needles.",
+        help="Dataset spec KIND:PATH[?key=value&...], e.g. cub:DIR or dtd:DIR?partition=1 "
+        "(`vitprobe data kinds` lists them).",
     ),
 ]
 SplitOpt = Annotated[str, typer.Option("--split", help="Split name (train, val, test, all).")]
