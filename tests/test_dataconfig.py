@@ -177,3 +177,52 @@ def test_cli_bad_mean_is_one_line() -> None:
     assert (
         result.exit_code == 1 and "--mean '0.5,x' is not a comma-separated list of numbers" in result.output
     )
+
+
+def test_extract_records_the_overrides_in_the_manifest(tmp_path: Path) -> None:
+    """`vitprobe extract --img-size/--mean/--std/--crop-pct/--interpolation`: the cache is made at that size
+    and its manifest records the overrides (config) and the resolved values (transform)."""
+    import numpy as np
+    from PIL import Image
+
+    for name in ("ant", "bee"):
+        folder = tmp_path / "images" / "train" / name
+        folder.mkdir(parents=True)
+        for i in range(2):
+            pixels = np.random.default_rng(i).integers(0, 256, (40, 50, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(folder / f"{i}.png")
+    out = tmp_path / "cache"
+    args = [
+        "extract",
+        "--model",
+        "timm:test_vit",
+        "--random-init",
+        "--data",
+        f"imagefolder:{tmp_path / 'images'}",
+        "--split",
+        "train",
+        "--out",
+        str(out),
+        "--workers",
+        "0",
+        "--img-size",
+        "96",
+        "--mean",
+        "0.5",
+        "--std",
+        "0.5,0.25,0.5",
+        "--crop-pct",
+        "1.0",
+        "--interpolation",
+        "bilinear",
+    ]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["grid"] == [6, 6]
+    transform = manifest["transform"]
+    assert transform["input_size"] == [3, 96, 96] and transform["crop_pct"] == 1.0
+    assert transform["mean"] == [0.5, 0.5, 0.5] and transform["std"] == [0.5, 0.25, 0.5]
+    assert transform["interpolation"] == "bilinear"
+    config = manifest["config"]
+    assert config["img_size"] == 96 and config["mean"] == [0.5] and config["interpolation"] == "bilinear"
