@@ -137,7 +137,7 @@ MFF_CFG = """model = dict(
 
 def mmengine_meta(cfg: str) -> dict[str, object]:
     """The `meta` of a published mmpretrain checkpoint: open-mmlab/mmengine mmengine/runner/runner.py:
-    2193-2198 (`epoch`, `iter`), 2213-2221 (`cfg` as text, `seed`, `experiment_name`, `time`,
+    2193-2198 (`epoch`, `iter`), 2214-2222 (`cfg` as text, `seed`, `experiment_name`, `time`,
     `mmengine_version`, `dataset_meta`); mmpretrain tools/model_converters/publish_model.py:45-61."""
     return {
         "epoch": 300,
@@ -154,7 +154,7 @@ def mmengine_meta(cfg: str) -> dict[str, object]:
 
 def write_mmpretrain_mff(want: StateDict, other: StateDict, path: Path) -> Written:
     """MFF pretraining file `mff_vit-base-p16_8xb512-amp-coslr-300e_in1k_20230801-3c1bcce4.pth`:
-    `{'meta', 'state_dict'}` (mmengine runner.py:2225-2232 writes `meta`, `state_dict`, `message_hub`,
+    `{'meta', 'state_dict'}` (mmengine runner.py:2229-2236 writes `meta`, `state_dict`, `message_hub`,
     `optimizer`, `param_schedulers`; publish_model.py:38-39 pops all but `meta` and `state_dict`). The model
     is `MFF(MAE)`: `backbone` = `MFFViT` (mmpretrain models/selfsup/mff.py:87-95 adds `proj_layers` (one
     Linear per fused level but the last) and `proj_weights` (levels, 1, 1, 1)), `neck` = MAE decoder,
@@ -175,7 +175,7 @@ def write_mmpretrain_mae(want: StateDict, other: StateDict, path: Path) -> Writt
     """mmselfsup 1.x / mmpretrain MAE (`mae_vit-base-p16_8xb512-fp16-coslr-1600e_in1k_20220825-f7569ca2.pth`):
     `MAE`: `backbone` = `MAEViT` (models/selfsup/mae.py:14-92, plain VisionTransformer keys; `pos_embed`
     fixed sin-cos but a stored parameter), `neck` = MAE decoder. Written as a training file: with
-    `message_hub` and `optimizer` too (runner.py:2225-2232)."""
+    `message_hub` and `optimizer` too (runner.py:2229-2245)."""
     dim, tokens, patch = _sizes(want)
     decoder = mae_decoder(dim, tokens, patch)
     state = {**{f"backbone.{k}": v for k, v in mmpretrain_vit(want).items()}, **decoder}
@@ -212,7 +212,7 @@ def write_mmpretrain_maskfeat(want: StateDict, other: StateDict, path: Path) -> 
 
 def write_mmpretrain_classifier(want: StateDict, other: StateDict, path: Path) -> Written:
     """An mmpretrain linear-probe classifier (configs/mff/benchmarks/vit-base-p16_8xb2048-linear-coslr-90e):
-    `ImageClassifier` with `neck` = ClsBatchNormNeck (`bn`, affine=False: necks/mae_neck.py:177) and
+    `ImageClassifier` with `neck` = ClsBatchNormNeck (`bn`, affine=False: necks/mae_neck.py:180) and
     `head` = VisionTransformerClsHead (`layers.head`: heads/vision_transformer_head.py:55-62)."""
     dim = want["cls_token"].shape[-1]
     extras = {

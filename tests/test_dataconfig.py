@@ -90,6 +90,7 @@ def test_dinov2_img_size_uses_dinov2s_rule(tmp_path: Path) -> None:
     assert any("as the method's own model does" in n for n in backbone.report.notes)
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")  # torch's chatter inside timm's interpolation
 def test_beit_img_size_resizes_the_shared_relative_position_bias(tmp_path: Path) -> None:
     overrides = tiny("simmim-b16")  # 32 px: a 2x2 window, (2*2-1)^2 + 3 = 12 relative positions
     want = random_state_dict("simmim-b16", overrides, seed=2)

@@ -451,6 +451,7 @@ def test_frozen_param_count_equals_the_built_model(name: str) -> None:
     """Issue 12: `models list` reads frozen counts; each must equal the architecture built (meta device)."""
     model = build_preset(name, device="meta")
     assert PRESETS[name].params == sum(p.numel() for p in model.parameters())
+    assert PRESETS[name].size == (model.embed_dim, len(model.blocks))  # used by the mismatch messages
 
 
 def test_dinov2_giant_count_by_formula() -> None:
@@ -532,3 +533,23 @@ def test_real_size_official_layout(tmp_path: Path, name: str, writer: Callable[.
     backbone = load_backbone(name, checkpoint=str(tmp_path / "w.pth"))
     assert_loaded(backbone.model, expected)
     assert sorted(backbone.report.dropped) == dropped and backbone.report.num_params == PRESETS[name].params
+
+
+def test_attention_analysis_hooks_the_post_ln_blocks() -> None:
+    """The attention pass (vitprobe.analysis.attention) recomputes data2vec 2.0's attention from the block
+    input itself (post-LN: attention sees the un-normalised residual stream), and leaves the output as is."""
+    from vitprobe.analysis.attention import attention_hooks
+
+    backbone = load_backbone("data2vec2-b16", random_init=True, arch_overrides=tiny("data2vec2-b16"))
+    model, x = backbone.model, torch.randn(2, 3, 32, 32)
+    seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    with torch.no_grad():
+        plain = model.forward_features(x)
+        with attention_hooks(model, lambda i, inp, probs, out: seen.__setitem__(i, (inp, probs))):
+            hooked = model.forward_features(x)
+    assert sorted(seen) == [0, 1, 2, 3] and torch.equal(plain, hooked)
+    inp, probs = seen[2]
+    attn = model.blocks[2].attn
+    qkv = attn.qkv(inp).reshape(2, 5, 3, 2, 16).permute(2, 0, 3, 1, 4)  # (3, B, H, T, hd)
+    expected = ((qkv[0] * 16**-0.5) @ qkv[1].transpose(-2, -1)).softmax(dim=-1)  # (B, H, T, T)
+    torch.testing.assert_close(probs, expected)

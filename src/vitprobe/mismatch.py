@@ -81,14 +81,10 @@ def _arch_of_state_dict(sd: Mapping[str, torch.Tensor]) -> tuple[int | None, int
 
 @cache
 def _preset_shapes() -> dict[str, tuple[int | None, int | None, int | None]]:
-    """(dim, depth, patch) of every preset, read from its architecture built on the meta device."""
-    from vitprobe.models import build_preset
+    """(dim, depth, patch) of every preset, from the registry (no model is built)."""
     from vitprobe.presets import PRESETS
 
-    return {
-        name: _arch_of_state_dict(build_preset(name, device="meta").state_dict()) for name in PRESETS
-
-    }
+    return {name: (*p.size, p.patch) for name, p in PRESETS.items()}
 
 
 def likely_cause(

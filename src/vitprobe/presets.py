@@ -61,6 +61,16 @@ class Preset:
     arch: str | None = None  # extra create_model arguments from vitprobe.architectures.ARCHITECTURES
     manual: bool = False  # `weights` is a page vitprobe cannot download (Google Drive): --checkpoint needed
 
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, depth) of the backbone, read from the size word of its timm name (tests check each
+        against the built model); lets mismatch messages name presets of a file's size without building."""
+        name = f"_{self.timm.split('.')[0]}_"
+        return next(shape for word, shape in _SIZES.items() if f"_{word}_" in name)
+
+
+_SIZES = {"small": (384, 12), "base": (768, 12), "large": (1024, 24), "huge": (1280, 32), "giant": (1536, 40)}
+
 
 def eval_cfg(**overlay: Any) -> dict[str, Any]:
     """The data config of every preset: the linear-probe evaluation transform of the reference code.
