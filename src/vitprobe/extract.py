@@ -94,6 +94,11 @@ class ExtractConfig:
     resume: bool = True  # continue an interrupted extraction in `out` from its last complete shard
     overwrite: bool = False  # replace a finished (or different) cache in `out`
     force: bool = False  # start even if the estimated size exceeds the free disk space
+    img_size: int | None = None  # data-config override: input size (positions resampled); None = the model's
+    mean: tuple[float, ...] | None = None  # data-config override: normalisation mean; None = the model's
+    std: tuple[float, ...] | None = None  # data-config override: normalisation std; None = the model's
+    crop_pct: float | None = None  # data-config override: center-crop fraction; None = the model's
+    interpolation: str | None = None  # data-config override: resize interpolation; None = the model's
 
 
 @dataclass(frozen=True)
@@ -195,10 +200,13 @@ def extract(config: ExtractConfig, *, console: Console | None = None) -> Extract
 
 def build_backbone(config: ExtractConfig, *, device: torch.device | str | None = None) -> Backbone:
     """The backbone `config` names, on `device`; random init is seeded by `config.seed` (same per rank)."""
-    from vitprobe.models import load_backbone
+    from vitprobe.models import DataOverrides, load_backbone
 
     torch.manual_seed(config.seed)
-    backbone = load_backbone(config.model, checkpoint=config.checkpoint, random_init=config.random_init)
+    data = DataOverrides(config.img_size, config.mean, config.std, config.crop_pct, config.interpolation)
+    backbone = load_backbone(
+        config.model, checkpoint=config.checkpoint, random_init=config.random_init, data=data
+    )
     if device is not None:
         backbone.model.to(device)
     backbone.model.eval()

@@ -9,6 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
+from vitprobe.dataconfig import INTERPOLATIONS
 from vitprobe.errors import VitprobeError
 
 ModelOpt = Annotated[
@@ -76,3 +77,47 @@ def parse_number_list(
     if not values:
         raise VitprobeError(f"{option} is empty", f"e.g. {option} {example}")
     return values
+
+
+ImgSizeOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--img-size",
+        min=1,
+        help="Input size in pixels (square, a multiple of the patch size); the model is built for it and the "
+        "position embeddings are resampled (timm's resample_abs_pos_embed; DINOv2's own rule for DINOv2).",
+    ),
+]
+MeanOpt = Annotated[
+    str | None, typer.Option("--mean", help="Normalisation mean, 1 or 3 comma-separated values.")
+]
+StdOpt = Annotated[
+    str | None, typer.Option("--std", help="Normalisation std, 1 or 3 comma-separated values.")
+]
+CropPctOpt = Annotated[
+    float | None,
+    typer.Option("--crop-pct", help="Center crop, a fraction of the resized image (0.875: 256 -> 224)."),
+]
+Interpolation = str_choices("Interpolation", INTERPOLATIONS)
+InterpolationOpt = Annotated[
+    Interpolation | None,  # type: ignore[valid-type]
+    typer.Option("--interpolation", help="Resize interpolation."),
+]
+
+
+def data_overrides(
+    img_size: int | None,
+    mean: str | None,
+    std: str | None,
+    crop_pct: float | None,
+    interpolation: Enum | None,
+) -> dict[str, Any]:
+    """The data-config options as `LoadConfig` / `ExtractConfig` fields (mean/std parsed to tuples)."""
+    example = "0.5,0.5,0.5"
+    return {
+        "img_size": img_size,
+        "mean": None if mean is None else parse_number_list(mean, "--mean", kind=float, example=example),
+        "std": None if std is None else parse_number_list(std, "--std", kind=float, example=example),
+        "crop_pct": crop_pct,
+        "interpolation": None if interpolation is None else interpolation.value,
+    }
