@@ -187,6 +187,11 @@ def layer_positions(result: Mapping[str, Any]) -> np.ndarray:
     return np.asarray([-1 if b is None else b for b in result["blocks"]], dtype=np.float64)
 
 
+def _block_axis(results: Sequence[Mapping[str, Any]]) -> str:
+    with_embedding = any(b is None for r in results for b in r["blocks"])
+    return "block (from 0; emb = patch embedding)" if with_embedding else "block (from 0)"
+
+
 def frequency_spectrum(result: Mapping[str, Any]) -> Figure:
     """Δ log amplitude vs normalised frequency (0…π), one line per layer coloured by depth."""
     delta = np.asarray(result["delta_log_amplitude"])  # (n_layers, K)
@@ -203,7 +208,7 @@ def frequency_spectrum(result: Mapping[str, Any]) -> Figure:
         ax.set_xlabel("normalised frequency (diagonal)")
         ax.set_ylabel("Δ log amplitude (nats, vs zero frequency)")
         ax.xaxis.set_major_formatter(FormatStrFormatter("%.1fπ"))
-        label = "block (from 0; emb = patch embedding)"
+        label = _block_axis([result])
         bar = fig.colorbar(ScalarMappable(Normalize(lo, hi), cmap), ax=ax, label=label)
         bar.ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         bar.ax.yaxis.set_major_formatter(_LAYER_FORMAT)
@@ -228,7 +233,7 @@ def frequency_headline(results: Sequence[Mapping[str, Any]]) -> Figure:
         ax_ratio.set_title("High-frequency energy ratio")
         ax_ratio.set_ylabel("energy above π/2 / non-DC energy")
         for ax in (ax_head, ax_ratio):
-            ax.set_xlabel("block (from 0; emb = patch embedding)")
+            ax.set_xlabel(_block_axis(results))
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.xaxis.set_major_formatter(_LAYER_FORMAT)
             ax.ticklabel_format(axis="y", useOffset=False)
