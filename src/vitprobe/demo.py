@@ -72,11 +72,11 @@ def run_demo(config: DemoConfig, *, say: Callable[[str], None] = print, console:
     """
     from vitprobe.analysis.attention import AttentionConfig, run_attention
     from vitprobe.analysis.frequency import FrequencyConfig, run_frequency
+    from vitprobe.analysis.localization import LocalizationConfig, run_localization
     from vitprobe.errors import CacheError
     from vitprobe.extract import ExtractConfig, extract
     from vitprobe.files import write_json
     from vitprobe.knn import KnnConfig, run_knn
-    from vitprobe.localization import LocalizationConfig, run_localization
     from vitprobe.probe import ProbeConfig, predict, run_probe
     from vitprobe.report import ReportConfig, write_report
 
@@ -155,6 +155,7 @@ def run_demo(config: DemoConfig, *, say: Callable[[str], None] = print, console:
         "num_workers": 0,
         "device": config.device,
         "seed": config.seed,
+        "overwrite": True,  # a rerun of the demo replaces its own earlier results, as its probe step does
     }
     done = step("attention", f"attention statistics per block over {config.analysis_images} test images")
     run_attention(AttentionConfig(**common))
@@ -184,6 +185,7 @@ def run_demo(config: DemoConfig, *, say: Callable[[str], None] = print, console:
             limit=config.localization_images,
             n_figures=4,
             seed=config.seed,
+            overwrite=True,
         )
     )
     done()
