@@ -265,13 +265,13 @@ def test_named_protocols_resolve_to_the_references_recipes() -> None:
         16384,
         90,
         10.0,
-        0.0,
+        (0.0,),
     )
     assert mae.min_steps == 0 and mae.momentum == 0.9 and mae.overrides == ()
     ep = ProbeConfig.from_protocol("ep")
     assert (ep.batch_size, ep.queries, ep.optimizer) == (4096, 32, "lars")
     # beyond_cls's --optimizer sgd is SGD(head.parameters(), lr, weight_decay): no momentum, decay everything
-    plain = ProbeConfig.from_protocol("mae", optimizer="sgd", weight_decay=1e-4)
+    plain = ProbeConfig.from_protocol("mae", optimizer="sgd", weight_decay=(1e-4,))
     assert (plain.momentum, plain.decay_vectors) == (0.0, True) and plain.overrides == (
         "optimizer",
         "weight_decay",
@@ -349,7 +349,8 @@ def test_lowshot_subsets_are_class_stratified_seeded_and_keep_views_together() -
     groups = torch.arange(400) // 2  # two views per image
     view_labels = labels[groups]
     rows, notes = subset(view_labels, groups, shots=5, fraction=None, seed=0)
-    assert torch.bincount(view_labels[rows]).tolist() == [10, 10, 10, 10] and notes == []  # 5 images × 2 views
+    assert torch.bincount(view_labels[rows]).tolist() == [10, 10, 10, 10]  # 5 images × 2 views
+    assert notes == []
     assert set(groups[rows].tolist()) == {int(g) for g in groups[rows]}  # whole images only
     again, _ = subset(view_labels, groups, shots=5, fraction=None, seed=0)
     other, _ = subset(view_labels, groups, shots=5, fraction=None, seed=1)
@@ -381,7 +382,8 @@ def test_one_shot_cannot_select_and_says_so() -> None:
     out = train_probes(train, test, cfg, specs_of(cfg), keys=["cls"])
     r = out.readouts["cls"]
     assert out.selection["holdout_rows"] == 0 and out.selection["split"] == "none"
-    assert r.blr == 1.0 and r.epoch == cfg.epochs and r.selection_top1 is None  # the grid's middle, last epoch
+    assert r.blr == 1.0 and r.epoch == cfg.epochs  # the grid's middle, the last epoch
+    assert r.selection_top1 is None
     assert "no_holdout" in {c.code for c in r.health} and r.verdict == "warning"
     logreg_cfg = ProbeConfig.from_protocol("logreg", pools=("cls",), c_grid=(0.01, 1.0, 100.0), shots=1)
     lr = train_probes(train, test, logreg_cfg, specs_of(logreg_cfg), keys=["cls"]).readouts["cls"]

@@ -60,7 +60,7 @@ class Tokens:
         Computed once per batch: every mean-pooled head of a run reads the same vector."""
         if self._patch_mean is None:
             if self.patches is not None:
-                self._patch_mean = self.patches.mean(dim=1)
+                self._patch_mean = self.patches.mean(dim=-2)  # (B, [L,] N, D) -> (B, [L,] D)
             else:
                 assert self.mean is not None, "mean read-out on a batch without patches or mean"
                 self._patch_mean = self.mean

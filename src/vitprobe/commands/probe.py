@@ -104,7 +104,10 @@ def probe(
         float | None, typer.Option("--warmup-epochs", min=0.0, help="Linear warm-up epochs (auto 0, mae 10).")
     ] = None,
     weight_decay: Annotated[
-        float | None, typer.Option("--weight-decay", min=0.0, help="Linear probes: 0.")
+        str | None,
+        typer.Option(
+            "--weight-decay", help="Weight decays trained side by side (× the lr grid), comma-separated."
+        ),
     ] = None,
     c_grid: Annotated[
         str | None, typer.Option("--c-grid", help="logreg: L2 strengths C, comma-separated (1e-6 ... 1e5).")
@@ -209,7 +212,7 @@ def probe(
         momentum=momentum,
         lr_grid=grid,
         warmup_epochs=warmup_epochs,
-        weight_decay=weight_decay,
+        weight_decay=parse_floats(weight_decay, "--weight-decay") if weight_decay is not None else None,
         c_grid=parse_floats(c_grid, "--c-grid") if c_grid is not None else None,
         max_iter=max_iter,
         select_on=select_on.value,

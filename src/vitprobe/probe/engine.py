@@ -41,11 +41,11 @@ def head_seed(seed: int, spec: HeadSpec) -> int:
     return (seed * 1_000_003 + sum((i + 1) * ord(ch) for i, ch in enumerate(spec.pool))) % (2**63)
 
 
-def init_head(spec: HeadSpec, dim: int, num_classes: int, seed: int) -> ProbeHead:
+def init_head(spec: HeadSpec, dim: int, num_classes: int, seed: int, *, blocks: int = 1) -> ProbeHead:
     """A fresh ProbeHead drawn from `head_seed(seed, spec)` (MAE's init: Linear trunc-normal std 0.01)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(head_seed(seed, spec))
-        return build_head(spec, dim, num_classes)
+        return build_head(spec, dim, num_classes, blocks=blocks)
 
 
 def amp_context(device: torch.device, amp: str) -> Any:
@@ -72,8 +72,9 @@ class BankRun:
     spec: HeadSpec
     bank: HeadBank
     optimizer: BatchedOptimizer
-    blrs: tuple[float, ...]
-    lrs: tuple[float, ...]
+    blrs: tuple[float, ...]  # each head's base lr
+    lrs: tuple[float, ...]  # each head's lr
+    wds: tuple[float, ...]  # each head's weight decay
     stop_epoch: int  # train up to and including this epoch (1-based)
     layer: int | None = None  # position on the batch's layer axis; None when the batch has one block
     curves: dict[str, list[Any]] = field(default_factory=dict)  # "epoch": [...], other keys: [[K values]]
@@ -102,6 +103,7 @@ def make_run(
     blrs: Sequence[float],
     lrs: Sequence[float],
     *,
+    wds: Sequence[float] | None = None,
     dim: int,
     num_classes: int,
     seed: int,
@@ -109,17 +111,21 @@ def make_run(
     stop_epoch: int,
     device: torch.device,
     layer: int | None = None,
+    blocks: int = 1,
 ) -> BankRun:
-    """A bank of len(blrs) heads for `spec`, all starting from the seed's initial head."""
-    head = init_head(spec, dim, num_classes, seed)
-    bank = load_heads(spec, [head] * len(blrs), dim, num_classes).to(device)
-    lr_tensor = torch.tensor(list(lrs), dtype=torch.float32, device=device)
+    """A bank of len(blrs) heads for `spec` (head k: base lr blrs[k], lr lrs[k], weight decay wds[k]; all 0
+    when None), all from the seed's initial head; `blocks` stored blocks for multi-block read-outs."""
+    wds = tuple(wds) if wds is not None else (0.0,) * len(blrs)
+    head = init_head(spec, dim, num_classes, seed, blocks=blocks)
+    bank = load_heads(spec, [head] * len(blrs), dim, num_classes, blocks=blocks).to(device)
+    as_tensor = lambda values: torch.tensor(list(values), dtype=torch.float32, device=device)  # noqa: E731
     run = BankRun(
         spec=spec,
         bank=bank,
-        optimizer=BatchedOptimizer(bank.optim_params(), optimizer, lr_tensor),
+        optimizer=BatchedOptimizer(bank.optim_params(), optimizer, as_tensor(lrs), as_tensor(wds)),
         blrs=tuple(blrs),
         lrs=tuple(lrs),
+        wds=wds,
         stop_epoch=stop_epoch,
         layer=layer,
         best_score=torch.full((len(blrs),), -1.0),

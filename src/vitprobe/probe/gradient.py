@@ -41,7 +41,9 @@ def train_gradient(
     """Train one bank per read-out on `fit_split`, choose each read-out's head on `selection` (None: no
     image to select on — the middle of the grid at the last epoch), refit on `full_split` if asked, test."""
     dim = fit_split.source.dim
-    lrs = [cfg.lr(blr, schedule.batch_size) for blr in cfg.lr_grid]
+    blrs = [blr for blr, _ in cfg.grid]  # head k of every bank: (base lr, weight decay) = cfg.grid[k]
+    wds = [wd for _, wd in cfg.grid]
+    lrs = [cfg.lr(blr, schedule.batch_size) for blr in blrs]
     common = {
         "keys": keys,
         "device": device,
@@ -54,8 +56,9 @@ def train_gradient(
     runs = [
         make_run(
             spec,
-            cfg.lr_grid,
+            blrs,
             lrs,
+            wds=wds,
             dim=dim,
             num_classes=num_classes,
             seed=seed,
@@ -86,9 +89,13 @@ def train_gradient(
     chosen: dict[str, tuple[BankRun, int]] = {}
     for r in runs:
         usable = [s is not None and bool(ok) for s, ok in zip(r.best_states, r.finite.tolist(), strict=True)]
-        if selection is None:  # nothing to select on: the head nearest the middle of the grid
-            middle = len(lrs) // 2
-            k = pick([-abs(i - middle) for i in range(len(lrs))], [0.0] * len(lrs), usable, what=r.spec.name)
+        if selection is None:  # nothing to select on: the middle lr of the grid, the first weight decay
+            middle = cfg.lr_grid[len(cfg.lr_grid) // 2]
+            distance = [
+                -abs(cfg.lr_grid.index(b) - cfg.lr_grid.index(middle)) - cfg.weight_decay.index(w)
+                for b, w in cfg.grid
+            ]
+            k = pick(distance, [0.0] * len(lrs), usable, what=r.spec.name)
         else:
             k = pick(r.best_score.tolist(), r.best_loss.tolist(), usable, what=f"read-out {r.spec.name}")
         chosen[r.spec.name] = (r, k)
@@ -103,6 +110,7 @@ def train_gradient(
                 r.spec,
                 (r.blrs[k],),
                 (r.lrs[k],),
+                wds=(r.wds[k],),
                 dim=dim,
                 num_classes=num_classes,
                 seed=seed,
@@ -152,11 +160,16 @@ def train_gradient(
             factors = sum(lr_factor(t, schedule) for t in range(r.best_epoch[k] * schedule.steps_per_epoch))
             budget = lars_budget(r.lrs[k], factors, momentum=cfg.momentum)
         selection_top1 = float(r.best_score[k]) if selection is not None else None
+        chosen_lr, chosen_wd = cfg.lr_grid.index(r.blrs[k]), cfg.weight_decay.index(r.wds[k])
         checks = health(
             pool=name,
             grid=list(cfg.lr_grid) if selection is not None else [r.blrs[k]],  # no choice, no grid edge
-            chosen=k if selection is not None else 0,
-            diverged=[b for b, ok in zip(r.blrs, r.finite.tolist(), strict=True) if not ok],
+            chosen=chosen_lr if selection is not None else 0,
+            wd_grid=list(cfg.weight_decay) if selection is not None else None,
+            wd_chosen=chosen_wd,
+            diverged=[
+                _label(b, w, cfg) for b, w, ok in zip(r.blrs, r.wds, r.finite.tolist(), strict=True) if not ok
+            ],
             selection_curve=[row[k] for row in r.curves[f"{selection.name}_top1"]] if selection else None,
             epochs_evaluated=epochs,
             best_epoch=r.best_epoch[k],
@@ -178,8 +191,9 @@ def train_gradient(
             selection_top1=selection_top1,
             blr=r.blrs[k],
             lr=r.lrs[k],
+            weight_decay=r.wds[k],
             epoch=r.best_epoch[k],
-            curves=_curves(r),
+            curves=_curves(r, cfg),
             movement=movement,
             refit=cfg.refit,
             test_top1_before_refit=r.curves["test_top1"][at][k] if cfg.refit else None,
@@ -199,18 +213,24 @@ def no_holdout_check(pool: str, value: str) -> Check:
     )
 
 
-def _curves(r: BankRun) -> dict[str, dict[str, Any]]:
-    """Per grid value (key: the blr as `%g`): blr, lr, diverged and every curve of that head."""
+def _label(blr: float, wd: float, cfg: ProbeConfig) -> str:
+    """A head's key in the curves: the base lr as `%g`, plus `,wd=%g` when several weight decays train."""
+    return f"{blr:g}" if len(cfg.weight_decay) == 1 else f"{blr:g},wd={wd:g}"
+
+
+def _curves(r: BankRun, cfg: ProbeConfig) -> dict[str, dict[str, Any]]:
+    """Per head (key: `_label`): blr, lr, weight decay, diverged and every curve of that head."""
     out = {}
     names = [n for n in r.curves if n != "epoch"]
-    for k, (blr, lr) in enumerate(zip(r.blrs, r.lrs, strict=True)):
+    for k, (blr, lr, wd) in enumerate(zip(r.blrs, r.lrs, r.wds, strict=True)):
         entry: dict[str, Any] = {
             "blr": blr,
             "lr": lr,
+            "weight_decay": wd,
             "diverged": not bool(r.finite[k]),
             "epoch": list(r.curves["epoch"]),
         }
         for n in names:
             entry[n] = [row[k] for row in r.curves[n]]
-        out[f"{blr:g}"] = entry
+        out[_label(blr, wd, cfg)] = entry
     return out

@@ -80,6 +80,7 @@ def combine(outcomes: Sequence[ProbeOutcome], seeds: Sequence[int]) -> ProbeOutc
                     "top1": x.test.top1,
                     "top5": x.test.top5,
                     "blr": x.blr,
+                    "weight_decay": x.weight_decay,
                     "C": x.C,
                     "epoch": x.epoch,
                     "selection_top1": x.selection_top1,

@@ -21,6 +21,7 @@ class ReadoutResult:
     selection_top1: float | None  # on the selection split (holdout, or test when optimistic)
     blr: float | None = None  # chosen base lr (gradient protocols)
     lr: float | None = None
+    weight_decay: float | None = None  # chosen weight decay (gradient protocols)
     epoch: int | None = None  # chosen epoch (1-based)
     C: float | None = None  # chosen L2 strength (logreg)
     curves: dict[str, dict[str, Any]] = field(default_factory=dict)  # per grid value

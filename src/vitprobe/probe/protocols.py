@@ -54,7 +54,7 @@ PROTOCOLS: dict[str, Protocol] = {
         values={
             "optimizer": "sgd",
             "momentum": 0.9,
-            "weight_decay": 0.0,
+            "weight_decay": (0.0,),
             "decay_vectors": False,
             "lr_grid": AUTO_LR_GRID,
             "batch_size": 256,
@@ -71,7 +71,7 @@ PROTOCOLS: dict[str, Protocol] = {
         values={
             "optimizer": "lars",
             "momentum": 0.9,
-            "weight_decay": 0.0,
+            "weight_decay": (0.0,),
             "decay_vectors": False,
             "lr_grid": (0.1,),
             "batch_size": 16384,
@@ -91,7 +91,7 @@ PROTOCOLS: dict[str, Protocol] = {
         values={
             "optimizer": "lars",
             "momentum": 0.9,
-            "weight_decay": 0.0,
+            "weight_decay": (0.0,),
             "decay_vectors": False,
             "lr_grid": (0.1,),
             "batch_size": 4096,
@@ -129,7 +129,7 @@ class ProbeConfig:
     queries: int = 4  # learnable queries of the attentive read-out
     optimizer: str = "sgd"  # lars | sgd | adamw (vitprobe.probe.optim)
     momentum: float = 0.9  # LARS / SGD momentum
-    weight_decay: float = 0.0  # linear probing uses none (MAE, DINOv2)
+    weight_decay: tuple[float, ...] = (0.0,)  # weight decays trained side by side (× lr_grid); MAE, DINOv2: 0
     decay_vectors: bool = False  # decay biases too (beyond_cls's plain SGD does)
     lr_grid: tuple[float, ...] = AUTO_LR_GRID  # base lrs trained side by side; lr = blr × batch / 256
     batch_size: int = 256  # rows per step (capped at the train rows); lr scales with the batch used
@@ -175,9 +175,13 @@ class ProbeConfig:
         return OptimizerSpec(
             kind=self.optimizer,
             momentum=self.momentum,
-            weight_decay=self.weight_decay,
             decay_vectors=self.decay_vectors,
         )
+
+    @property
+    def grid(self) -> list[tuple[float, float]]:
+        """The (base lr, weight decay) of every head of a read-out's bank, lr-major."""
+        return [(blr, wd) for blr in self.lr_grid for wd in self.weight_decay]
 
     @property
     def lowshot(self) -> bool:
@@ -259,10 +263,13 @@ def _check(cfg: ProbeConfig) -> None:
         raise ProbeError(
             f"--warmup-epochs {cfg.warmup_epochs} must be finite and >= 0", "e.g. --warmup-epochs 10"
         )
-    if not (math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0):
+    if not cfg.weight_decay or any(not (math.isfinite(v) and v >= 0) for v in cfg.weight_decay):
         raise ProbeError(
-            f"--weight-decay {cfg.weight_decay} must be finite and >= 0", "e.g. --weight-decay 0"
+            f"--weight-decay {cfg.weight_decay}: values must be finite and >= 0",
+            "e.g. --weight-decay 0,1e-4",
         )
+    if len(set(cfg.weight_decay)) != len(cfg.weight_decay):
+        raise ProbeError(f"--weight-decay {cfg.weight_decay} repeats a value", "list each value once")
     if not (math.isfinite(cfg.momentum) and 0 <= cfg.momentum < 1):
         raise ProbeError(f"--momentum {cfg.momentum} must lie in [0, 1)", "e.g. --momentum 0.9")
     if not cfg.lr_grid:

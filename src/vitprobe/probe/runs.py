@@ -236,6 +236,7 @@ def readout_json(r: ReadoutResult, class_names: Sequence[str], head_file: Path) 
         "options": r.spec.options(),
         "blr": r.blr,
         "lr": r.lr,
+        "weight_decay": r.weight_decay,
         "epoch": r.epoch,
         "C": r.C,
         "selection_top1": r.selection_top1,

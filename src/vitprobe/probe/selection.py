@@ -92,7 +92,7 @@ def health(
     pool: str,
     grid: Sequence[float],
     chosen: int,
-    diverged: Sequence[float],
+    diverged: Sequence[float | str],
     selection_curve: Sequence[float | None] | None,
     epochs_evaluated: Sequence[int],
     best_epoch: int,
@@ -106,6 +106,8 @@ def health(
     test_rows: int,
     selected_on: str,
     grid_name: str = "--lr-grid",
+    wd_grid: Sequence[float] | None = None,
+    wd_chosen: int = 0,
 ) -> list[Check]:
     """Every finding about one read-out's chosen head (see docs/probing.md, "Probe health")."""
     checks: list[Check] = []
@@ -128,11 +130,28 @@ def health(
             f"the chosen {what} {value:g} is the smallest in the grid; the optimum may lie below it",
             f"extend {grid_name} downward (e.g. add {value / 5:g},{value / 2:g})",
         )
+    if wd_grid is not None and len(wd_grid) > 1 and max(wd_grid) > 0:
+        wd = wd_grid[wd_chosen]
+        if wd == max(wd_grid):
+            add(
+                "grid_edge_high",
+                "warning",
+                f"the chosen weight decay {wd:g} is the largest in the grid; the optimum may lie above it",
+                f"extend --weight-decay upward (e.g. add {wd * 10:g})",
+            )
+        elif wd == min(wd_grid) and wd > 0:
+            add(
+                "grid_edge_low",
+                "warning",
+                f"the chosen weight decay {wd:g} is the smallest in the grid; the optimum may lie below it",
+                f"extend --weight-decay downward (e.g. add 0,{wd / 10:g})",
+            )
     if diverged:
         add(
             "diverged",
             "note",
-            f"{what} {', '.join(f'{v:g}' for v in diverged)} diverged (training loss inf/NaN, or above "
+            f"{what} {', '.join(v if isinstance(v, str) else f'{v:g}' for v in diverged)} diverged "
+            "(training loss inf/NaN, or above "
             f"{DIVERGED_LOSS:g}x a uniform guess's) and were not selected",
             "nothing to do unless the chosen value is next to them",
         )
