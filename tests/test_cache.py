@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -190,46 +191,93 @@ def test_open_cache_checks_shard_ranges(tmp_path: Path) -> None:
         open_cache(tmp_path)
 
 
-def test_lock_refuses_a_second_writer_and_names_stale_locks(tmp_path: Path) -> None:
+def test_lock_refuses_a_live_writer_and_takes_over_a_dead_ones(tmp_path: Path) -> None:
     with lock_cache(tmp_path) as lock:
         assert json.loads(lock.read_text())["pid"] == os.getpid()
-        with pytest.raises(CacheError, match=f"being written by pid {os.getpid()}"):
+        with pytest.raises(CacheError, match=f"being written by pid {os.getpid()}") as info:
             with lock_cache(tmp_path):
                 pass
+        assert "--break-lock" in info.value.hint
     assert not (tmp_path / LOCK_FILE).exists()
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True, check=True)
-    import socket
-
     (tmp_path / LOCK_FILE).write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname()}))
-    with pytest.raises(CacheError, match="stale lock") as info:
+    notes: list[str] = []
+    with lock_cache(tmp_path, say=notes.append) as lock:
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+    assert notes == [f"took over the stale lock {tmp_path / LOCK_FILE}: pid {int(dead.stdout)} on "
+                     f"{socket.gethostname()} (started ?) is no longer running"]
+    assert not (tmp_path / LOCK_FILE).exists()
+
+
+def test_a_reused_pid_is_a_stale_lock_and_a_foreign_host_needs_break_lock(tmp_path: Path) -> None:
+    lock = tmp_path / LOCK_FILE
+    # this process's pid, but recorded with another start time: the pid was reused after the owner died
+    record = {"pid": os.getpid(), "host": socket.gethostname(), "pid_start": -1}
+    lock.write_text(json.dumps(record))
+    notes: list[str] = []
+    with lock_cache(tmp_path, say=notes.append):
+        pass
+    assert len(notes) == 1 and "is no longer running" in notes[0]
+    lock.write_text(json.dumps({"pid": 1, "host": "elsewhere", "started": "2026-01-01T00:00:00Z"}))
+    with pytest.raises(CacheError, match="being written by pid 1 on elsewhere .* cannot tell") as info:
         with lock_cache(tmp_path):
             pass
-    assert f"delete {tmp_path / LOCK_FILE}" in info.value.hint
+    assert "--break-lock" in info.value.hint and lock.exists()
+    with lock_cache(tmp_path, break_lock=True, say=notes.append):
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+    assert notes[-1].startswith(f"broke the lock {lock} of pid 1 on elsewhere") and not lock.exists()
+    lock.write_text("")  # what an older vitprobe left when the disk filled while creating it
+    with pytest.raises(CacheError, match="empty or unreadable") as info:
+        with lock_cache(tmp_path):
+            pass
+    assert "--break-lock" in info.value.hint
+    with lock_cache(tmp_path, break_lock=True):
+        pass
+    assert not lock.exists()
+
+
+def test_a_broken_lock_is_not_removed_by_the_run_that_lost_it(tmp_path: Path) -> None:
+    lock = tmp_path / LOCK_FILE
+    with lock_cache(tmp_path):
+        lock.unlink()  # another run breaks the lock (--break-lock) and takes it
+        lock.write_text(json.dumps({"pid": 1, "host": "elsewhere", "nonce": "theirs"}))
+    assert json.loads(lock.read_text())["nonce"] == "theirs"
 
 
 def test_a_full_disk_or_unwritable_directory_is_a_cache_error_and_leaves_no_temp_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import vitprobe.cache as cache_mod
+    import vitprobe.lock as lock_mod
 
-    def disk_full(tensors, filename, metadata=None):  # noqa: ANN001, ANN202 - safetensors' signature
-        Path(filename).write_bytes(b"half a shard")
+    def disk_full(path, tensors, metadata=None):  # noqa: ANN001, ANN202 - write_safetensors' signature
+        Path(path).write_bytes(b"half a shard")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(cache_mod, "save_file", disk_full)
+    monkeypatch.setattr(cache_mod, "write_safetensors", disk_full)
     rows = {"labels": torch.zeros(2, dtype=torch.long), "indices": torch.arange(2)}
-    with pytest.raises(CacheError, match="cannot write .*shard-00000.safetensors: .*No space left") as info:
+    needs = r"no space left to write shard-00000.safetensors in .* \(it needs 32 B;"
+    with pytest.raises(CacheError, match=needs) as info:
         write_shard(tmp_path, 0, 0, rows)
-    assert "re-run the same command to resume" in info.value.hint
+    assert "re-run the same command: it resumes" in info.value.hint
     assert list(tmp_path.iterdir()) == []
     monkeypatch.undo()
 
     def read_only(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         raise OSError(30, "Read-only file system")
 
-    monkeypatch.setattr(cache_mod.os, "open", read_only)
+    monkeypatch.setattr(lock_mod, "open", read_only, raising=False)
     with pytest.raises(CacheError, match="cannot create .*extract.lock: .*Read-only") as info:
         with lock_cache(tmp_path):
             pass
     assert "writable --out" in info.value.hint
+
+    def no_space(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(lock_mod, "open", no_space, raising=False)
+    with pytest.raises(CacheError, match="no space left to create .*extract.lock"):
+        with lock_cache(tmp_path):
+            pass
+    assert list(tmp_path.iterdir()) == []  # no empty lock to block the next run

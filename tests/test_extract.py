@@ -22,6 +22,7 @@ from timm.models import register_model
 from typer.testing import CliRunner
 
 import vitprobe.extract as extract_mod
+import vitprobe.rows as rows_mod
 from vitprobe.cache import LOCK_FILE, MANIFEST_FILE, open_cache
 from vitprobe.cli import app
 from vitprobe.data import open_dataset
@@ -405,7 +406,7 @@ def _dying_workers(monkeypatch: pytest.MonkeyPatch, *, sigint: bool, message: st
     """Row `at_row` plays the race of Ctrl-C with DataLoader workers > 0, without real signals: SIGINT reaches
     the handler in place (its KeyboardInterrupt lost, as when raised inside the loader's cleanup), then the
     loader reports its dead workers as a RuntimeError."""
-    real_getitem = extract_mod.CacheRows.__getitem__
+    real_getitem = rows_mod.CacheRows.__getitem__
 
     def getitem(self, row: int):
         if row == at_row:
@@ -415,7 +416,7 @@ def _dying_workers(monkeypatch: pytest.MonkeyPatch, *, sigint: bool, message: st
             raise RuntimeError(message)
         return real_getitem(self, row)
 
-    monkeypatch.setattr(extract_mod.CacheRows, "__getitem__", getitem)
+    monkeypatch.setattr(rows_mod.CacheRows, "__getitem__", getitem)
 
 
 WORKERS_EXITED = "DataLoader worker (pid(s) 4242) exited unexpectedly"
@@ -495,7 +496,8 @@ def test_tokens_that_overflow_the_store_dtype_are_refused_not_written_as_inf(
 
     monkeypatch.setattr(extract_mod, "split_tokens", huge)
     config = _config(data_spec, tmp_path / "c", store="fp16", limit=4)
-    with pytest.raises(CacheError, match="not finite once stored as fp16") as info:
+    overflow = "finite in its fp32 forward pass but not once stored as fp16"
+    with pytest.raises(CacheError, match=overflow) as info:
         extract(config)
     assert "--store bf16" in info.value.hint
     assert not list(config.out.glob("shard-*")) and not (config.out / LOCK_FILE).exists()

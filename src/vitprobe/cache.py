@@ -6,51 +6,60 @@ A cache is a directory::
     final_norm.safetensors        the backbone's final-norm parameters (absent if it has none)
     shard-00000.safetensors       samples [0, shard_size)
     shard-00001.safetensors       samples [shard_size, 2 * shard_size) ...
+    verified.json                 which shard files were hashed, and the size / mtime / inode they had then
 
 The format is a public contract, described in docs/cache-format.md. Readers (`open_cache`) validate the
 manifest and stream shards memory-mapped; writers (`vitprobe.extract`) use `write_shard`, `write_manifest`
-and `lock_cache` so that a shard exists only when it is complete and a crash never corrupts a cache.
+and `lock_cache` (vitprobe.lock) so that a shard exists only when it is complete and durable, and a crash or
+a full disk never corrupts a cache.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import socket
+import re
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from vitprobe.errors import CacheError
-from vitprobe.files import atomic_path, read_json, sha256_file
+from vitprobe.files import TEMP_SUFFIX, atomic_path, disk_errors, read_json, sha256_file, write_safetensors
+from vitprobe.lock import LOCK_FILE, lock_cache  # noqa: F401 - writers import the lock from here too
+from vitprobe.quant import QUANTS, SCALE_DTYPE, SCALE_SUFFIX
+from vitprobe.quant import dequantise as _dequantise
+from vitprobe.verified import VERIFIED_FILE, HashRecord
 
 FORMAT_NAME = "vitprobe-token-cache"
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 FINAL_NORM_FILE = "final_norm.safetensors"
-LOCK_FILE = "extract.lock"
 TOKEN_MODES = ("all", "cls", "pooled")
 
-# store dtype name -> (torch dtype, safetensors header dtype, bytes per element)
+# store dtype name -> (torch dtype, safetensors header dtype, bytes per element); fp8 / int8 tokens are
+# codes with one fp32 scale per token (vitprobe.quant), read back as floats
 STORE_DTYPES: dict[str, tuple[torch.dtype, str, int]] = {
     "fp16": (torch.float16, "F16", 2),
     "bf16": (torch.bfloat16, "BF16", 2),
     "fp32": (torch.float32, "F32", 4),
+    **{name: (q.dtype, q.st_dtype, 1) for name, q in QUANTS.items()},
 }
 INDEX_DTYPE = (torch.int64, "I64", 8)
+TOKEN_KEYS = ("patches", "cls", "reg", "mean")
 
 REQUIRED_FIELDS = (
     "format", "format_version", "model", "layers", "grid", "dim", "num_prefix_tokens", "has_cls",
     "num_reg_tokens", "tokens", "store_dtype", "views", "dataset", "num_samples", "shard_size", "shards",
     "final_norm", "complete",
 )
+SHARD_FIELDS = {"file": str, "start": int, "stop": int, "sha256": str}
+RESUME = "re-run the same command: it resumes from the last complete shard"
 
 
 def shard_file(index: int) -> str:
@@ -78,8 +87,9 @@ class KeySpec:
 
     shape: tuple[int, ...]
     dtype: torch.dtype
-    st_dtype: str  # safetensors header name (F16, BF16, F32, I64)
+    st_dtype: str  # safetensors header name (F16, BF16, F32, I64, F8_E4M3, I8)
     itemsize: int
+    scale: str | None = None  # quantised codes: the key holding their per-token fp32 scales
 
     @property
     def bytes_per_sample(self) -> int:
@@ -103,6 +113,8 @@ def shard_layout(
     """The tensors every shard holds, keyed by name, with shapes excluding the sample axis.
 
     Several layers add a layer axis after the sample axis: `patches` (n, L, P, D) instead of (n, P, D).
+    With a quantised store (fp8, int8) each token key `k` has codes of that shape and `k_scale`, the same
+    shape without D, in fp32.
     """
     if tokens not in TOKEN_MODES:
         raise CacheError(f"unknown token mode {tokens!r}", f"use one of {', '.join(TOKEN_MODES)}")
@@ -112,27 +124,34 @@ def shard_layout(
     lead = (num_layers,) if num_layers > 1 else ()
     num_patches = int(grid[0]) * int(grid[1])
 
-    def token_spec(*shape: int) -> KeySpec:
-        return KeySpec(lead + shape, dtype, st_dtype, itemsize)
+    quantised = store_dtype in QUANTS
+    scales: dict[str, KeySpec] = {}
+
+    def token_spec(*shape: int, key: str) -> KeySpec:
+        if not quantised:
+            return KeySpec(lead + shape, dtype, st_dtype, itemsize)
+        scales[key + SCALE_SUFFIX] = KeySpec(lead + shape[:-1], *SCALE_DTYPE)
+        return KeySpec(lead + shape, dtype, st_dtype, itemsize, scale=key + SCALE_SUFFIX)
 
     layout: dict[str, KeySpec] = {}
     if tokens == "all":
-        layout["patches"] = token_spec(num_patches, dim)
+        layout["patches"] = token_spec(num_patches, dim, key="patches")
         if has_cls:
-            layout["cls"] = token_spec(dim)
+            layout["cls"] = token_spec(dim, key="cls")
         if num_reg_tokens:
-            layout["reg"] = token_spec(num_reg_tokens, dim)
+            layout["reg"] = token_spec(num_reg_tokens, dim, key="reg")
     elif tokens == "cls":
         if not has_cls:
             raise CacheError(
                 "--tokens cls asks for the [cls] token but this model has none",
                 "use --tokens pooled (mean of patch tokens) or --tokens all",
             )
-        layout["cls"] = token_spec(dim)
+        layout["cls"] = token_spec(dim, key="cls")
     else:  # pooled
         if has_cls:
-            layout["cls"] = token_spec(dim)
-        layout["mean"] = token_spec(dim)
+            layout["cls"] = token_spec(dim, key="cls")
+        layout["mean"] = token_spec(dim, key="mean")
+    layout.update(scales)
     index_spec = KeySpec((), *INDEX_DTYPE)
     layout["labels"] = index_spec
     layout["indices"] = index_spec
@@ -172,6 +191,8 @@ class TokenCache:
         self._shards = [ShardInfo(**s) for s in manifest["shards"]]
         self._layout = layout_from_manifest(manifest)
         self._verified: set[int] = set()  # shards whose sha256 was checked (verify_shard)
+        self._record: HashRecord | None = None  # verified.json, read on first use
+        self._record_lock = threading.Lock()  # a token feed may verify shards from a reader thread
 
     def __repr__(self) -> str:
         state = "complete" if self.complete else f"incomplete, {self.num_written}/{self.num_samples} rows"
@@ -227,34 +248,60 @@ class TokenCache:
 
     @property
     def keys(self) -> list[str]:
-        """Tensor names every shard holds."""
-        return list(self._layout)
+        """Names `read_shard` returns: tokens (dequantised for fp8 / int8 stores) and index columns."""
+        return [k for k in self._layout if not k.endswith(SCALE_SUFFIX)]
 
     @property
     def layout(self) -> dict[str, KeySpec]:
-        """Per-key shape (after the sample axis) and dtype."""
+        """Per stored tensor: shape (after the sample axis) and dtype; quantised stores add `k_scale` keys."""
         return dict(self._layout)
 
-    def verify_shard(self, i: int) -> None:
-        """Re-hash shard `i` once per TokenCache and compare with the manifest (reads every byte of it).
+    @property
+    def quantised(self) -> bool:
+        """Whether tokens are stored as fp8 / int8 codes with per-token scales (`read_shard` dequantises)."""
+        return self.store_dtype in QUANTS
+
+    def verify_shard(self, i: int, *, full: bool = False) -> None:
+        """Check that shard `i` holds the bytes the manifest's sha256 names, hashing each file state once.
+
+        A shard hashed before (by the extraction that wrote it, or by an earlier reader) is recorded in
+        `verified.json` with its size, mtime, ctime and inode; while those are unchanged the file is not read
+        again. Otherwise (or with `full`) every byte is hashed, and a match is recorded for the next reader
+        (when the directory is writable).
 
         Raises:
             CacheError: the shard's bytes changed since it was written (disk corruption, an edit).
         """
-        if i in self._verified:
+        if i in self._verified and not full:
             return
         info = self._shards[i]
-        if sha256_file(self.path / info.file) != info.sha256:
+        file = self.path / info.file
+        with self._record_lock:
+            if self._record is None:
+                self._record = HashRecord.load(self.path)
+            if not full and self._record.matches(file, info.sha256):
+                self._verified.add(i)
+                return
+        if sha256_file(file) != info.sha256:
             raise CacheError(
-                f"shard {self.path / info.file} is corrupt: its sha256 differs from the manifest",
+                f"shard {file} is corrupt: its sha256 differs from the manifest",
                 f"delete that file and re-run the `vitprobe extract` command that wrote {self.path}; it "
                 "rewrites the cache from that shard on",
             )
         self._verified.add(i)
+        with self._record_lock:
+            self._record.add(file, info.sha256)
+            self._record.save(quiet=True)
 
     # --- reading -------------------------------------------------------------------------------------
     def read_shard(
-        self, i: int, keys: Sequence[str] | None = None, rows: slice | None = None
+        self,
+        i: int,
+        keys: Sequence[str] | None = None,
+        rows: slice | None = None,
+        *,
+        dequantise: bool = True,
+        dtype: torch.dtype = torch.float32,
     ) -> dict[str, torch.Tensor]:
         """Tensors of shard `i` (only `keys`, only `rows` of the shard), read from the memory-mapped file.
 
@@ -263,23 +310,37 @@ class TokenCache:
             keys: tensor names to read (default: every key, see `keys`).
             rows: rows of this shard, e.g. slice(0, 128); the shard holds cache rows
                 [shards[i].start, shards[i].stop).
+            dequantise: for fp8 / int8 stores, return tokens as floats (codes * scales, in `dtype`); with
+                False, return the codes as stored plus `k_scale` (fp32) for every token key `k`, for a
+                reader that dequantises on its device (`vitprobe.quant.dequantise`).
+            dtype: dtype of dequantised tokens (fp16, fp32 and bf16 stores are returned as stored).
         """
         if not 0 <= i < len(self._shards):
             raise CacheError(
                 f"shard {i} does not exist in {self.path} ({len(self._shards)} complete shards)",
                 f"use a shard number in [0, {len(self._shards) - 1}]",
             )
-        names = list(self._layout) if keys is None else list(keys)
+        names = self.keys if keys is None else list(keys)
         unknown = [k for k in names if k not in self._layout]
         if unknown:
             raise CacheError(
                 f"{self.path} has no tensor {', '.join(map(repr, unknown))} (tokens={self.tokens})",
-                f"use one of {', '.join(self._layout)}; extract with --tokens all for patch tokens",
+                f"use one of {', '.join(self.keys)}; extract with --tokens all for patch tokens",
             )
         out: dict[str, torch.Tensor] = {}
         with safe_open(self.path / self._shards[i].file, framework="pt", device="cpu") as f:
+
+            def get(key: str) -> torch.Tensor:
+                return f.get_slice(key)[rows] if rows is not None else f.get_tensor(key)
+
             for key in names:
-                out[key] = f.get_slice(key)[rows] if rows is not None else f.get_tensor(key)
+                scale_key = self._layout[key].scale
+                if scale_key is None or key.endswith(SCALE_SUFFIX):
+                    out[key] = get(key)
+                elif dequantise:
+                    out[key] = _dequantise(get(key), get(scale_key), dtype)
+                else:
+                    out[key], out[scale_key] = get(key), get(scale_key)
         return out
 
     def iter_shards(
@@ -354,7 +415,8 @@ def open_cache(
     Args:
         path: the cache directory (`--out` of `vitprobe extract`).
         require_complete: refuse a cache whose extraction has not finished.
-        verify: also re-hash every shard and compare with the manifest's sha256 (reads every byte).
+        verify: also re-hash every shard and compare with the manifest's sha256 (reads every byte, whatever
+            verified.json says).
 
     Raises:
         CacheError: missing, incomplete, corrupt or from another format version.
@@ -403,8 +465,19 @@ def check_manifest(manifest: Any, *, where: Path | str) -> None:
     missing = [k for k in REQUIRED_FIELDS if k not in manifest]
     if missing:
         raise CacheError(f"{where} lacks fields {', '.join(missing)}", "re-extract the cache (--overwrite)")
+    if not isinstance(manifest["shards"], list):
+        raise CacheError(f"{where}: `shards` is not a list", "re-extract the cache (--overwrite)")
     expected_start = 0
-    for s in manifest["shards"]:
+    for n, s in enumerate(manifest["shards"]):
+        bad = [k for k, kind in SHARD_FIELDS.items()
+               if not isinstance(s, dict) or not isinstance(s.get(k), kind)]
+        if bad:
+            raise CacheError(
+                f"{where}: shard entry {n} lacks a valid {', '.join(bad)} (each entry is "
+                "{file, start, stop, sha256})",
+                "re-run the `vitprobe extract` command that wrote it: it rebuilds the manifest from the "
+                "shards (or pass --overwrite)",
+            )
         if s["start"] != expected_start or s["stop"] <= s["start"]:
             raise CacheError(
                 f"{where}: shard {s['file']} covers rows [{s['start']}, {s['stop']}) but rows start at "
@@ -425,7 +498,7 @@ def _check_files(cache: TokenCache, *, verify: bool) -> None:
         if problem is not None:
             raise CacheError(problem, "delete that file and re-run `vitprobe extract` to resume")
         if verify:
-            cache.verify_shard(i)
+            cache.verify_shard(i, full=True)  # an explicit verify reads every byte
     norm = cache.manifest["final_norm"]
     if norm.get("file") and not (cache.path / norm["file"]).is_file():
         raise CacheError(f"{cache.path / norm['file']} is missing", "re-extract the cache (--overwrite)")
@@ -452,24 +525,37 @@ def shard_problem(directory: Path, info: ShardInfo, layout: dict[str, KeySpec]) 
 
 
 # --- writing (used by vitprobe.extract) ----------------------------------------------------------------
-def write_shard(directory: Path, index: int, start: int, tensors: dict[str, torch.Tensor]) -> ShardInfo:
-    """Write shard `index` (rows [start, start + n)) atomically and return its manifest entry.
+def write_shard(
+    directory: Path,
+    index: int,
+    start: int,
+    tensors: dict[str, torch.Tensor],
+    *,
+    extraction: str | None = None,
+) -> ShardInfo:
+    """Write shard `index` (rows [start, start + n)) atomically and durably; return its manifest entry.
 
-    The file appears under its final name only once fully written; the bytes depend only on the tensors
-    and their row range, so a resumed run writes the same file as an uninterrupted one.
+    The file appears under its final name only once fully written and fsynced, and is recorded in
+    `verified.json` with the sha256 computed while writing. The bytes depend only on the tensors, their row
+    range and `extraction` (an id of the extraction, kept in the header so that a lost manifest can be rebuilt
+    from the shards), so a resumed run writes the same file as an uninterrupted one.
+
+    Raises:
+        CacheError: the disk is full (or `ulimit -f` is reached) or the directory is not writable; the
+            partial file is gone and earlier shards are intact.
     """
     n = int(tensors["indices"].shape[0])
     name = shard_file(index)
-    metadata = _metadata(start=start, stop=start + n)
-    try:
-        with atomic_path(directory / name) as tmp:
-            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-            digest = sha256_file(tmp)
-    except OSError as exc:  # disk full, quota, permissions: the temp file is gone, earlier shards are intact
-        raise CacheError(
-            f"cannot write {directory / name}: {exc}",
-            "free disk space or fix the permissions, then re-run the same command to resume",
-        ) from exc
+    fields: dict[str, Any] = {"start": start, "stop": start + n}
+    if extraction is not None:
+        fields["extraction"] = extraction
+    size = sum(t.numel() * t.element_size() for t in tensors.values())
+    with disk_errors(directory / name, size, error=CacheError, then=RESUME):
+        with atomic_path(directory / name, durable=True) as tmp:
+            digest = write_safetensors(tmp, tensors, _metadata(**fields))
+    record = HashRecord.load(directory)
+    record.add(directory / name, digest)
+    record.save(quiet=True)
     return ShardInfo(file=name, start=start, stop=start + n, sha256=digest)
 
 
@@ -478,9 +564,11 @@ def write_final_norm(directory: Path, norm: torch.nn.Module) -> dict[str, Any]:
     state = {k: v.detach().float().cpu().contiguous() for k, v in norm.state_dict().items()}
     info: dict[str, Any] = {"file": None, "type": type(norm).__name__, "eps": getattr(norm, "eps", None)}
     if state:
-        with atomic_path(directory / FINAL_NORM_FILE) as tmp:
-            save_file(state, str(tmp), metadata=_metadata(type=info["type"]))
-            info["file"] = FINAL_NORM_FILE
+        path = Path(directory) / FINAL_NORM_FILE
+        with disk_errors(path, sum(t.numel() * 4 for t in state.values()), error=CacheError, then=RESUME):
+            with atomic_path(path, durable=True) as tmp:
+                write_safetensors(tmp, state, _metadata(type=info["type"]))
+        info["file"] = FINAL_NORM_FILE
     return info
 
 
@@ -490,24 +578,50 @@ def _metadata(**fields: Any) -> dict[str, str]:
     return {FORMAT_NAME: json.dumps({"format_version": FORMAT_VERSION, **fields}, sort_keys=True)}
 
 
+def read_shard_metadata(file: Path) -> dict[str, Any] | None:
+    """The vitprobe fields of a shard's header ({format_version, start, stop, extraction}), or None when the
+    file is unreadable or not a vitprobe shard."""
+    try:
+        with safe_open(file, framework="pt", device="cpu") as f:
+            fields = json.loads((f.metadata() or {}).get(FORMAT_NAME, "null"))
+    except Exception:  # safetensors raises its own error types for corrupt headers
+        return None
+    return fields if isinstance(fields, dict) else None
+
+
 def write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
-    """Replace manifest.json atomically (readers see the old or the new one, never a mix)."""
+    """Replace manifest.json atomically and durably (readers see the old or the new one, never a mix)."""
     text = json.dumps({**manifest, "updated": utc_now()}, indent=2) + "\n"
-    with atomic_path(Path(directory) / MANIFEST_FILE) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+    path = Path(directory) / MANIFEST_FILE
+    with disk_errors(path, len(text.encode()), error=CacheError, then=RESUME):
+        with atomic_path(path, durable=True) as tmp:
+            tmp.write_text(text, encoding="utf-8")
 
 
 def read_manifest(directory: Path) -> dict[str, Any] | None:
-    """The parsed manifest of `directory`, or None when there is none."""
+    """The parsed manifest of `directory`, or None when there is none.
+
+    Raises:
+        CacheError: it is empty, not JSON, or not a valid manifest (`ManifestUnreadable` when it cannot be
+            parsed at all, which `vitprobe extract` answers by rebuilding it from the shards).
+    """
     path = Path(directory) / MANIFEST_FILE
     if not path.is_file():
         return None
     try:
         manifest = read_json(path)
     except (OSError, ValueError) as exc:
-        raise CacheError(f"cannot read {path}: {exc}", "pass --overwrite to start the cache again") from exc
+        what = "is empty" if path.stat().st_size == 0 else f"is not valid JSON ({exc})"
+        raise ManifestUnreadable(
+            f"{path} {what}", "re-run the `vitprobe extract` command that wrote it: it rebuilds the manifest "
+            "from the intact shards",
+        ) from exc
     check_manifest(manifest, where=path)
     return manifest
+
+
+class ManifestUnreadable(CacheError):
+    """manifest.json exists but cannot be parsed (empty after a power loss, truncated, overwritten)."""
 
 
 def shard_infos(manifest: dict[str, Any]) -> list[ShardInfo]:
@@ -519,17 +633,25 @@ def shard_entries(shards: Sequence[ShardInfo]) -> list[dict[str, Any]]:
 
 
 def remove_cache_files(directory: Path) -> None:
-    """Delete a cache's manifest, shards and final norm (for --overwrite); other files are left alone."""
+    """Delete a cache's manifest, shards, final norm and hash record (for --overwrite); other files stay."""
     directory = Path(directory)
     shards = sorted(directory.glob("shard-*.safetensors"))
-    for file in [directory / MANIFEST_FILE, directory / FINAL_NORM_FILE, *shards]:
+    for file in [directory / MANIFEST_FILE, directory / FINAL_NORM_FILE, directory / VERIFIED_FILE, *shards]:
         file.unlink(missing_ok=True)
 
 
+# temp files of atomic_path (`.NAME.XXXXXXXX.tmp`) and of safetensors >= 0.6 (`.tmpXXXXXX`), which earlier
+# vitprobe versions left behind when killed while saving a shard
+_TEMP_NAMES = re.compile(
+    rf"^\.(({re.escape(MANIFEST_FILE)}|{re.escape(FINAL_NORM_FILE)}|{re.escape(VERIFIED_FILE)}|"
+    rf"{re.escape(LOCK_FILE)}|shard-\d+\.safetensors)\..+{re.escape(TEMP_SUFFIX)}|tmp[A-Za-z0-9]{{6}})$"
+)
+
+
 def remove_temp_files(directory: Path) -> list[Path]:
-    """Delete the temp files a killed writer left behind (`.shard-*.tmp`, ...); call with the lock held."""
-    names = (f".{MANIFEST_FILE}.", f".{FINAL_NORM_FILE}.", ".shard-")
-    stale = [f for f in Path(directory).glob(".*.tmp") if f.name.startswith(names)]
+    """Delete the temp files a killed writer left behind (`.shard-*.tmp`, `.tmpXXXXXX`, ...); call with the
+    lock held."""
+    stale = sorted(f for f in Path(directory).glob(".*") if _TEMP_NAMES.match(f.name) and f.is_file())
     for file in stale:
         file.unlink(missing_ok=True)
     return stale
@@ -537,58 +659,3 @@ def remove_temp_files(directory: Path) -> list[Path]:
 
 def utc_now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-
-
-@contextmanager
-def lock_cache(directory: Path) -> Iterator[Path]:
-    """Hold `directory/extract.lock` (created with O_EXCL, holding pid and host) for the block.
-
-    Raises:
-        CacheError: another run holds the lock, or a crashed run left it behind (stale lock).
-    """
-    directory = Path(directory)
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise CacheError(f"cannot create cache directory {directory}: {exc}", "choose another --out") from exc
-    lock = directory / LOCK_FILE
-    info = {"pid": os.getpid(), "host": socket.gethostname(), "started": utc_now()}
-    try:
-        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    except FileExistsError:
-        raise _locked_error(lock) from None
-    except OSError as exc:  # read-only file system, no permission
-        raise CacheError(f"cannot create {lock}: {exc}", "choose a writable --out") from exc
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(info, f)
-    try:
-        yield lock
-    finally:
-        lock.unlink(missing_ok=True)
-
-
-def _locked_error(lock: Path) -> CacheError:
-    try:
-        owner = json.loads(lock.read_text(encoding="utf-8"))
-        pid, host, started = int(owner["pid"]), str(owner["host"]), owner.get("started", "?")
-    except (OSError, ValueError, KeyError, TypeError):
-        return CacheError(f"{lock} exists but is unreadable", f"if no extraction is running, delete {lock}")
-    if host == socket.gethostname() and not _pid_alive(pid):
-        return CacheError(
-            f"stale lock {lock}: pid {pid} on {host} (started {started}) is no longer running",
-            f"delete {lock} and re-run; the extraction resumes from its last complete shard",
-        )
-    return CacheError(
-        f"{lock.parent} is being written by pid {pid} on {host} (started {started})",
-        "wait for that run to finish or use another --out",
-    )
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
