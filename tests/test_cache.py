@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,8 @@ from vitprobe.cache import (
     write_shard,
 )
 from vitprobe.errors import CacheError
+from vitprobe.files import sha256_file
+from vitprobe.verified import VERIFIED_FILE, HashRecord
 
 GRID, DIM, LAYERS = (2, 3), 4, [5, 3]
 
@@ -281,3 +284,124 @@ def test_a_full_disk_or_unwritable_directory_is_a_cache_error_and_leaves_no_temp
         with lock_cache(tmp_path):
             pass
     assert list(tmp_path.iterdir()) == []  # no empty lock to block the next run
+
+
+def test_a_shard_is_hashed_once_then_trusted_while_its_size_mtime_and_inode_hold(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import vitprobe.cache as cache_mod
+
+    _write_cache(tmp_path)
+    time.sleep(0.05)  # past the clock tick of the writes: a record as old as a file proves nothing (racy)
+    record = json.loads((tmp_path / VERIFIED_FILE).read_text())
+    assert set(record["shards"]) == {"shard-00000.safetensors", "shard-00001.safetensors",
+                                     "shard-00002.safetensors"}
+    entry = record["shards"]["shard-00001.safetensors"]
+    assert entry["sha256"] == sha256_file(tmp_path / "shard-00001.safetensors")
+    assert entry["size"] == (tmp_path / "shard-00001.safetensors").stat().st_size
+    hashed: list[str] = []
+    real = cache_mod.sha256_file
+    monkeypatch.setattr(cache_mod, "sha256_file", lambda p: hashed.append(Path(p).name) or real(p))
+    # the writer recorded each shard as it wrote it: at most the racy ones (same clock tick) are re-hashed
+    for i in range(3):
+        open_cache(tmp_path).verify_shard(i)
+    for i in range(3):
+        open_cache(tmp_path).verify_shard(i)  # a second reader: nothing left to hash
+    assert len(hashed) <= 3 and len(set(hashed)) == len(hashed)
+    hashed.clear()
+    cache = open_cache(tmp_path)
+    for i in range(3):
+        cache.verify_shard(i)
+    assert hashed == []
+    # an edit changes mtime (and here the bytes): the shard is hashed again and refused
+    shard = tmp_path / "shard-00001.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CacheError, match="shard-00001.safetensors is corrupt"):
+        open_cache(tmp_path).verify_shard(1)
+    assert hashed == ["shard-00001.safetensors"]
+    hashed.clear()
+    with pytest.raises(CacheError, match="corrupt"):
+        open_cache(tmp_path, verify=True)  # an explicit verify re-hashes every shard
+    assert "shard-00000.safetensors" in hashed
+
+
+def test_a_change_within_the_clock_tick_of_the_record_is_not_trusted(tmp_path: Path) -> None:
+    """git's racy-clean rule: a file whose mtime is not older than the record is hashed again."""
+    _write_cache(tmp_path)
+    shard = tmp_path / "shard-00000.safetensors"
+    record = HashRecord.load(tmp_path)
+    entry = record.entries[shard.name]
+    st = shard.stat()
+    os.utime(shard, ns=(st.st_atime_ns, record.written_ns))  # as if written in the record's own tick
+    record = HashRecord.load(tmp_path)
+    record.entries[shard.name] = {**entry, "mtime_ns": shard.stat().st_mtime_ns,
+                                  "ctime_ns": shard.stat().st_ctime_ns}
+    assert not record.matches(shard, entry["sha256"])
+    record.written_ns = max(shard.stat().st_mtime_ns, shard.stat().st_ctime_ns) + 1
+    assert record.matches(shard, entry["sha256"])
+    assert not record.matches(shard, "0" * 64)
+
+
+def test_a_read_only_cache_is_verified_without_a_record(tmp_path: Path) -> None:
+    _write_cache(tmp_path)
+    (tmp_path / VERIFIED_FILE).unlink()
+    os.chmod(tmp_path, 0o555)
+    try:
+        cache = open_cache(tmp_path)
+        for i in range(3):
+            cache.verify_shard(i)  # hashed, the record cannot be written: no error
+    finally:
+        os.chmod(tmp_path, 0o755)
+
+
+@pytest.mark.parametrize("store", ["fp8", "int8"])
+def test_quantised_shards_store_codes_and_scales_and_read_back_as_floats(tmp_path: Path, store: str) -> None:
+    from vitprobe.quant import QUANTS, dequantise, quantise
+
+    common = dict(tokens="all", num_layers=2, grid=GRID, dim=DIM, has_cls=True, num_reg_tokens=1, views=0)
+    layout = shard_layout(store_dtype=store, **common)
+    assert layout["patches"].dtype == QUANTS[store].dtype and layout["patches"].scale == "patches_scale"
+    assert layout["patches_scale"].shape == (2, 6) and layout["patches_scale"].dtype == torch.float32
+    assert layout["cls_scale"].shape == (2,) and layout["reg_scale"].shape == (2, 1)
+    big = dict(common, grid=(14, 14), dim=768, num_layers=1, num_reg_tokens=0)
+    per_row = bytes_per_sample(shard_layout(store_dtype=store, **big))
+    assert per_row == 197 * 768 + 197 * 4 + 16  # 0.50x of fp16 at ViT-B/16 (codes + one fp32 scale per token)
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 2, 6, DIM, generator=g) * torch.logspace(-3, 3, 6).view(1, 1, 6, 1)  # (n, L, P, D)
+    x[0, 0, 0] = 0  # an all-zero token: scale 0, codes 0
+    codes, scale = quantise(x, store)
+    # the reference definition: s = max|x| / qmax per token, q = x / s on the store's grid, x' = q * s
+    qmax = QUANTS[store].qmax
+    s_ref = x.abs().amax(-1) / qmax
+    torch.testing.assert_close(scale, s_ref, rtol=0, atol=0)
+    y = x / torch.where(s_ref > 0, s_ref, 1).unsqueeze(-1)
+    q_ref = y.round().to(torch.int8) if store == "int8" else y.to(torch.float8_e4m3fn)
+    assert torch.equal(codes.view(torch.uint8), q_ref.view(torch.uint8))
+    back = dequantise(codes, scale)
+    assert torch.equal(back[0, 0, 0], torch.zeros(DIM))
+    err = (back - x).abs() / x.abs().amax(-1, keepdim=True).clamp_min(1e-30)
+    assert float(err.max()) <= (0.5 / 127 + 1e-6 if store == "int8" else 1 / 16 + 1e-6)  # half a step at most
+
+    rows = {"patches": x, "cls": x[:, :, 0], "reg": x[:, :, :1], "labels": torch.arange(5) % 3,
+            "indices": torch.arange(5)}
+    stored: dict[str, torch.Tensor] = {}
+    for key in ("patches", "cls", "reg"):
+        stored[key], stored[key + "_scale"] = quantise(rows[key], store)
+    stored.update(labels=rows["labels"], indices=rows["indices"])
+    info = write_shard(tmp_path, 0, 0, stored)
+    manifest = _manifest(5, [info], complete=True)
+    manifest["store_dtype"] = store
+    write_manifest(tmp_path, manifest)
+    cache = open_cache(tmp_path, verify=True)
+    assert cache.quantised and cache.keys == ["patches", "cls", "reg", "labels", "indices"]
+    part = cache.read_shard(0, ["patches", "labels"], rows=slice(1, 4))
+    assert set(part) == {"patches", "labels"} and part["patches"].dtype == torch.float32
+    torch.testing.assert_close(part["patches"], back[1:4], rtol=0, atol=0)
+    half = cache.read_shard(0, ["cls"], dtype=torch.float16)["cls"]
+    assert half.dtype == torch.float16
+    raw = cache.read_shard(0, ["patches"], dequantise=False)
+    assert set(raw) == {"patches", "patches_scale"} and raw["patches"].dtype == QUANTS[store].dtype
+    torch.testing.assert_close(dequantise(raw["patches"], raw["patches_scale"]), back, rtol=0, atol=0)

@@ -62,6 +62,10 @@ SHARD_FIELDS = {"file": str, "start": int, "stop": int, "sha256": str}
 RESUME = "re-run the same command: it resumes from the last complete shard"
 
 
+class ManifestUnreadable(CacheError):
+    """manifest.json exists but cannot be parsed (empty after a power loss, truncated, overwritten)."""
+
+
 def shard_file(index: int) -> str:
     """File name of shard `index` inside a cache directory."""
     return f"shard-{index:05d}.safetensors"
@@ -466,13 +470,16 @@ def check_manifest(manifest: Any, *, where: Path | str) -> None:
     if missing:
         raise CacheError(f"{where} lacks fields {', '.join(missing)}", "re-extract the cache (--overwrite)")
     if not isinstance(manifest["shards"], list):
-        raise CacheError(f"{where}: `shards` is not a list", "re-extract the cache (--overwrite)")
+        raise ManifestUnreadable(
+            f"{where}: `shards` is not a list", "re-run the `vitprobe extract` command that wrote it: it "
+            "rebuilds the manifest from the intact shards",
+        )
     expected_start = 0
     for n, s in enumerate(manifest["shards"]):
         bad = [k for k, kind in SHARD_FIELDS.items()
                if not isinstance(s, dict) or not isinstance(s.get(k), kind)]
         if bad:
-            raise CacheError(
+            raise ManifestUnreadable(
                 f"{where}: shard entry {n} lacks a valid {', '.join(bad)} (each entry is "
                 "{file, start, stop, sha256})",
                 "re-run the `vitprobe extract` command that wrote it: it rebuilds the manifest from the "
@@ -618,10 +625,6 @@ def read_manifest(directory: Path) -> dict[str, Any] | None:
         ) from exc
     check_manifest(manifest, where=path)
     return manifest
-
-
-class ManifestUnreadable(CacheError):
-    """manifest.json exists but cannot be parsed (empty after a power loss, truncated, overwritten)."""
 
 
 def shard_infos(manifest: dict[str, Any]) -> list[ShardInfo]:

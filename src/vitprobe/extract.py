@@ -53,6 +53,7 @@ from vitprobe.devices import loader_workers
 from vitprobe.errors import CacheError, VitprobeError
 from vitprobe.files import format_bytes
 from vitprobe.loaders import checked, guarded_loader
+from vitprobe.loaders import close as close_loader
 from vitprobe.progress import make_progress
 from vitprobe.provenance import versions
 from vitprobe.quant import QUANTS
@@ -112,6 +113,7 @@ class ExtractConfig:
     force: bool = False  # start even if the estimated size exceeds the free disk space
     decode: str = "cpu"  # cpu = PIL + timm transform in the workers; gpu = batched decode_jpeg on the device
     compile: bool = False  # torch.compile the forward pass (pays off on a GPU over many batches)
+    compile_backend: str = "inductor"  # torch.compile backend: inductor generates kernels; eager only traces
     break_lock: bool = False  # remove another run's extract.lock even if that run may be alive
 
 
@@ -129,6 +131,16 @@ class ExtractResult:
     skipped: bool  # the cache was already complete: nothing was computed
     is_main: bool = True  # rank 0 (the process that prints)
     world_size: int = 1
+    write_wait_seconds: float = 0.0  # of `seconds`, how long this rank's model waited for the shard writer
+    first_batch_seconds: float = 0.0  # of `seconds`, until this rank's first batch was done (compilation)
+    first_batch_size: int = 0
+
+    @property
+    def steady_images_per_s(self) -> float:
+        """This rank's images/s after its first batch (what a long run sees once torch.compile is done)."""
+        rows = self.new_samples // self.world_size - self.first_batch_size
+        seconds = self.seconds - self.first_batch_seconds
+        return rows / seconds if rows > 0 and seconds > 0 else self.images_per_s
 
     @property
     def images_per_s(self) -> float:
@@ -167,7 +179,10 @@ def extract(config: ExtractConfig, *, console: Console | None = None) -> Extract
     compute_dtype = resolve_dtype(config.dtype, device)
     rank, world, owns_group = init_distributed(device)
     console = console or Console(stderr=True, quiet=True)  # None: a quiet library call
-    say: Callable[[str], None] = console.print if rank == 0 else (lambda _: None)
+    def say(text: str) -> None:  # one line each, never hard-wrapped (logs are grepped)
+        if rank == 0:
+            console.print(text, soft_wrap=True, highlight=False, markup=False)
+
     out = Path(config.out)
     try:
         with StopOnSignals(), ExitStack() as stack:
@@ -191,12 +206,13 @@ def extract(config: ExtractConfig, *, console: Console | None = None) -> Extract
                     num_shards=len(plan.done), seconds=0.0, cache_bytes=_dir_bytes(out),
                     estimate_bytes=plan.estimate_bytes, skipped=True, is_main=rank == 0, world_size=world,
                 )
-            seconds, new_samples = _run(config, plan, backbone, dataset, device=device, dtype=compute_dtype,
-                                        rank=rank, world=world, console=console)
+            seconds, new_samples, timing = _run(config, plan, backbone, dataset, device=device,
+                                                dtype=compute_dtype, rank=rank, world=world, console=console)
         return ExtractResult(
             path=out, num_samples=manifest["num_samples"], new_samples=new_samples,
             num_shards=len(plan.ranges), seconds=seconds, cache_bytes=_dir_bytes(out),
             estimate_bytes=plan.estimate_bytes, skipped=False, is_main=rank == 0, world_size=world,
+            **timing,
         )
     finally:
         if owns_group:
@@ -420,8 +436,9 @@ def _run(
     rank: int,
     world: int,
     console: Console,
-) -> tuple[float, int]:
-    """The extraction loop of one rank; returns (seconds, rows computed by all ranks).
+) -> tuple[float, int, dict[str, Any]]:
+    """The extraction loop of one rank; returns (seconds, rows computed by all ranks, the timing fields of
+    ExtractResult).
 
     Round j: fill shard j's buffers, hand them to the writer thread, collect the shard written in round
     j - 1 and share it (and any error) with the other ranks; rank 0 records the shards of a round in the
@@ -447,7 +464,7 @@ def _run(
         persistent_workers=False,
         collate_fn=inputs.collate,
     )
-    forward = _forward(backbone, compile_model=config.compile)
+    forward = _forward(backbone, backend=config.compile_backend if config.compile else None)
     ident = extraction_id(manifest)
     pool = ShardBuffers(layout, max((b - a for a, b in my_ranges), default=0), pin=cuda)
     writer = ShardWriter(lambda index, start, tensors: write_shard(out, index, start, tensors,
@@ -457,11 +474,20 @@ def _run(
     progress = make_progress(console, rate_unit="img/s", enabled=rank == 0)
     label = "extracting" if world == 1 else f"extracting (rank 0 of {world})"
     start_time = time.perf_counter()
+    first = [0.0, 0]  # seconds until the first batch was done, its size
+
+    def advance(n: int) -> None:
+        if not first[1]:
+            if cuda:
+                torch.cuda.synchronize(device)
+            first[:] = [time.perf_counter() - start_time, n]
+        progress.advance(task, n)
+
     to_record: list[ShardInfo] = []
+    batches = iter(loader)
     try:
         with progress:
             task = progress.add_task(label, total=sum(b - a for a, b in my_ranges))
-            batches = iter(loader)
             for j in range(rounds + 1):  # the extra round collects the last writes
                 error: BaseException | None = None
                 finished: list[ShardInfo] = []
@@ -474,7 +500,7 @@ def _run(
                         start, stop = plan.ranges[mine[j]]
                         buffers = pool.take(stop - start)
                         _fill_shard(buffers, batches, inputs, forward, manifest, device=device, dtype=dtype,
-                                    start=start, stop=stop, advance=lambda n: progress.advance(task, n))
+                                    start=start, stop=stop, advance=advance)
                         writer.submit(mine[j], start, buffers)
                     finished = writer.collect(keep=1 if j < rounds else 0)
                 except Exception as exc:  # shared with every rank below, then raised
@@ -482,6 +508,7 @@ def _run(
                 gathered = exchange(finished, error, rank=rank, world=world)
                 to_record = sorted((i for part in gathered for i in part), key=lambda s: s.start)
     except BaseException:
+        close_loader(batches)
         writer.close()  # the shard being written is finished: an interrupted run keeps it
         if world == 1:  # (under torchrun the next run adopts it from its header and hash record)
             with contextlib.suppress(Exception):
@@ -502,7 +529,9 @@ def _run(
         except VitprobeError as exc:
             error = exc
     exchange(None, error, rank=rank, world=world, name_ranks=False)
-    return seconds, total_new
+    timing = {"write_wait_seconds": writer.waited, "first_batch_seconds": first[0],
+              "first_batch_size": first[1]}
+    return seconds, total_new, timing
 
 
 def _fill_shard(
@@ -554,11 +583,12 @@ def _fill_shard(
 Forward = Callable[[torch.Tensor, list[int]], list[torch.Tensor]]  # (images, blocks) -> (B, T, D) per block
 
 
-def _forward(backbone: Backbone, *, compile_model: bool) -> Forward:
-    """`backbone.intermediates`, compiled with torch.compile when asked (one graph per batch shape)."""
-    if not compile_model:
+def _forward(backbone: Backbone, *, backend: str | None) -> Forward:
+    """`backbone.intermediates`, compiled by torch.compile with `backend` unless None (a graph per batch
+    shape: the full batch and the shorter last batch of a shard)."""
+    if backend is None:
         return backbone.intermediates
-    return torch.compile(backbone.intermediates, dynamic=False)
+    return torch.compile(backbone.intermediates, backend=backend, dynamic=False)
 
 
 def _fill(buf: torch.Tensor, part: torch.Tensor, offset: int, key: str) -> None:

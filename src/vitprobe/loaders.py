@@ -80,6 +80,22 @@ def checked(batch: T) -> T:
 
 def iter_checked(loader: Iterable[T]) -> Iterator[T]:
     """The loader's batches, raising a worker's `VitprobeError` as itself (one line, with its hint)."""
-    for batch in loader:
-        yield checked(batch)
+    batches = iter(loader)
+    try:
+        for batch in batches:
+            yield checked(batch)
+    finally:
+        close(batches)
+
+
+def close(batches: Iterator[Any]) -> None:
+    """Shut a DataLoader iterator's workers down now, also after an error or a signal.
+
+    Otherwise the iterator lives on in the traceback, and its workers (killed by the same Ctrl-C or SIGTERM)
+    make PyTorch's SIGCHLD handler raise "DataLoader worker ... is killed by signal" at interpreter exit, a
+    traceback after the one-line error.
+    """
+    shutdown = getattr(batches, "_shutdown_workers", None)  # torch's multi-process iterator
+    if shutdown is not None:
+        shutdown()
 

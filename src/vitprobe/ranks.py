@@ -18,6 +18,10 @@ import torch
 from vitprobe.errors import VitprobeError
 
 
+class RankLost(VitprobeError):
+    """Another torchrun rank disappeared (killed, crashed) while this one waited for it."""
+
+
 def init_distributed(device: torch.device) -> tuple[int, int, bool]:
     """(rank, world size, whether this call created the process group) from torchrun's environment."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
@@ -49,7 +53,16 @@ def exchange(
 
     sent = (payload, None if error is None else _portable(error))
     gathered: list[Any] = [None] * world
-    dist.all_gather_object(gathered, sent)
+    try:
+        dist.all_gather_object(gathered, sent)
+    except RuntimeError as exc:  # gloo / nccl: a peer died (killed, out of memory) while we waited for it
+        if error is not None:
+            raise error from exc
+        raise RankLost(
+            f"rank {rank} of {world} lost the other ranks ({str(exc).splitlines()[0]}): another rank "
+            "stopped; torchrun's report names it",
+            "fix what stopped it and re-run the same command: it resumes from the last complete shard",
+        ) from exc
     failures = [(r, e) for r, (_, e) in enumerate(gathered) if e is not None]
     if failures:
         if error is not None and not isinstance(error, VitprobeError):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Callable
 
 import torch
@@ -20,19 +21,21 @@ Write = Callable[[int, int, dict[str, torch.Tensor]], ShardInfo]  # (shard numbe
 
 
 class ShardBuffers:
-    """Two reusable sets of one shard's tensors on the CPU (pinned on CUDA for asynchronous copies)."""
+    """Two reusable sets of one shard's tensors on the CPU (pinned on CUDA for asynchronous copies), each
+    allocated when first taken (a rank with one shard allocates one)."""
 
     def __init__(self, layout: dict[str, KeySpec], rows: int, *, pin: bool) -> None:
-        self._sets = [
-            {key: torch.empty((rows, *s.shape), dtype=s.dtype, pin_memory=pin) for key, s in layout.items()}
-            for _ in range(2)
-        ]
+        self._layout, self._rows, self._pin = layout, rows, pin
+        self._sets: list[dict[str, torch.Tensor]] = []
         self._next = 0
 
     def take(self, n: int) -> dict[str, torch.Tensor]:
         """The next set, cut to `n` rows (a view: contiguous, since rows are the first axis)."""
+        if self._next == len(self._sets):
+            self._sets.append({key: torch.empty((self._rows, *s.shape), dtype=s.dtype, pin_memory=self._pin)
+                               for key, s in self._layout.items()})
         chosen = self._sets[self._next]
-        self._next = 1 - self._next
+        self._next = (self._next + 1) % 2
         return {key: buf[:n] for key, buf in chosen.items()}
 
 
@@ -46,6 +49,7 @@ class ShardWriter:
         self._pending = 0
         self._finished: list[ShardInfo] = []
         self._error: BaseException | None = None
+        self.waited = 0.0  # seconds the caller spent in `collect` waiting for the disk
         self._thread = threading.Thread(target=self._loop, name="vitprobe-shard-writer", daemon=True)
         self._thread.start()
 
@@ -62,8 +66,10 @@ class ShardWriter:
         Raises:
             BaseException: whatever a write raised (a CacheError for a full disk, a KeyboardInterrupt, ...).
         """
+        started = time.perf_counter()
         with self._lock:
             self._lock.wait_for(lambda: self._pending <= keep or self._error is not None)
+            self.waited += time.perf_counter() - started
             self._raise_error()
             done, self._finished = self._finished, []
         return done
