@@ -251,14 +251,14 @@ def test_a_broken_lock_is_not_removed_by_the_run_that_lost_it(tmp_path: Path) ->
 def test_a_full_disk_or_unwritable_directory_is_a_cache_error_and_leaves_no_temp_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import vitprobe.cache as cache_mod
     import vitprobe.lock as lock_mod
+    import vitprobe.shards as shards_mod
 
     def disk_full(path, tensors, metadata=None):  # noqa: ANN001, ANN202 - write_safetensors' signature
         Path(path).write_bytes(b"half a shard")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(cache_mod, "write_safetensors", disk_full)
+    monkeypatch.setattr(shards_mod, "write_safetensors", disk_full)
     rows = {"labels": torch.zeros(2, dtype=torch.long), "indices": torch.arange(2)}
     needs = r"no space left to write shard-00000.safetensors in .* \(it needs 32 B;"
     with pytest.raises(CacheError, match=needs) as info:

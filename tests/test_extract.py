@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -300,7 +301,7 @@ def test_default_shard_size_and_disk_check(
     class Tiny:
         free = 1000
 
-    monkeypatch.setattr(extract_mod.shutil, "disk_usage", lambda path: Tiny)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: Tiny)
     small = replace(config, out=tmp_path / "d")
     with pytest.raises(CacheError, match="only 1.0 kB is free") as info:
         extract(small)
