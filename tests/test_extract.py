@@ -267,6 +267,8 @@ def test_no_resume_restarts_an_incomplete_cache(
         extract(config)
     monkeypatch.undo()
     assert open_cache(config.out, require_complete=False).num_written == 0
+    with pytest.raises(CacheError, match="different extraction"):  # --no-resume never wipes another cache
+        extract(replace(config, resume=False, seed=1))
     assert extract(replace(config, resume=False)).new_samples == 4
 
 

@@ -185,8 +185,7 @@ class TokenCache:
             )
         self._verified.add(i)
         with self._record_lock:
-            self._record.add(file, info.sha256)
-            self._record.save(quiet=True)
+            HashRecord.update(self.path, file, info.sha256)  # merged with what other readers recorded
 
     # --- reading -------------------------------------------------------------------------------------
     def read_shard(

@@ -34,7 +34,14 @@ from vitprobe.cache import (
 from vitprobe.errors import CacheError
 from vitprobe.files import format_bytes
 from vitprobe.provenance import versions
-from vitprobe.resume import adopt_written, extraction_id, identity_diff, intact_prefix
+from vitprobe.resume import (
+    Adopted,
+    adopt_written,
+    extraction_id,
+    foreign_shards,
+    identity_diff,
+    intact_prefix,
+)
 from vitprobe.rows import VIEW_AUGMENT, shard_ranges
 
 if TYPE_CHECKING:
@@ -139,17 +146,15 @@ def prepare(config: ExtractConfig, manifest: dict[str, Any], backbone: Backbone)
     layout = layout_from_manifest(manifest)
     ident = extraction_id(manifest)
     notes = [f"removed {f.name} left by an interrupted run" for f in remove_temp_files(out)]
-    if config.overwrite or not config.resume:
-        old, lost = None, None
-    else:
+    old, lost = None, None
+    if not config.overwrite:
         try:
-            old, lost = read_manifest(out), None
+            old = read_manifest(out)
         except ManifestUnreadable as exc:
-            old, lost = None, exc.message
+            lost = exc.message
     kept: list[ShardInfo] = []
-    if config.overwrite:
-        remove_cache_files(out)
-    elif old is not None:
+    restart = config.overwrite
+    if old is not None:
         diffs = identity_diff(old, manifest)
         if diffs:
             raise CacheError(
@@ -161,10 +166,17 @@ def prepare(config: ExtractConfig, manifest: dict[str, Any], backbone: Backbone)
             return Plan(manifest=old, ranges=ranges, done=kept, skipped=True,
                          estimate_bytes=dir_bytes(out),
                          notes=[f"{out} is already a complete cache; pass --overwrite to extract it again"])
-        manifest["created"] = old.get("created", manifest["created"])
-    elif not config.resume:
+        if config.resume or old["complete"]:  # a complete cache with a lost shard is repaired, never wiped
+            manifest["created"] = old.get("created", manifest["created"])
+        else:
+            restart, kept = True, []  # --no-resume: an interrupted cache starts again
+    if restart:
         remove_cache_files(out)
-    found = adopt_written(out, kept, ranges, layout, ident)
+        found = Adopted()
+    elif config.resume or kept:
+        found = adopt_written(out, kept, ranges, layout, ident)
+    else:  # --no-resume without a manifest adopts nothing (and overwrites only this extraction's shards)
+        found = Adopted(foreign=foreign_shards(out, ident))
     if old is None and not config.overwrite and found.foreign:
         raise CacheError(
             f"{out} has {lost or 'no manifest.json'}, and its shard files ({', '.join(found.foreign[:3])}"

@@ -79,12 +79,8 @@ def adopt_written(
     """The shards after `kept` whose files hold this extraction's rows (header range and id) and whose bytes
     match their recorded sha256 (verified.json; when a shard has no record, as after a power loss right after
     its rename, its header and tensor sizes are checked: it was fsynced before it got its name)."""
-    found = Adopted()
+    found = Adopted(foreign=foreign_shards(out, ident))
     record = HashRecord.load(out)
-    for file in sorted(Path(out).glob("shard-*.safetensors")):
-        meta = read_shard_metadata(file) or {}
-        if meta.get("extraction") != ident:
-            found.foreign.append(file.name)
     for i in range(len(kept), len(ranges)):
         file = Path(out) / shard_file(i)
         meta = read_shard_metadata(file) if file.is_file() else None
@@ -113,6 +109,12 @@ def adopt_written(
             found.notes.append(f"adopted {file.name} ({how})")
     record.save(quiet=True)
     return found
+
+
+def foreign_shards(out: Path, ident: str) -> list[str]:
+    """Shard files in `out` whose header names another extraction (or none: an older vitprobe's)."""
+    return [file.name for file in sorted(Path(out).glob("shard-*.safetensors"))
+            if (read_shard_metadata(file) or {}).get("extraction") != ident]
 
 
 def _get(d: dict[str, Any], path: tuple[str, ...]) -> Any:

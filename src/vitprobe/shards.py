@@ -195,9 +195,7 @@ def write_shard(
     with disk_errors(directory / name, size, error=CacheError, then=RESUME):
         with atomic_path(directory / name, durable=True) as tmp:
             digest = write_safetensors(tmp, tensors, _metadata(**fields))
-    record = HashRecord.load(directory)
-    record.add(directory / name, digest)
-    record.save(quiet=True)
+    HashRecord.update(directory, directory / name, digest)
     return ShardInfo(file=name, start=start, stop=start + n, sha256=digest)
 
 

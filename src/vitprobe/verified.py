@@ -7,7 +7,10 @@ read) and then trusted while its size, mtime, ctime and inode are unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +60,15 @@ class HashRecord:
             and max(state["mtime_ns"], state["ctime_ns"]) < self.written_ns
         )
 
+    @classmethod
+    def update(cls, directory: Path, file: Path, sha256: str) -> None:
+        """Record one file in `directory/verified.json` (read, add, write, under a lock on the directory so
+        that torchrun ranks writing shards side by side keep each other's entries); never raises."""
+        with contextlib.suppress(OSError), _locked(Path(directory)):
+            record = cls.load(directory)
+            record.add(file, sha256)
+            record.save(quiet=True)
+
     def add(self, file: Path, sha256: str) -> None:
         self.entries[file.name] = {"sha256": sha256, **self._state(file)}
 
@@ -71,3 +83,20 @@ class HashRecord:
         except OSError:
             if not quiet:
                 raise
+
+
+@contextlib.contextmanager
+def _locked(directory: Path) -> Iterator[None]:
+    """An exclusive flock on the directory itself (Linux, macOS); a no-op where that is not possible."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        yield
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
