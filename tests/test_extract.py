@@ -604,3 +604,26 @@ def test_the_gpu_benchmark_runs_every_arm_on_the_cpu(tmp_path: Path) -> None:
     assert set(report["arms"]) == arms and all(a["images_per_s"] > 0 for a in report["arms"].values())
     assert report["arms"]["extract gpu-decode"]["images"] == 16
     assert "extract gpu-decode / extract cpu-decode" in report["ratios"]
+
+
+def test_a_guarded_loader_raises_a_worker_error_as_itself() -> None:
+    """vitprobe.loaders: a VitprobeError in a DataLoader worker comes back with its class, message and hint
+    (PyTorch would re-raise its class with the worker's whole traceback as the message, and no hint)."""
+    from vitprobe.errors import DatasetError
+    from vitprobe.loaders import guarded_loader, iter_checked
+
+    class Items(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 8
+
+        def __getitem__(self, i: int) -> torch.Tensor:
+            if i == 5:
+                raise DatasetError("cannot read image /data/5.jpg", "replace or remove the corrupt file")
+            return torch.tensor(i)
+
+    batches = []
+    with pytest.raises(DatasetError) as info:
+        for batch in iter_checked(guarded_loader(Items(), batch_size=2, num_workers=2)):
+            batches.append(batch.tolist())
+    assert str(info.value) == "cannot read image /data/5.jpg (replace or remove the corrupt file)"
+    assert batches == [[0, 1], [2, 3]]
