@@ -1,0 +1,142 @@
+"""Benchmark: the streamed token feed (`probe --load stream`) vs a raw read of the same shard files.
+
+A synthetic cache with ViT-Tiny's shape ([cls] + 196 patch tokens, D = 192, fp16, 75 kB a row) is written
+in shards; the page cache holds it, so both arms read from memory at the speed of one copy per byte. Arms,
+interleaved in each repeat (the machine is shared and noisy: median and min–max are reported):
+
+- raw: every shard file read start to end into one reused 64 MiB buffer (`readinto`), the fastest plain read;
+- feed: one shuffled training epoch of `iter_batches` over every row (batch 256), as `vitprobe probe --load
+  stream` trains: window order and rows shuffled, batches gathered into reused buffers;
+- feed, first epoch: the same on a freshly opened cache, so each shard's sha256 is verified on the way;
+- probe epoch: what one epoch of `probe --load stream` with its default holdout reads — a shuffled pass over
+  the 90 % fit rows plus an evaluation pass over the 10 % holdout (kept in memory from its second pass on);
+- feed + to_tokens: the feed plus the fp16 → fp32 conversion on the CPU (the device here), for reference.
+
+Throughput is token bytes delivered per second (labels excluded); ratios are to the raw read of the same
+repeat. One command, about a minute:
+
+    .venv/bin/python benchmarks/stream_read.py                 # 8,000 rows (600 MB), 128 MB shards
+    .venv/bin/python benchmarks/stream_read.py --rows 20000 --repeats 7
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _caches import write_cache  # noqa: E402
+
+from vitprobe.cache import open_cache  # noqa: E402
+from vitprobe.probe.selection import stratified_holdout  # noqa: E402
+from vitprobe.stream import release  # noqa: E402
+from vitprobe.tokens import CacheSource, Split, iter_batches, to_tokens  # noqa: E402
+
+KEYS = ("cls", "patches")
+CPU = torch.device("cpu")
+
+
+def raw_read(path: Path) -> int:
+    """Read every shard file into one reused buffer; returns the bytes read."""
+    buffer = bytearray(64 << 20)
+    view = memoryview(buffer)
+    total = 0
+    for file in sorted(path.glob("shard-*.safetensors")):
+        with open(file, "rb", buffering=0) as f:
+            while n := f.readinto(view):
+                total += n
+    return total
+
+
+def feed(split: Split, epoch: int, *, convert: bool = False) -> int:
+    """One shuffled epoch of batches; returns the token bytes delivered. Each batch is handed back as
+    `to_tokens` does once it copied the batch out (to a GPU, where the conversion runs); with `convert`,
+    `to_tokens` itself runs on the CPU."""
+    g = torch.Generator().manual_seed(epoch)
+    total = 0
+    for batch in iter_batches(split, KEYS, 256, epoch=epoch, generator=g, drop_last=True):
+        total += sum(batch[k].numel() * batch[k].element_size() for k in KEYS)
+        if convert:
+            to_tokens(batch, CPU, None)
+        else:
+            release(batch, CPU)
+    return total
+
+
+def evaluate(split: Split) -> int:
+    """One evaluation pass (in order, batch 1024); returns the token bytes delivered."""
+    total = 0
+    for batch in iter_batches(split, KEYS, 1024):
+        total += sum(batch[k].numel() * batch[k].element_size() for k in KEYS)
+        release(batch, CPU)
+    return total
+
+
+def timed(fn: Callable[[], int]) -> float:
+    start = time.perf_counter()
+    n = fn()
+    return n / (time.perf_counter() - start) / 1e9
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rows", type=int, default=8000)
+    parser.add_argument("--shard-rows", type=int, default=1700, help="rows per shard (1,700 = 128 MB)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--dir", type=Path, default=None, help="where to write the cache (default: temp)")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        path = write_cache(Path(tmp) / "train", rows=args.rows, shard_rows=args.shard_rows)
+        size = sum(f.stat().st_size for f in path.glob("shard-*.safetensors"))
+        cache = open_cache(path)
+        source = CacheSource(cache, 0)
+        everything = Split("train", source, torch.arange(source.num_rows))
+        fit_rows, held_rows = stratified_holdout(source.labels, source.indices, 0.1, 0)
+        fit, held = Split("train", source, fit_rows), Split("holdout", source, held_rows)
+        raw_read(path)
+        feed(everything, 0)  # warm: page cache, verification, allocator
+        evaluate(held)
+
+        def first_epoch() -> int:
+            return feed(Split("train", CacheSource(open_cache(path), 0), torch.arange(source.num_rows)), 0)
+
+        arms: dict[str, Callable[[], int]] = {
+            "raw read": lambda: raw_read(path),
+            "feed": lambda: feed(everything, 1),
+            "feed, first epoch (sha256)": first_epoch,
+            "probe epoch (fit + holdout)": lambda: feed(fit, 1) + evaluate(held),
+            "feed + to_tokens (fp32, CPU)": lambda: feed(everything, 1, convert=True),
+        }
+        speeds: dict[str, list[float]] = {name: [] for name in arms}
+        for rep in range(args.repeats):
+            names = list(arms) if rep % 2 == 0 else list(reversed(arms))
+            for name in names:
+                speeds[name].append(timed(arms[name]))
+        print(
+            f"{args.rows} rows × (1 + 196) tokens × D=192 fp16 ({size / 1e9:.2f} GB in "
+            f"{len(cache.shards)} shards, page cache), batch 256, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads, {os.cpu_count()} cores, {args.repeats} interleaved repeats"
+        )
+        print("| arm | GB/s median (min–max) | ratio to raw read, median (min–max) |")
+        print("|---|---|---|")
+        raw = speeds["raw read"]
+        for name, values in speeds.items():
+            ratios = [v / r for v, r in zip(values, raw, strict=True)]
+            print(
+                f"| {name} | {statistics.median(values):.2f} ({min(values):.2f}–{max(values):.2f}) | "
+                f"{statistics.median(ratios):.2f}× ({min(ratios):.2f}–{max(ratios):.2f}) |"
+            )
+
+
+if __name__ == "__main__":
+    main()
