@@ -262,3 +262,23 @@ def test_stream_batches_into_memory_copies_instead_of_viewing(tmp_path: Path) ->
     view = next(stream_batches(source, torch.arange(12), ["cls"], 12))
     assert torch.equal(batch["cls"], view["cls"])
     assert batch["cls"].untyped_storage().nbytes() == batch["cls"].numel() * 2  # its own memory
+
+
+def test_load_auto_decides_from_memory_and_says_what_it_chose() -> None:
+    from vitprobe.probe import ProbeConfig
+    from vitprobe.probe.train import load_decision
+    from vitprobe.tokens import available_memory, memory_budget
+
+    source = MemorySource({"cls": torch.zeros(1000, 256), "labels": torch.zeros(1000, dtype=torch.long)})
+    need = source.row_bytes(["cls"]) * 1000  # 1,032,000 bytes
+    small = ProbeConfig(load="auto", preload_gb=need / 2 / 2**30)
+    in_memory, store, pin, why = load_decision(small, [source], ["cls"], CPU)
+    assert (in_memory, store.type, pin) == (False, "cpu", False)
+    assert why.startswith("stream (auto): 0.00 GB of tokens exceed preload_gb")
+    in_memory, _, _, why = load_decision(ProbeConfig(load="auto"), [source], ["cls"], CPU)
+    assert in_memory and why == "memory (auto): 0.00 GB of tokens"
+    assert load_decision(ProbeConfig(load="stream"), [source], ["cls"], CPU)[3].startswith("stream (--load")
+    free = available_memory()
+    assert free is not None and free > 0  # Linux: MemAvailable
+    budget, limit = memory_budget(1e9)  # more than any machine has: half the available memory decides
+    assert budget == pytest.approx(free // 2, rel=0.05) and limit.startswith("half the")

@@ -9,8 +9,10 @@ window by window (`vitprobe.stream`) or served from memory. Tokens stay in the s
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -463,6 +465,40 @@ def load_whole(
     labels = source.labels.clone()
     out["labels"] = labels.pin_memory() if pin else labels.to(device)
     return out
+
+
+def available_memory() -> int | None:
+    """Bytes of host memory new allocations can take now: Linux MemAvailable, capped by a cgroup limit (a
+    container's); free pages elsewhere; None when unknown."""
+    found: list[int] = []
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            found += [int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")]
+    except (OSError, ValueError):
+        pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = Path("/sys/fs/cgroup/memory.current").read_text().strip()
+        if limit != "max":
+            found.append(int(limit) - int(used))
+    except (OSError, ValueError):
+        pass
+    if not found:
+        try:
+            found.append(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+        except (ValueError, OSError, AttributeError):
+            return None
+    return max(0, min(found))
+
+
+def memory_budget(preload_gb: float) -> tuple[int, str]:
+    """Bytes of tokens `--load auto` loads whole, and the limit in words: `preload_gb`, or half the host
+    memory available now when that is less (the rest of the run and the system need the other half)."""
+    cap = int(preload_gb * 2**30)
+    free = available_memory()
+    if free is None or cap <= free // 2:
+        return cap, f"preload_gb = {preload_gb:g} GiB"
+    return free // 2, f"half the {free / 1e9:.1f} GB of memory available"
 
 
 def final_norm_state(cache: TokenCache, device: torch.device | str = "cpu") -> dict[str, Any]:
