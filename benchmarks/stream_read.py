@@ -13,10 +13,14 @@ interleaved in each repeat (the machine is shared and noisy: median and min–ma
 - feed + to_tokens: the feed plus the fp16 → fp32 conversion on the CPU (the device here), for reference.
 
 Throughput is token bytes delivered per second (labels excluded); ratios are to the raw read of the same
-repeat. One command, about a minute:
+repeat. With `--memory`, the peak RSS of whole `vitprobe probe --load stream` commands (one epoch, `mean`
+read-out, so every patch token is streamed) on train caches of N and 2N rows, with 1 GB and 128 MB shards,
+against one test cache: the feed's memory should not grow with the cache or the shard size. One command
+each, about a minute and a few minutes:
 
     .venv/bin/python benchmarks/stream_read.py                 # 8,000 rows (600 MB), 128 MB shards
     .venv/bin/python benchmarks/stream_read.py --rows 20000 --repeats 7
+    .venv/bin/python benchmarks/stream_read.py --memory        # 10,000 and 20,000 rows (0.76 / 1.5 GB)
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -86,6 +91,49 @@ def timed(fn: Callable[[], int]) -> float:
     return n / (time.perf_counter() - start) / 1e9
 
 
+def peak_rss(args: list[str]) -> int:
+    """Peak resident set size (bytes) of one command, from the kernel's accounting of that child."""
+    child = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(child.pid, 0)
+    if status != 0:
+        raise RuntimeError(f"{' '.join(args)} failed: {child.stderr.read().decode()[-2000:]}")
+    return usage.ru_maxrss * 1024  # Linux reports kB
+
+
+def memory(args: argparse.Namespace, root: Path) -> None:
+    """Peak RSS of `vitprobe probe --load stream` on caches of N and 2N rows, two shard sizes."""
+    test = write_cache(root / "test", rows=1000, shard_rows=1700, seed=9, split="val")
+    caches = {
+        (rows, shard): write_cache(root / f"train-{rows}-{shard}", rows=rows, shard_rows=shard, seed=rows)
+        for rows in (args.memory_rows, 2 * args.memory_rows)
+        for shard in (13_000, 1_700)  # about 1 GB (the extract default) and 128 MB
+    }
+    peaks: dict[tuple[int, int], list[int]] = {key: [] for key in caches}
+    for rep in range(args.repeats):
+        for key in list(caches) if rep % 2 == 0 else list(reversed(caches)):
+            command = [
+                sys.executable, "-m", "vitprobe", "probe", "--train", str(caches[key]), "--test", str(test),
+                "--out", str(root / "run"), "--overwrite", "--load", "stream", "--pool", "mean",
+                "--protocol", "mae", "--epochs", "1", "--batch-size", "256", "--lr-grid", "0.1",
+            ]
+            peaks[key].append(peak_rss(command))
+    print(
+        f"peak RSS of `vitprobe probe --load stream --pool mean --protocol mae --epochs 1 --batch-size 256` "
+        f"(75.6 kB rows, 1,000-row test cache), {os.cpu_count()} cores, {args.repeats} interleaved repeats"
+    )
+    print("| train rows | cache | shards | peak RSS MB, median (min–max) | vs N rows, same shards |")
+    print("|---|---|---|---|---|")
+    for (rows, shard), values in peaks.items():
+        base = statistics.median(peaks[(args.memory_rows, shard)])
+        size = sum(f.stat().st_size for f in caches[(rows, shard)].glob("shard-*.safetensors"))
+        mb = [v / 2**20 for v in values]
+        print(
+            f"| {rows:,} | {size / 1e9:.2f} GB | {shard:,} rows ({shard * 75.6e3 / 1e9:.2f} GB) | "
+            f"{statistics.median(mb):.0f} ({min(mb):.0f}–{max(mb):.0f}) | "
+            f"{statistics.median(values) / base:.2f}× |"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -94,8 +142,13 @@ def main() -> None:
     parser.add_argument("--shard-rows", type=int, default=1700, help="rows per shard (1,700 = 128 MB)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--dir", type=Path, default=None, help="where to write the cache (default: temp)")
+    parser.add_argument("--memory", action="store_true", help="peak RSS of probe --load stream instead")
+    parser.add_argument("--memory-rows", type=int, default=10_000, help="N of --memory (and 2N)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        if args.memory:
+            memory(args, Path(tmp))
+            return
         path = write_cache(Path(tmp) / "train", rows=args.rows, shard_rows=args.shard_rows)
         size = sum(f.stat().st_size for f in path.glob("shard-*.safetensors"))
         cache = open_cache(path)
