@@ -282,3 +282,36 @@ def test_load_auto_decides_from_memory_and_says_what_it_chose() -> None:
     assert free is not None and free > 0  # Linux: MemAvailable
     budget, limit = memory_budget(1e9)  # more than any machine has: half the available memory decides
     assert budget == pytest.approx(free // 2, rel=0.05) and limit.startswith("half the")
+
+
+def test_batches_from_pinned_memory_equal_indexing_it() -> None:
+    from vitprobe.stream import memory_batches
+
+    memory = {"cls": torch.randn(50, 4).half(), "labels": torch.arange(50) % CLASSES}
+    order = torch.randperm(50, generator=torch.Generator().manual_seed(0))
+    got = []
+    for batch in memory_batches(memory, ["cls"], order, 8, 7, pin=False):  # pinning needs CUDA
+        got.append((to_tokens(batch, CPU, None).cls, batch["labels"]))
+    for b, (cls, labels) in enumerate(got):
+        take = order[b * 8 : (b + 1) * 8]
+        assert torch.equal(cls, memory["cls"][take].float()) and torch.equal(labels, memory["labels"][take])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_cuda_pinned_batches_and_block_picks_equal_the_cpu_path(tmp_path: Path) -> None:
+    cache = write_cache(tmp_path, n=37, shard=10, layers=(3, 5, 7))
+    split = Split("train", CacheSource(cache, [3, 5, 7]), torch.arange(37))
+    cuda = torch.device("cuda")
+    for pinned, plain in zip(
+        iter_batches(split, ["patches"], 8, generator=torch.Generator().manual_seed(0), pin=True),
+        iter_batches(split, ["patches"], 8, generator=torch.Generator().manual_seed(0), pin=False),
+        strict=True,
+    ):
+        for layer in (0, 2):
+            on_gpu = to_tokens(pinned, cuda, None, layer=layer).patches
+            assert torch.equal(on_gpu.cpu(), to_tokens(plain, CPU, None, layer=layer).patches)
+    memory = load_whole(split.source, ["patches"], cuda, pin=True)
+    assert memory["patches"].is_pinned()
+    pinned_split = Split("train", split.source, torch.arange(37), memory)
+    first = next(iter(iter_batches(pinned_split, ["patches"], 8)))
+    assert torch.equal(to_tokens(first, cuda, None, layer=1).patches.cpu(), memory["patches"][:8, 1].float())

@@ -39,6 +39,20 @@ class Batch(dict):
     """A streamed batch (keys -> tensors) whose token tensors live in a reused buffer, `slot`."""
 
     slot: _Slot | None = None
+    moved: dict[tuple[str, str], torch.Tensor] | None = None  # whole (B, L, ...) tensors copied to a GPU
+
+
+def on_device(batch: dict[str, torch.Tensor], key: str, device: torch.device) -> torch.Tensor:
+    """`batch[key]` on `device` in its stored dtype, copied once per batch (several blocks are then picked
+    on the device instead of each one copied from a strided host view)."""
+    t = batch[key]
+    if not isinstance(batch, Batch) or t.device == device:
+        return t
+    if batch.moved is None:
+        batch.moved = {}
+    if (key, str(device)) not in batch.moved:
+        batch.moved[(key, str(device))] = t.to(device, non_blocking=True)
+    return batch.moved[(key, str(device))]
 
 
 def reused(batch: dict[str, torch.Tensor]) -> bool:
@@ -119,6 +133,30 @@ class Piece:
 
     def subset(self, sel: torch.Tensor) -> Piece:
         return Piece(self.tensors, self.local[sel], self.rows[sel])
+
+
+def memory_batches(
+    memory: dict[str, torch.Tensor],
+    keys: Sequence[str],
+    order: torch.Tensor,
+    batch_size: int,
+    count: int,
+    *,
+    pin: bool = True,
+) -> Iterator[Batch]:
+    """Batches of rows `order` of tensors in pinned host memory, gathered into pinned reused buffers so each
+    copies to the GPU asynchronously (an index into pinned memory would give pageable memory)."""
+    ring = _Ring({k: memory[k] for k in keys}, batch_size, pin=pin)
+    for b in range(count):
+        take = order[b * batch_size : (b + 1) * batch_size]
+        out, slot = ring.take(len(take))
+        with _one_thread():
+            for k in keys:
+                gather(memory[k], take, out[k])
+        batch = Batch(out)
+        batch.slot = slot
+        batch["labels"] = memory["labels"][take]
+        yield batch
 
 
 def plan_windows(source: TokenSource, rows: torch.Tensor, per_window: int) -> list[Window]:

@@ -356,13 +356,16 @@ def iter_batches(
     Streamed token tensors may live in reused buffers (pinned when `pin`; default: when CUDA is
     available): pass each batch through `to_tokens` before drawing the next one, or copy what you keep.
     """
-    from vitprobe.stream import STREAM_BUFFER_BYTES, stream_batches
+    from vitprobe.stream import STREAM_BUFFER_BYTES, memory_batches, stream_batches
 
     rows = split.epoch_rows(epoch)
     if split.memory is not None:
         order = rows[torch.randperm(len(rows), generator=generator)] if generator is not None else rows
         count = num_batches(len(order), batch_size, drop_last)
         store = next(iter(split.memory.values())).device
+        if keys and store.type == "cpu" and split.memory[keys[0]].is_pinned():
+            yield from memory_batches(split.memory, keys, order, batch_size, count)
+            return
         for b in range(count):
             take = order[b * batch_size : (b + 1) * batch_size].to(store)
             yield {k: split.memory[k][take] for k in (*keys, "labels")}
@@ -413,7 +416,7 @@ def to_tokens(
     `layer` picks a position on the batch's block axis (batches of several blocks are (B, L, ...)); None
     when the batch holds one block.
     """
-    from vitprobe.stream import release, reused
+    from vitprobe.stream import on_device, release, reused
 
     shared = reused(batch)
 
@@ -421,6 +424,8 @@ def to_tokens(
         t = batch.get(key)
         if t is None:
             return None
+        if layer is not None and device.type == "cuda":
+            t = on_device(batch, key, device)  # (B, L, ...) moved once for every block picked
         t = t if layer is None else t[:, layer]
         moved = t.to(device=device, dtype=torch.float32, non_blocking=True)
         return moved.clone() if shared and moved.data_ptr() == t.data_ptr() else moved  # own the memory
