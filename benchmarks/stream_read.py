@@ -91,13 +91,23 @@ def timed(fn: Callable[[], int]) -> float:
     return n / (time.perf_counter() - start) / 1e9
 
 
+PEAK = """
+import sys
+from vitprobe.cli import main
+try:
+    main()
+finally:  # the peak of this process's own memory (VmHWM starts afresh at exec; ru_maxrss would not)
+    status = open("/proc/self/status").read()
+    print("VmHWM", status.split("VmHWM:")[1].split()[0], file=sys.stderr)
+"""
+
+
 def peak_rss(args: list[str]) -> int:
-    """Peak resident set size (bytes) of one command, from the kernel's accounting of that child."""
-    child = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(child.pid, 0)
-    if status != 0:
-        raise RuntimeError(f"{' '.join(args)} failed: {child.stderr.read().decode()[-2000:]}")
-    return usage.ru_maxrss * 1024  # Linux reports kB
+    """Peak resident set size (bytes) of one vitprobe command, read by the command itself from /proc."""
+    done = subprocess.run([sys.executable, "-c", PEAK, *args], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} failed: {done.stderr[-2000:]}")
+    return int(done.stderr.rsplit("VmHWM", 1)[1].split()[0]) * 1024  # kB
 
 
 def memory(args: argparse.Namespace, root: Path) -> None:
@@ -112,7 +122,7 @@ def memory(args: argparse.Namespace, root: Path) -> None:
     for rep in range(args.repeats):
         for key in list(caches) if rep % 2 == 0 else list(reversed(caches)):
             command = [
-                sys.executable, "-m", "vitprobe", "probe", "--train", str(caches[key]), "--test", str(test),
+                "probe", "--train", str(caches[key]), "--test", str(test),
                 "--out", str(root / "run"), "--overwrite", "--load", "stream", "--pool", "mean",
                 "--protocol", "mae", "--epochs", "1", "--batch-size", "256", "--lr-grid", "0.1",
             ]

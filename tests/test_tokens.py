@@ -103,6 +103,10 @@ def test_mapped_file_equals_safetensors_for_every_dtype(tmp_path: Path) -> None:
     mapped.page_in("f16", torch.tensor([0, 1, 3]))  # a hint: the values stay what they are
     mapped.page_in("bf16", torch.tensor([2]), part=(0, 6))
     assert torch.equal(mapped.tensor("f16"), tensors["f16"])
+    rows = torch.tensor([0, 2, 3])  # read without mapping: whole rows, or part of each row
+    assert torch.equal(mapped.read_rows("bf16", rows).view(torch.bfloat16), tensors["bf16"][rows].flatten(1))
+    part = mapped.read_rows("bf16", rows, part=(6, 6)).view(torch.bfloat16)  # bytes 6..12: [1, :]
+    assert torch.equal(part, tensors["bf16"][rows, 1])
     (tmp_path / "bad.safetensors").write_text("not a safetensors file")
     with pytest.raises(CacheError, match="cannot map"):
         MappedFile(tmp_path / "bad.safetensors")

@@ -4,6 +4,8 @@ The token feed (`vitprobe.tokens`) reads cache shards through these maps, so a b
 from the page cache into a reused buffer — one copy per byte, as a plain `read` makes — and `page_in` asks
 the kernel to read a row range ahead of use (on the feed's reader thread). A map costs a header read; pages
 count as this process's memory only while a view of them is alive, so dropping the views bounds memory.
+Sparse rows (a holdout) are read with `read_rows` instead: a map would page in the whole large folios
+around each row, ten times the bytes wanted.
 
 The header follows the safetensors format (8-byte little-endian length, a JSON header of dtype, shape and
 data offsets per tensor, then the data); tests/test_tokens.py checks every tensor against `safe_open`.
@@ -82,6 +84,38 @@ class MappedFile:
         raw = torch.frombuffer(self._map, dtype=torch.uint8, count=end - begin, offset=self._data + begin)
         return raw.view(dtype).view(shape)
 
+    def read_rows(self, key: str, rows: torch.Tensor, part: tuple[int, int] | None = None) -> torch.Tensor:
+        """Rows of `key` read with `pread` into fresh memory (nothing mapped): (m, bytes per row) uint8, or
+        (m, part length) with `part`. For sparse rows, where a map would page in whole folios around each.
+
+        Args:
+            key: tensor name.
+            rows: sorted row numbers along the tensor's first axis.
+            part: (byte offset, byte length) inside each row, or None for whole rows.
+        """
+        entry = self.entries[key]
+        begin, end = entry["data_offsets"]
+        row = (end - begin) // max(1, int(entry["shape"][0]))
+        width = row if part is None else part[1]
+        out = torch.empty((len(rows), width), dtype=torch.uint8)
+        if len(rows) == 0:
+            return out
+        flat = memoryview(out.numpy()).cast("B")
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            at = 0
+            for lo, length in _byte_runs(rows.tolist(), row, part, exact=True):
+                done = 0
+                while done < length:  # pread may return less than asked
+                    got = os.preadv(fd, [flat[at + done : at + length]], self._data + begin + lo + done)
+                    if got <= 0:
+                        raise CacheError(f"{self.path} ended early", "re-run `vitprobe extract` to repair it")
+                    done += got
+                at += length
+        finally:
+            os.close(fd)
+        return out
+
     def page_in(self, key: str, rows: torch.Tensor, part: tuple[int, int] | None = None) -> None:
         """Ask the kernel to read rows of `key` into memory now (blocking where supported), so a later
         gather neither waits for the disk nor faults.
@@ -114,9 +148,12 @@ def _check_entry(key: str, entry: dict, data_bytes: int) -> None:
         raise ValueError(f"tensor {key!r}: offsets {[begin, end]} do not match its shape and the file")
 
 
-def _byte_runs(rows: Sequence[int], row: int, part: tuple[int, int] | None) -> list[tuple[int, int]]:
-    """(offset, length) byte ranges covering `part` of each row (whole rows merged into runs)."""
-    if part is not None and 2 * part[1] < row:  # a small part of each row: one range per row
+def _byte_runs(
+    rows: Sequence[int], row: int, part: tuple[int, int] | None, *, exact: bool = False
+) -> list[tuple[int, int]]:
+    """(offset, length) byte ranges covering `part` of each row (whole rows merged into runs); a part that
+    is most of a row is covered by whole rows unless `exact`."""
+    if part is not None and (exact or 2 * part[1] < row):  # one range per row
         return [(r * row + part[0], part[1]) for r in rows]
     runs: list[tuple[int, int]] = []
     first = prev = rows[0]

@@ -185,13 +185,17 @@ def plan_groups(windows: Sequence[Window], row_bytes: int, group_bytes: int) -> 
 
 
 def open_group(source: TokenSource, keys: Sequence[str], group: Sequence[Window]) -> list[Piece]:
-    """Map a group's windows and page their wanted rows in (run on the reader thread)."""
+    """Map a group's windows and page their wanted rows in, or read the rows of sparse windows (fewer
+    than half the rows they span) into memory (run on the reader thread)."""
     views = {}
     pieces = []
     for w in group:
         if w.block not in views:
             views[w.block] = source.open_block(w.block, keys)
         view = views[w.block]
+        if view.read is not None and 2 * len(w.local) < w.stop - w.start:
+            pieces.append(Piece(view.read(w.local), torch.arange(len(w.local)), w.rows))
+            continue
         if view.page_in is not None:
             view.page_in(w.local)
         pieces.append(Piece(view.rows(w.start, w.stop), w.local - w.start, w.rows))
@@ -284,10 +288,24 @@ def _assemble(
 
 
 def _leftover(pool: Sequence[Piece], offsets: torch.Tensor, rest: torch.Tensor) -> list[Piece]:
-    """The pieces restricted to pool positions `rest` (rows carried into the next group)."""
+    """The rows at pool positions `rest` (fewer than a batch), copied out of their windows so that the
+    carry into the next group keeps no mapping of this one alive (memory stays at two groups)."""
+    if len(rest) == 0:
+        return []
     with _one_thread():
         piece = torch.searchsorted(offsets, rest, right=True) - 1
-        return [pool[j].subset(rest[piece == j] - offsets[j]) for j in torch.unique(piece).tolist()]
+        order = torch.argsort(piece, stable=True)
+        rest, piece = rest[order], piece[order]
+        parts = [pool[j].subset(rest[piece == j] - offsets[j]) for j in torch.unique(piece).tolist()]
+        like = parts[0].tensors
+        out = {k: torch.empty((len(rest), *v.shape[1:]), dtype=v.dtype) for k, v in like.items()}
+        pos = 0
+        for p in parts:
+            for k, v in p.tensors.items():
+                gather(v, p.local, out[k][pos : pos + len(p.local)])
+            pos += len(p.local)
+        rows = torch.cat([p.rows for p in parts])
+    return [Piece(out, torch.arange(len(rows)), rows)]
 
 
 def stream_batches(
@@ -353,6 +371,7 @@ def stream_batches(
                 yield _assemble(pool, offsets, take, keys, labels, sink, views)
                 yielded += 1
             carry = _leftover(pool, offsets, order[full * batch_size :])
+            pool = pieces = []  # this group's maps go now, before the next one is read ahead
     finally:  # also when the caller stops early: no shard is hashed for a pass that ended
         reader.shutdown(wait=True, cancel_futures=True)
         verifier.shutdown(wait=True, cancel_futures=True)

@@ -101,6 +101,8 @@ class BlockView:
         get: (a, b) -> {key: (b - a, ...) tensor}, views of the block where the storage allows.
         num_rows: rows in the block.
         page_in: block-local rows (sorted) -> None; reads them ahead of use (memory maps), or None.
+        read: block-local rows (sorted) -> {key: (m, ...) tensor} read into fresh memory without mapping
+            (for sparse rows), or None where `get` costs nothing (tensors in memory).
     """
 
     def __init__(
@@ -108,8 +110,9 @@ class BlockView:
         get: Callable[[int, int], dict[str, torch.Tensor]],
         num_rows: int,
         page_in: Callable[[torch.Tensor], None] | None = None,
+        read: Callable[[torch.Tensor], dict[str, torch.Tensor]] | None = None,
     ) -> None:
-        self.get, self.num_rows, self.page_in = get, num_rows, page_in
+        self.get, self.num_rows, self.page_in, self.read = get, num_rows, page_in, read
 
     def rows(self, a: int, b: int) -> dict[str, torch.Tensor]:
         return self.get(a, b)
@@ -278,8 +281,20 @@ class CacheSource(TokenSource):
             for k, t in full.items():
                 mapped.page_in(k, rows, self._part(t[0].numel() * t.element_size()))
 
+        def read(rows: torch.Tensor) -> dict[str, torch.Tensor]:
+            out = {}
+            for k, t in full.items():
+                part = self._part(t[0].numel() * t.element_size())
+                raw = mapped.read_rows(k, rows, part).view(t.dtype)  # (m, elements)
+                if part is None:
+                    out[k] = self._pick(raw.view(len(rows), *t.shape[1:]))
+                else:  # the wanted blocks only: (m, L', ...) or (m, ...) for one block
+                    blocks = raw.view(len(rows), len(self._positions), *t.shape[2:])
+                    out[k] = blocks[:, 0] if isinstance(self.layer, int) else blocks
+            return out
+
         start, stop = self.blocks[i]
-        return BlockView(get, stop - start, page_in)
+        return BlockView(get, stop - start, page_in, read)
 
     def row_bytes(self, keys: Sequence[str]) -> int:
         layout = self.cache.layout
