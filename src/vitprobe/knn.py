@@ -52,14 +52,27 @@ class KnnConfig:
 
 @torch.no_grad()
 def neighbours(
-    train_feats: torch.Tensor, test_feats: torch.Tensor, k: int, *, train_chunk: int = 65536
+    train_feats: torch.Tensor,
+    test_feats: torch.Tensor,
+    k: int,
+    *,
+    train_chunk: int = 65536,
+    buffer: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The k most similar train rows of each test row: similarities (B, k), sorted high to low, and their
-    train indices (B, k). One matmul and top-k per train chunk; chunks are merged by another top-k."""
+    train indices (B, k). One matmul and top-k per train chunk; chunks are merged by another top-k.
+
+    `buffer` (at least B × min(N, train_chunk) floats) takes the similarities, so a search over many test
+    batches does not page in fresh memory for each one."""
     k = min(k, len(train_feats))
     best_sim, best_idx = None, None
     for start in range(0, len(train_feats), train_chunk):
-        sims = test_feats @ train_feats[start : start + train_chunk].T  # (B, n_chunk)
+        chunk = train_feats[start : start + train_chunk]
+        out = None if buffer is None else buffer.view(-1)[: len(test_feats) * len(chunk)]
+        if out is None:
+            sims = test_feats @ chunk.T  # (B, n_chunk)
+        else:
+            sims = torch.mm(test_feats, chunk.T, out=out.view(len(test_feats), len(chunk)))
         sim, idx = sims.topk(min(k, sims.shape[1]), dim=1)  # (B, k')
         idx += start
         if best_sim is not None:
@@ -105,9 +118,10 @@ def _votes(
     ks: Sequence[int],
     temperature: float,
     train_chunk: int,
+    buffer: torch.Tensor | None = None,
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """(k, scores (B, C)) for each k in `ks`, summing the neighbours' weights in rank order as DINO does."""
-    sims, idx = neighbours(train_feats, test_feats, max(ks), train_chunk=train_chunk)
+    sims, idx = neighbours(train_feats, test_feats, max(ks), train_chunk=train_chunk, buffer=buffer)
     weights = sims.div(temperature).exp()  # (B, k), DINO's distances.div_(T).exp_()
     voters = train_labels[idx]  # (B, k)
     scores = torch.zeros(len(test_feats), num_classes, dtype=weights.dtype, device=weights.device)
@@ -154,12 +168,15 @@ def knn_evaluate(
     train_labels = train_labels.to(device).long()
     test_labels = test_labels.to(device).long()
     batch_size = batch_size or batch_rows(len(train_feats), train_chunk, device)
+    chunk_rows = min(len(train_feats), train_chunk)
+    buffer = torch.empty(min(batch_size, len(test_feats)) * chunk_rows, device=device)  # similarities
     top1 = {k: 0 for k in ks}
     top5 = {k: 0 for k in ks}
     for start in range(0, len(test_feats), batch_size):
         feats = F.normalize(test_feats[start : start + batch_size].to(device).float(), dim=1)  # (B, D)
         labels = test_labels[start : start + batch_size]
-        for k, s in _votes(train_feats, train_labels, feats, num_classes, ks, temperature, train_chunk):
+        votes = _votes(train_feats, train_labels, feats, num_classes, ks, temperature, train_chunk, buffer)
+        for k, s in votes:
             width = min(5, k, num_classes)
             predictions = s.sort(dim=1, descending=True).indices[:, :width]  # (B, width), DINO's order
             correct = predictions == labels[:, None]
