@@ -4,6 +4,7 @@ the batching; non-finite features are refused with the rows named."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -194,3 +195,45 @@ def test_knn_config_refuses_bad_values() -> None:
         KnnConfig(ks=(0,))
     with pytest.raises(ProbeError):
         KnnConfig(temperature=0)
+
+
+def test_a_cache_with_a_nan_row_is_refused_by_knn_naming_the_row(tmp_path: Path) -> None:
+    """One NaN row would silently take part in every search (29 → 25 % top-1 in the issue): refused."""
+    from vitprobe.cache import (
+        FORMAT_NAME,
+        FORMAT_VERSION,
+        shard_entries,
+        write_final_norm,
+        write_manifest,
+        write_shard,
+    )
+    from vitprobe.knn import KnnConfig, run_knn
+
+    def cache(path: Path, nan_row: int | None) -> Path:
+        g = torch.Generator().manual_seed(0)
+        cls = torch.randn(12, 4, generator=g).half()
+        if nan_row is not None:
+            cls[nan_row, 1] = float("nan")
+        shards = [
+            write_shard(path, i, s, {"cls": cls[s : s + 6], "labels": torch.arange(s, s + 6) % 3,
+                                     "indices": torch.arange(s, s + 6) + 100})
+            for i, s in enumerate((0, 6))
+        ]
+        write_manifest(path, {
+            "format": FORMAT_NAME, "format_version": FORMAT_VERSION,
+            "model": {"spec": "toy", "timm_name": "toy", "checkpoint": "x", "random_init": False,
+                      "source": "x"},
+            "layers": [3], "grid": [1, 1], "dim": 4, "num_prefix_tokens": 1, "has_cls": True,
+            "num_reg_tokens": 0, "tokens": "cls", "store_dtype": "fp16", "views": 0, "seed": 0,
+            "dataset": {"spec": str(path), "split": "x", "fingerprint": str(path), "num_classes": 3,
+                        "class_names": ["a", "b", "c"]},
+            "num_samples": 12, "shard_size": 6, "shards": shard_entries(shards),
+            "final_norm": write_final_norm(path, torch.nn.Identity()), "complete": True,
+        })
+        return path
+
+    test = cache(tmp_path / "test", None)
+    assert run_knn(cache(tmp_path / "clean", None), test, KnnConfig(ks=(3,), device="cpu"))["num_train"] == 12
+    refused = r"1 of 12 feature rows are not finite.*cache rows \[8\].*indices \[108\]"
+    with pytest.raises(CacheError, match=refused):
+        run_knn(cache(tmp_path / "train", 8), test, KnnConfig(ks=(3,), device="cpu"))

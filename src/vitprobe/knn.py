@@ -23,6 +23,7 @@ from vitprobe.errors import CacheError, ProbeError
 KNN_POOLS = ("cls", "mean")
 
 
+FEATURE_BATCH_BYTES = 64 << 20  # stored tokens converted at once when reading features (patches: few rows)
 SIMILARITY_BYTES = 256 << 20  # test batch × train chunk similarities at once (CPU; GPUs: 1/8 of free)
 
 
@@ -227,7 +228,8 @@ def cache_features(
     split = Split("knn", source, rows)
     feats = torch.empty(len(rows), source.dim, device=device)  # (n, D), filled batch by batch
     done = 0
-    for batch in iter_batches(split, [key], 4096):
+    batch_rows_ = max(1, min(4096, FEATURE_BATCH_BYTES // source.row_bytes([key])))
+    for batch in iter_batches(split, [key], batch_rows_):
         tokens: Tokens = to_tokens(batch, device, norm)
         f = tokens.cls if pool == "cls" else tokens.patch_mean()  # (B, D)
         feats[done : done + len(f)] = f
