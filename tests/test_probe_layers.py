@@ -229,3 +229,76 @@ def test_logreg_fits_the_concatenated_cls_of_the_last_blocks(
     spread = float(means[torch.arange(90) % 3].var(dim=0).mean())
     for got, sigma in zip(var.tolist(), NOISE, strict=True):
         assert got == pytest.approx(sigma**2 + spread, rel=0.35), (var, spread)
+
+
+def test_extract_every_block_then_sweep_them_on_real_digits(tmp_path: Path) -> None:
+    """scikit-learn's digits as images → `extract --layers all` of a tiny ViT → `probe --layer all`."""
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+    from typer.testing import CliRunner
+
+    from vitprobe.cache import open_cache
+    from vitprobe.cli import app
+
+    digits = load_digits()
+    for split, (start, count) in {"train": (0, 12), "test": (600, 6)}.items():
+        for c in range(3):
+            folder = tmp_path / "digits" / split / str(c)
+            folder.mkdir(parents=True)
+            rows = np.flatnonzero(digits.target[start:] == c)[:count] + start
+            for i in rows:
+                pixels = (digits.images[i] * 255 / 16).astype(np.uint8)
+                Image.fromarray(pixels).resize((32, 32)).convert("RGB").save(folder / f"{i}.png")
+    runner = CliRunner()
+    for split in ("train", "test"):
+        result = runner.invoke(
+            app,
+            [
+                "extract",
+                "--model",
+                "timm:test_vit",
+                "--random-init",
+                "--data",
+                f"imagefolder:{tmp_path / 'digits'}",
+                "--split",
+                split,
+                "--layers",
+                "all",
+                "--workers",
+                "0",
+                "--out",
+                str(tmp_path / split),
+            ],
+        )
+        assert result.exit_code == 0, result.output
+    cache = open_cache(tmp_path / "train")
+    depth = cache.manifest["depth"]
+    assert list(cache.layers) == list(range(depth)) and cache.manifest["config"]["layers"] == "all"
+    result = runner.invoke(
+        app,
+        [
+            "probe",
+            "--train",
+            str(tmp_path / "train"),
+            "--test",
+            str(tmp_path / "test"),
+            "--out",
+            str(tmp_path / "run"),
+            "--layer",
+            "all",
+            "--pool",
+            "cls",
+            "--pool",
+            "fusion",
+            "--holdout",
+            "0.25",
+            *map(str, FAST),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    results = _results(tmp_path / "run")
+    assert results["per_layer"]["cls"]["layers"] == list(range(depth))
+    assert len(results["per_layer"]["cls"]["top1"]) == depth
+    assert results["readouts"]["fusion"]["blocks"] == list(range(depth))
+    assert all(0.0 <= t <= 1.0 for t in results["per_layer"]["cls"]["top1"])
