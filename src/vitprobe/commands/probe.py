@@ -24,6 +24,7 @@ Optimizer = str_choices("Optimizer", ("lars", "sgd", "adamw"))
 Protocol = str_choices("Protocol", ("auto", "mae", "ep", "logreg"))
 Amp = str_choices("Amp", ("auto", "off", "bf16"))
 SelectOn = str_choices("SelectOn", ("holdout", "test"))
+SelectEpoch = str_choices("SelectEpoch", ("best", "last"))
 Act = str_choices("Act", ("tanh", "relu"))
 Content = str_choices("Content", ("patch", "all"))
 Load = str_choices("Load", ("auto", "memory", "stream"))
@@ -135,6 +136,14 @@ def probe(
         SelectOn,
         typer.Option("--select-on", help="Pick lr/epoch on a train holdout, or on test (optimistic)."),
     ] = SelectOn.holdout,
+    select_epoch: Annotated[
+        SelectEpoch | None,
+        typer.Option(
+            "--select-epoch",
+            help="Which epoch of each head counts: best (its best evaluation, early stopping; mae, ep) or "
+            "last (the end of its schedule; auto).",
+        ),
+    ] = None,
     holdout: Annotated[float, typer.Option("--holdout", help="Stratified holdout fraction.")] = 0.1,
     refit: Annotated[
         bool,
@@ -233,6 +242,7 @@ def probe(
         c_grid=parse_floats(c_grid, "--c-grid") if c_grid is not None else None,
         max_iter=max_iter,
         select_on=select_on.value,
+        select_epoch=select_epoch.value if select_epoch else None,
         holdout=holdout,
         refit=refit,
         eval_every=eval_every,

@@ -72,6 +72,7 @@ def train_gradient(
             device=device,
             layer=positions.get(spec.name),
             blocks=blocks,
+            select_last=cfg.select_epoch == "last",
         )
         for spec in specs
     ]

@@ -19,6 +19,7 @@ from vitprobe.probe.optim import OPTIMIZERS, OptimizerSpec
 from vitprobe.tokens import num_batches
 
 SELECT_ON = ("holdout", "test")
+SELECT_EPOCH = ("best", "last")
 LOAD_MODES = ("auto", "memory", "stream")
 AMP_MODES = ("auto", "off", "bf16")
 LOGREG_POOLS = ("cls", "mean", "cls+mean", "cls-cat", "cls-cat+mean")
@@ -140,6 +141,9 @@ class ProbeConfig:
     min_steps: int = 12_500  # minimum optimiser steps: epochs grow until the run has this many
     warmup_epochs: float = 0.0  # linear warm-up (epochs), then half-cosine to 0, per step
     select_on: str = "holdout"  # pick lr and epoch on a held-out train split; "test" is optimistic
+    # which epoch of each head counts: "best" = its best evaluation on the selection split (early stopping,
+    # the papers' max over epochs), "last" = the end of its schedule (a regularisation path, as a C sweep)
+    select_epoch: str = "best"
     holdout: float = 0.1  # stratified fraction of the train cache held out for selection
     refit: bool = False  # after selection, retrain on the full train cache with the chosen lr and epochs
     eval_every: int = 0  # evaluate every N epochs (and at the last); 0 = about 100 evaluations per run
@@ -229,6 +233,7 @@ def _check(cfg: ProbeConfig) -> None:
         raise ProbeError(f"unknown --optimizer {cfg.optimizer!r}", f"use one of {', '.join(OPTIMIZERS)}")
     for name, value, allowed in (
         ("--select-on", cfg.select_on, SELECT_ON),
+        ("--select-epoch", cfg.select_epoch, SELECT_EPOCH),
         ("--load", cfg.load, LOAD_MODES),
         ("--amp", cfg.amp, AMP_MODES),
     ):

@@ -242,9 +242,14 @@ def _rule(cfg: ProbeConfig, selection: Split | None) -> str:
             "no image could be held out (every class has one train image): the middle of the grid and "
             "the last epoch are reported, unselected"
         )
+    epochs = "at the last epoch of each head" if cfg.select_epoch == "last" else "and epochs"
+    if cfg.protocol == "logreg":
+        epochs = "of C"
     if cfg.select_on == "holdout":
         return (
-            "max top-1 over the grid (and epochs) on a stratified holdout of the train rows, ties to the "
+            f"max top-1 over the grid ({epochs}) on a stratified holdout of the train rows, ties to the "
             "lower holdout loss; test reported at that choice"
         )
-    return "max test top-1 over the grid (and epochs): optimistic, as papers that report the best test epoch"
+    return (
+        f"max test top-1 over the grid ({epochs}): optimistic, as papers that report the best test epoch"
+    )
