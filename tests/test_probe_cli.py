@@ -133,6 +133,8 @@ FAST = [
     "0.5,2",
     "--optimizer",
     "sgd",
+    "--weight-decay",
+    "0",
 ]
 
 

@@ -20,7 +20,14 @@ def blobs(n: int, *, classes: int = 4, dim: int = 8, seed: int = 0, noise: float
 
 
 def run(train: MemorySource, test: MemorySource, protocol: str = "auto", **kw: object):
-    base = {"pools": ("cls",), "epochs": 20, "min_steps": 0, "batch_size": 32, "eval_every": 1}
+    base = {
+        "pools": ("cls",),
+        "epochs": 20,
+        "min_steps": 0,
+        "batch_size": 32,
+        "eval_every": 1,
+        "weight_decay": (0.0,),
+    }
     cfg = ProbeConfig.from_protocol(protocol, **({**base, **kw} if protocol == "auto" else kw))
     return train_probes(train, test, cfg, [cfg.head_spec("cls")], keys=["cls"]).readouts["cls"]
 

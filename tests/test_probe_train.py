@@ -36,6 +36,7 @@ def small_cfg(**kw: object) -> ProbeConfig:
         "optimizer": "sgd",
         "holdout": 0.2,
         "eval_every": 1,
+        "weight_decay": (0.0,),  # one head per lr (curves keyed by blr)
     }
     return ProbeConfig.from_protocol("auto", **{**base, **kw})
 

@@ -26,6 +26,7 @@ LOGREG_POOLS = ("cls", "mean", "cls+mean", "cls-cat", "cls-cat+mean")
 # Base lrs (at batch 256) of the default grid: 13 values over four decades in 1-2-5 steps. DINOv2's linear
 # evaluation trains a 13-value grid side by side (dinov2/eval/linear.py: 1e-5 .. 0.1 on raw features); on
 # BatchNorm-standardised features the optimum sits higher (0.1 .. 10 on small real data: docs/probing.md).
+AUTO_WD_GRID = (0.0, 1e-4, 1e-3)  # weight decays of auto's heads (× AUTO_LR_GRID)
 AUTO_LR_GRID = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0)
 # C of the logistic-regression protocol: DINOv2's log_regression.py sweeps 10 ** linspace(-6, 5, 45);
 # this is every other value of that grid (23 values, same range).
@@ -47,15 +48,17 @@ class Protocol:
 
 PROTOCOLS: dict[str, Protocol] = {
     "auto": Protocol(
-        description="converged by default: SGD + momentum, a 13-value lr grid (4 decades) trained side by "
-        "side, at least 12,500 optimiser steps (epochs scaled up for small train sets), lr and epoch chosen "
-        "on a train holdout",
-        source="DINOv2 linear evaluation (SGD momentum 0.9, wd 0, cosine, 12,500 iterations, 13 lrs); "
-        "vitprobe's choice of grid, budget and selection (docs/probing.md)",
+        description="converged by default: SGD + momentum, 13 lrs (4 decades) x 3 weight decays trained side "
+        "by side, at least 12,500 optimiser steps (epochs scaled up for small train sets), the heads at the "
+        "end of their schedule compared on a train holdout",
+        source="DINOv2 linear evaluation (SGD momentum 0.9, cosine, 12,500 iterations, 13 lrs); the weight "
+        "decay path as scikit-learn's C sweep; vitprobe's choice of grid, budget and selection "
+        "(docs/probing.md)",
         values={
             "optimizer": "sgd",
             "momentum": 0.9,
-            "weight_decay": (0.0,),
+            "weight_decay": AUTO_WD_GRID,
+            "select_epoch": "last",
             "decay_vectors": False,
             "lr_grid": AUTO_LR_GRID,
             "batch_size": 256,
@@ -79,6 +82,7 @@ PROTOCOLS: dict[str, Protocol] = {
             "epochs": 90,
             "min_steps": 0,
             "warmup_epochs": 10.0,
+            "select_epoch": "best",
         },
         optimizer_values={
             "sgd": {"momentum": 0.0, "decay_vectors": True},
@@ -99,6 +103,7 @@ PROTOCOLS: dict[str, Protocol] = {
             "epochs": 90,
             "min_steps": 0,
             "warmup_epochs": 10.0,
+            "select_epoch": "best",
             "queries": 32,
         },
         optimizer_values={
@@ -110,7 +115,7 @@ PROTOCOLS: dict[str, Protocol] = {
         description="logistic regression on pooled features: full-batch L-BFGS on standardised features, "
         "the L2 strength C chosen on the train holdout",
         source="DINOv2 log_regression.py (L-BFGS, C grid 10^[-6, 5]); CLIP's linear-probe evaluation",
-        values={"pools": ("cls", "mean", "cls+mean")},
+        values={"pools": ("cls", "mean", "cls+mean"), "weight_decay": (0.0,)},
     ),
 }
 
@@ -133,7 +138,7 @@ class ProbeConfig:
     queries: int = 4  # learnable queries of the attentive read-out
     optimizer: str = "sgd"  # lars | sgd | adamw (vitprobe.probe.optim)
     momentum: float = 0.9  # LARS / SGD momentum
-    weight_decay: tuple[float, ...] = (0.0,)  # weight decays trained side by side (× lr_grid); MAE, DINOv2: 0
+    weight_decay: tuple[float, ...] = AUTO_WD_GRID  # weight decays trained side by side (× lr_grid); mae: 0
     decay_vectors: bool = False  # decay biases too (beyond_cls's plain SGD does)
     lr_grid: tuple[float, ...] = AUTO_LR_GRID  # base lrs trained side by side; lr = blr × batch / 256
     batch_size: int = 256  # rows per step (capped at the train rows); lr scales with the batch used
@@ -143,7 +148,7 @@ class ProbeConfig:
     select_on: str = "holdout"  # pick lr and epoch on a held-out train split; "test" is optimistic
     # which epoch of each head counts: "best" = its best evaluation on the selection split (early stopping,
     # the papers' max over epochs), "last" = the end of its schedule (a regularisation path, as a C sweep)
-    select_epoch: str = "best"
+    select_epoch: str = "last"
     holdout: float = 0.1  # stratified fraction of the train cache held out for selection
     refit: bool = False  # after selection, retrain on the full train cache with the chosen lr and epochs
     eval_every: int = 0  # evaluate every N epochs (and at the last); 0 = about 100 evaluations per run
