@@ -1,0 +1,308 @@
+"""Models of what probing writes: results.json, knn.json, predictions.json and a saved head's JSON."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from vitprobe.results.common import CacheRef, Provenance
+from vitprobe.results.schema import Model, ResultsError, Versioned, opt
+
+model = dataclass(frozen=True, kw_only=True)
+
+
+@model
+class Check(Model):
+    """One probe-health finding (vitprobe.probe.selection.Check)."""
+
+    code: str
+    severity: str  # "warning": the number is not trustworthy as is; "note": worth knowing
+    message: str
+    fix: str
+
+
+@model
+class Curve(Model):
+    """One grid value's curves: `epoch` (evaluated epochs, 1-based) and one series per metric.
+
+    The series keys are `train_loss`, `train_top1` and `<split>_top1` / `<split>_loss` for each evaluated
+    split (holdout, test); each is a list as long as `epoch` (null where a value was not finite).
+    """
+
+    blr: float
+    lr: float
+    diverged: bool
+    epoch: list[int]
+    series: dict[str, list[float | None]]
+
+    @classmethod
+    def from_dict(cls, data: Any, *, where: str = "") -> Curve:
+        if not isinstance(data, dict):
+            raise ResultsError(f"{where}: expected a JSON object", "re-run `vitprobe probe`")
+        head = {k: data[k] for k in ("blr", "lr", "diverged", "epoch") if k in data}
+        rest = {k: v for k, v in data.items() if k not in head}
+        values = cls._parse_fields({**head, "series": rest}, where)
+        for name, series in values["series"].items():
+            if len(series) != len(values["epoch"]):
+                raise ResultsError(
+                    f"{where}.{name}: {len(series)} values for {len(values['epoch'])} evaluated epochs",
+                    "re-run `vitprobe probe`",
+                )
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"blr": self.blr, "lr": self.lr, "diverged": self.diverged, "epoch": list(self.epoch),
+                **{k: list(v) for k, v in self.series.items()}, **self.extra}
+
+
+@model
+class Readout(Model):
+    """One read-out's entry of results.json: the reported head, how it was chosen, its health."""
+
+    options: dict[str, Any]
+    blr: float | None
+    lr: float | None
+    epoch: int | None  # chosen epoch, 1-based
+    C: float | None  # logreg: chosen L2 strength
+    selection_top1: float | None
+    top1: float  # fraction in [0, 1]
+    top5: float
+    test_loss: float | None
+    num_test_samples: int
+    per_class: dict[str, float | None]
+    verdict: str  # "ok" or "warning"
+    health: list[Check]
+    movement: float | None
+    test_top1_before_refit: float | None
+    refit: bool
+    head: str
+    curves: dict[str, Curve]
+    sweep: list[dict[str, Any]] | None
+
+    @property
+    def flagged(self) -> bool:
+        """A health warning: this number must never be shown as a clean one."""
+        return self.verdict != "ok"
+
+    @property
+    def warnings(self) -> list[Check]:
+        return [c for c in self.health if c.severity == "warning"]
+
+
+@model
+class Selection(Model):
+    split: str  # holdout or test
+    rule: str
+    optimistic: bool
+    train_rows: int
+    holdout_rows: int
+    test_rows: int
+    batch_size: int | None
+    refit: bool
+
+
+@model
+class Schedule(Model):
+    batch_size: int
+    steps_per_epoch: int
+    epochs: int
+    total_steps: int
+    warmup_epochs: float
+    eval_every: int
+    scaled: bool
+
+
+@model
+class ProtocolRecord(Model):
+    name: str
+    overrides: list[str]
+    description: str
+    source: str
+
+
+@model
+class HealthSummary(Model):
+    ok: bool
+    flagged: list[str]
+
+
+@model
+class ProbeConfigRecord(Model):
+    """`ProbeConfig.to_dict()`: the resolved protocol a run used."""
+
+    protocol: str
+    overrides: list[str]
+    pools: list[str]
+    layer: int | None
+    final_norm: bool
+    abmilp_depth: int
+    abmilp_act: str
+    abmilp_content: str
+    queries: int
+    optimizer: str
+    momentum: float
+    weight_decay: float
+    decay_vectors: bool
+    lr_grid: list[float]
+    batch_size: int
+    epochs: int
+    min_steps: int
+    warmup_epochs: float
+    select_on: str
+    holdout: float
+    refit: bool
+    eval_every: int
+    c_grid: list[float]
+    max_iter: int
+    seed: int
+    device: str
+    amp: str
+    load: str
+    preload_gb: float
+    shuffle_shards: int
+
+
+@model
+class ProbeResults(Versioned):
+    """RUN_DIR/results.json (`vitprobe probe`); docs/results-format.md."""
+
+    FORMAT = "vitprobe-probe-results"
+    KIND = "probe"
+    FILE = "results.json"
+    VERSIONS = (2,)
+    CURRENT = 2
+
+    created: str
+    versions: dict[str, str]
+    random_init: bool
+    protocol: ProtocolRecord
+    health: HealthSummary
+    warnings: list[str]
+    notes: list[str]
+    layer: int  # 0-based block index
+    final_norm: bool
+    num_classes: int
+    class_names: list[str]
+    selection: Selection
+    schedule: Schedule | None
+    readouts: dict[str, Readout]
+    config: ProbeConfigRecord
+    train_cache: CacheRef
+    test_cache: CacheRef
+    timing: dict[str, Any]
+    provenance: Provenance | None = opt()
+
+
+@model
+class KnnEntry(Model):
+    top1: float
+    top5: float
+    k_used: int
+
+
+@model
+class KnnConfigRecord(Model):
+    ks: list[int]
+    temperature: float
+    pool: str
+    layer: int | None
+    final_norm: bool
+    batch_size: int
+    train_chunk: int
+    device: str
+
+
+@model
+class KnnResults(Versioned):
+    """RUN_DIR/knn.json (`vitprobe knn`)."""
+
+    FORMAT = "vitprobe-knn-results"
+    KIND = "knn"
+    FILE = "knn.json"
+
+    created: str
+    versions: dict[str, str]
+    random_init: bool
+    warnings: list[str]
+    layer: int  # 0-based block index
+    pool: str
+    num_train: int
+    num_test: int
+    knn: dict[str, KnnEntry]  # keyed by the k asked for
+    config: KnnConfigRecord
+    train_cache: CacheRef
+    test_cache: CacheRef
+    provenance: Provenance | None = opt()
+
+
+@model
+class Prediction(Model):
+    index: int  # dataset index
+    label: int
+    pred: int
+    top5: list[int]
+
+
+@model
+class Predictions(Versioned):
+    """predictions.json (`vitprobe predict HEAD --cache CACHE --out DIR`)."""
+
+    FORMAT = "vitprobe-predictions"
+    KIND = "predictions"
+    FILE = "predictions.json"
+    LEGACY = {1: "no-kind"}
+
+    head: str
+    cache: str
+    pool: str
+    layer: int
+    num_samples: int
+    top1: float
+    top5: float
+    per_class: dict[str, float | None]
+    predictions: list[Prediction]
+    maps: str | None = opt()
+    provenance: Provenance | None = opt()
+
+
+@model
+class HeadBackbone(Model):
+    spec: str | None
+    timm_name: str
+    checkpoint: str
+    random_init: bool
+    seed: int | None
+
+
+@model
+class HeadMeta(Versioned):
+    """heads/<pool>.json beside heads/<pool>.safetensors (`vitprobe probe`)."""
+
+    FORMAT = "vitprobe-head"
+    KIND = "head"
+    LEGACY = {1: "no-kind"}
+
+    weights: str
+    pool: str
+    options: dict[str, Any]
+    spec: dict[str, Any]  # the HeadSpec fields
+    backbone: HeadBackbone
+    layer: int  # 0-based block index
+    final_norm: bool
+    final_norm_eps: float | None
+    num_classes: int
+    class_names: list[str]
+    dim: int
+    grid: list[int]
+    num_prefix_tokens: int
+    blr: float | None
+    lr: float | None
+    epoch: int | None
+    protocol: str | None
+    C: float | None
+
+
+__all__ = [
+    "Check", "Curve", "HeadBackbone", "HeadMeta", "KnnConfigRecord", "KnnEntry", "KnnResults", "Prediction",
+    "Predictions", "ProbeConfigRecord", "ProbeResults", "ProtocolRecord", "Readout", "Schedule", "Selection",
+]
