@@ -24,12 +24,12 @@ class Choice:
     def names(self) -> tuple[str, ...]:
         return tuple(self.values)
 
-    def check(self, value: str, *, where: str = "") -> str:
-        """`value` if it is one of the names, else a VitprobeError naming the option and the names."""
+    def check(self, value: str, *, where: str = "", error: type[VitprobeError] = VitprobeError) -> str:
+        """`value` if it is one of the names, else `error` (a VitprobeError) naming the option and names."""
         if value not in self.values:
             at = f"{where}: " if where else ""
             hint = f"use one of {', '.join(self.values)}"
-            raise VitprobeError(f"{at}unknown {self.option} {value!r}", hint)
+            raise error(f"{at}unknown {self.option} {value!r}", hint)
         return value
 
     def enum(self, name: str | None = None) -> type[Enum]:
@@ -42,83 +42,122 @@ class Choice:
         return "; ".join(f"{k}: {v}" for k, v in self.values.items())
 
 
-POOL = Choice("--pool", {
-    "cls": "the [cls] token",
-    "mean": "the mean of the patch tokens",
-    "cls+mean": "[cls] and the patch mean, concatenated",
-    "abmilp": "attention-based MIL pooling of the patch tokens (Beyond [cls])",
-    "attentive": "learnable queries cross-attending to the patch tokens (efficient probing)",
-})
+POOL = Choice(
+    "--pool",
+    {
+        "cls": "the [cls] token",
+        "mean": "the mean of the patch tokens",
+        "cls+mean": "[cls] and the patch mean, concatenated",
+        "abmilp": "attention-based MIL pooling of the patch tokens (Beyond [cls])",
+        "attentive": "learnable queries cross-attending to the patch tokens (efficient probing)",
+    },
+)
 ABMILP_ACT = Choice("--abmilp-act", {"tanh": "tanh (the reference default)", "relu": "ReLU"})
-ABMILP_CONTENT = Choice("--abmilp-content", {
-    "patch": "pool the patch tokens only (the paper's MAE setting)",
-    "all": "pool [cls] and register tokens too",
-})
-OPTIMIZER = Choice("--optimizer", {
-    "lars": "LARS (MAE linear probing)",
-    "sgd": "SGD with momentum",
-    "adamw": "AdamW",
-})
-PROTOCOL = Choice("--protocol", {
-    "auto": "converged by default: SGD, 13 lrs, >= 12,500 steps, chosen on a train holdout",
-    "mae": "the MAE / Beyond [cls] LARS recipe",
-    "ep": "the efficient-probing recipe",
-    "logreg": "L-BFGS logistic regression on pooled features",
-})
+ABMILP_CONTENT = Choice(
+    "--abmilp-content",
+    {
+        "patch": "pool the patch tokens only (the paper's MAE setting)",
+        "all": "pool [cls] and register tokens too",
+    },
+)
+OPTIMIZER = Choice(
+    "--optimizer",
+    {
+        "lars": "LARS (MAE linear probing)",
+        "sgd": "SGD with momentum",
+        "adamw": "AdamW",
+    },
+)
+PROTOCOL = Choice(
+    "--protocol",
+    {
+        "auto": "converged by default: SGD, 13 lrs, >= 12,500 steps, chosen on a train holdout",
+        "mae": "the MAE / Beyond [cls] LARS recipe",
+        "ep": "the efficient-probing recipe",
+        "logreg": "L-BFGS logistic regression on pooled features",
+    },
+)
 LOGREG_POOL = Choice("--pool", {k: POOL.values[k] for k in ("cls", "mean", "cls+mean")})
-SELECT_ON = Choice("--select-on", {
-    "holdout": "lr and epoch chosen on a stratified holdout of the train cache",
-    "test": "chosen on the test set (optimistic, as papers that report the best test epoch)",
-})
-LOAD = Choice("--load", {
-    "auto": "load the caches whole when they fit, else stream",
-    "memory": "load the caches whole",
-    "stream": "read shard by shard",
-})
+SELECT_ON = Choice(
+    "--select-on",
+    {
+        "holdout": "lr and epoch chosen on a stratified holdout of the train cache",
+        "test": "chosen on the test set (optimistic, as papers that report the best test epoch)",
+    },
+)
+LOAD = Choice(
+    "--load",
+    {
+        "auto": "load the caches whole when they fit, else stream",
+        "memory": "load the caches whole",
+        "stream": "read shard by shard",
+    },
+)
 AMP = Choice("--amp", {"auto": "bf16 autocast on CUDA only", "off": "fp32", "bf16": "bf16 autocast"})
 KNN_POOL = Choice("--pool", {k: POOL.values[k] for k in ("cls", "mean")})
-DATASET_KIND = Choice("dataset kind", {
-    "imagefolder": "one folder per class (optionally under split folders)",
-    "imagenet": "ImageNet-1k train/ and val/ (flat val with its solution file, or class folders)",
-    "cub": "CUB-200-2011 (images.txt, train_test_split.txt, bounding_boxes.txt)",
-    "csv": "a CSV of path,label[,x,y,w,h] rows",
-    "synthetic": "the generated needles dataset",
-})
-TOKENS = Choice("--tokens", {
-    "all": "[cls] + registers + patches",
-    "cls": "[cls] only",
-    "pooled": "[cls] + the patch mean",
-})
+DATASET_KIND = Choice(
+    "dataset kind",
+    {
+        "imagefolder": "one folder per class (optionally under split folders)",
+        "imagenet": "ImageNet-1k train/ and val/ (flat val with its solution file, or class folders)",
+        "cub": "CUB-200-2011 (images.txt, train_test_split.txt, bounding_boxes.txt)",
+        "csv": "a CSV of path,label[,x,y,w,h] rows",
+        "synthetic": "the generated needles dataset",
+    },
+)
+TOKENS = Choice(
+    "--tokens",
+    {
+        "all": "[cls] + registers + patches",
+        "cls": "[cls] only",
+        "pooled": "[cls] + the patch mean",
+    },
+)
 STORE = Choice("--store", {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"})
-DTYPE = Choice("--dtype", {
-    "auto": "bf16 autocast on CUDA (fp16 without bf16), fp32 on CPU",
-    "fp32": "float32",
-    "bf16": "bfloat16 autocast",
-    "fp16": "float16 autocast",
-})
-REPORT_FORMAT = Choice("--format", {
-    "html": "one self-contained page",
-    "md": "Markdown, figures beside it",
-    "json": "the collected report",
-    "github": "a compact CI job summary",
-    "csv": "the pivot table (models x read-outs, or x datasets)",
-    "latex": "the pivot table as a booktabs tabular",
-})
-PIVOT = Choice("--pivot", {
-    "readouts": "one column per read-out (cls | mean | abmilp | attentive | k-NN)",
-    "datasets": "one column per dataset, for one --readout",
-})
-OUTPUT_FORMAT = Choice("--format", {
-    "human": "tables for people (stdout), diagnostics on stderr",
-    "json": "one JSON object on stdout, diagnostics on stderr",
-})
-STUDY_STEP = Choice("study step", {
-    "probe": "train the read-outs on the caches (results.json)",
-    "knn": "weighted k-NN on the caches (knn.json)",
-    "attention": "attention statistics per block (attention.json)",
-    "frequency": "Fourier analysis of the token maps (frequency.json)",
-    "localization": "MaxBoxAccV2 of [cls] attention and the head's maps (localization.json)",
-})
+DTYPE = Choice(
+    "--dtype",
+    {
+        "auto": "bf16 autocast on CUDA (fp16 without bf16), fp32 on CPU",
+        "fp32": "float32",
+        "bf16": "bfloat16 autocast",
+        "fp16": "float16 autocast",
+    },
+)
+REPORT_FORMAT = Choice(
+    "--format",
+    {
+        "html": "one self-contained page",
+        "md": "Markdown, figures beside it",
+        "json": "the collected report",
+        "github": "a compact CI job summary",
+        "csv": "the pivot table (models x read-outs, or x datasets)",
+        "latex": "the pivot table as a booktabs tabular",
+    },
+)
+PIVOT = Choice(
+    "--pivot",
+    {
+        "readouts": "one column per read-out (cls | mean | abmilp | attentive | k-NN)",
+        "datasets": "one column per dataset, for one --readout",
+    },
+)
+OUTPUT_FORMAT = Choice(
+    "--format",
+    {
+        "human": "tables for people (stdout), diagnostics on stderr",
+        "json": "one JSON object on stdout, diagnostics on stderr",
+    },
+)
+STUDY_STEP = Choice(
+    "study step",
+    {
+        "probe": "train the read-outs on the caches (results.json)",
+        "knn": "weighted k-NN on the caches (knn.json)",
+        "attention": "attention statistics per block (attention.json)",
+        "frequency": "Fourier analysis of the token maps (frequency.json)",
+        "localization": "MaxBoxAccV2 of [cls] attention and the head's maps (localization.json)",
+    },
+)
 
 POOLS = POOL.names
 ABMILP_ACTS = ABMILP_ACT.names

@@ -55,7 +55,7 @@ from vitprobe.cache import (
 from vitprobe.devices import loader_workers
 from vitprobe.errors import CacheError, VitprobeError
 from vitprobe.progress import make_progress
-from vitprobe.provenance import versions
+from vitprobe.provenance import checkpoint_of, provenance, versions
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -128,11 +128,14 @@ class _Plan:
     notes: list[str] = field(default_factory=list)
 
 
-def extract(config: ExtractConfig, *, console: Console | None = None) -> ExtractResult:
+def extract(
+    config: ExtractConfig, *, console: Console | None = None, backbone: Backbone | None = None
+) -> ExtractResult:
     """Run `config.model` over `config.data` / `config.split` and write (or resume) the cache `config.out`.
 
     Under torchrun every rank calls this; the process group is created here (nccl on CUDA, gloo on CPU)
-    unless one exists. Only rank 0 prints, to `console` (None: nothing is printed).
+    unless one exists. Only rank 0 prints, to `console` (None: nothing is printed). `backbone`: an already
+    loaded one (a study's shared load, the Python API's own model) instead of loading `config.model`.
 
     Raises:
         CacheError: `out` is locked, holds a different extraction, or the disk is too small.
@@ -151,7 +154,10 @@ def extract(config: ExtractConfig, *, console: Console | None = None) -> Extract
     say: Callable[[str], None] = console.print if rank == 0 else (lambda _: None)
     out = Path(config.out)
     try:
-        backbone = build_backbone(config, device=device)
+        if backbone is None:
+            backbone = build_backbone(config, device=device)
+        else:
+            backbone.model.to(device).eval()
         layers = backbone.layer_indices(config.layers)
         if len(set(layers)) != len(layers):
             raise VitprobeError(
@@ -264,6 +270,8 @@ def new_manifest(
         "final_norm": {"file": None, "type": None, "eps": None},
         "config": _config_dict(config),
         "complete": False,
+        "provenance": provenance(device=device, checkpoint=checkpoint_of(report), dataset={
+            "spec": config.data, "split": dataset.split, "fingerprint": dataset.fingerprint}),  # fmt: skip
     }
 
 

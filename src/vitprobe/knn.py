@@ -184,7 +184,8 @@ def run_knn(
     from vitprobe.devices import resolve_device
     from vitprobe.files import write_json
     from vitprobe.pairing import backbone_identity, check_pair, pair_warnings, resolve_layer
-    from vitprobe.provenance import versions
+    from vitprobe.provenance import checkpoint_from_manifest, provenance, versions
+    from vitprobe.results import validate
 
     train_cache, test_cache = open_cache(train_path), open_cache(test_path)
     layer = resolve_layer(train_cache, cfg.layer)
@@ -221,7 +222,10 @@ def run_knn(
         "config": asdict(cfg),
         "train_cache": {"path": str(train_cache.path), "provenance": train_cache.provenance()},
         "test_cache": {"path": str(test_cache.path), "provenance": test_cache.provenance()},
+        "provenance": provenance(device=device, checkpoint=checkpoint_from_manifest(train_cache.manifest),
+                                 dataset=test_cache.manifest["dataset"]),  # fmt: skip
     }
+    results = validate("knn", results)
     if out_dir is not None:
         write_json(Path(out_dir) / "knn.json", results)
     return results

@@ -478,8 +478,10 @@ def score_maps(
     return acc.result(), kept
 
 
-def run_localization(config: LocalizationConfig) -> LocalizationRun:
+def run_localization(config: LocalizationConfig, *, backbone: Any = None) -> LocalizationRun:
     """`vitprobe analyze localization`: MaxBoxAccV2 of [cls] attention and/or exported maps; JSON + figures.
+
+    `backbone`: an already loaded `Backbone` that `config.model` describes (else that model is loaded).
 
     Exported maps (`--abmilp-maps`) are named by the pool of the head that made them: "abmilp" or "attentive".
     """
@@ -526,10 +528,11 @@ def run_localization(config: LocalizationConfig) -> LocalizationRun:
         from vitprobe.models import load_backbone
 
         torch.manual_seed(config.seed)
-        backbone = load_backbone(
-            config.model, checkpoint=config.checkpoint, random_init=config.random_init, device=str(device)
-        )
-        backbone.model.eval()
+        if backbone is None:
+            backbone = load_backbone(
+                config.model, checkpoint=config.checkpoint, random_init=config.random_init, device=str(device)
+            )
+        backbone.model.to(device).eval()
         model_info = backbone.report.to_dict()
         random_init = random_init or backbone.report.random_init
         data_config = backbone.data_config()
@@ -588,12 +591,25 @@ def run_localization(config: LocalizationConfig) -> LocalizationRun:
         "map_sources": {k: MAP_SOURCES[k] for k in results},
         "maps": {k: v.to_dict() for k, v in results.items()},
         "figures": [str(p.relative_to(out)) for p in figures],
+        "provenance": _provenance(device, model_info, manifest, config, dataset),
         "notes": notes
         + (["random weights: these maps come from an untrained backbone"] if random_init else []),
     }
     json_path = out / "localization.json"
     write_json(json_path, result)
     return LocalizationRun(json_path=json_path, figures=figures, result=result)
+
+
+def _provenance(device: Any, model_info: Any, manifest: Any, config: Any, dataset: Any) -> dict[str, Any]:
+    from vitprobe.provenance import checkpoint_from_manifest, checkpoint_info, provenance
+
+    if model_info is not None:
+        ckpt = checkpoint_info(source=model_info["source"], sha256=model_info["sha256"],
+                               random_init=model_info["random_init"])  # fmt: skip
+    else:
+        ckpt = checkpoint_from_manifest(manifest) if manifest else None
+    data = {"spec": config.data, "split": config.split, "fingerprint": dataset.fingerprint}
+    return provenance(device=device, checkpoint=ckpt, dataset=data)
 
 
 def _check_same_images(manifest: Mapping[str, Any], dataset: Any, config: LocalizationConfig) -> None:

@@ -70,9 +70,12 @@ def provenance(
 
 
 def command_line() -> str:
-    """The command as typed (`vitprobe probe --train ...`), shell-quoted; `python -c`/notebooks say python."""
+    """The command as typed (`vitprobe probe --train ...`, `python -m vitprobe run ...`), shell-quoted."""
     argv = list(sys.argv) or ["python"]
-    argv[0] = Path(argv[0]).name or argv[0]
+    first = Path(argv[0])
+    if first.name == "__main__.py":  # python -m vitprobe ...
+        return shlex.join(["python", "-m", first.parent.name, *argv[1:]])
+    argv[0] = first.name or argv[0]
     return shlex.join(argv)
 
 
@@ -85,6 +88,11 @@ def checkpoint_info(*, source: str | None, sha256: str | None, random_init: bool
         remote = "://" in source or source.startswith("hf-hub:")
         name = source.rsplit("/", 1)[-1] if remote else Path(source).name
     return {"file": name, "source": source, "sha256": sha256, "random_init": False}
+
+
+def checkpoint_of(report: Any) -> dict[str, Any]:
+    """`checkpoint_info` of a backbone's `LoadReport` (what `load_backbone` read)."""
+    return checkpoint_info(source=report.source, sha256=report.sha256, random_init=report.random_init)
 
 
 def checkpoint_from_manifest(manifest: Mapping[str, Any]) -> dict[str, Any]:
@@ -139,9 +147,12 @@ def git_state() -> dict[str, Any] | None:
         try:
             done = subprocess.run(
                 ["git", "-C", str(root), *args],
-                capture_output=True, text=True, timeout=GIT_TIMEOUT_S, check=False,
+                capture_output=True,
+                text=True,
+                timeout=GIT_TIMEOUT_S,
+                check=False,
                 env={**os.environ, "GIT_OPTIONAL_LOCKS": "0"},
-            )  # fmt: skip
+            )
         except (OSError, subprocess.SubprocessError):
             return None
         return done.stdout.strip() if done.returncode == 0 else None

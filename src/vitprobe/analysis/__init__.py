@@ -131,7 +131,7 @@ class AnalysisPass:
     data_info: dict[str, Any]  # the data provenance for the results JSON
 
 
-def open_pass(config: Any, filename: str) -> AnalysisPass:
+def open_pass(config: Any, filename: str, backbone: Backbone | None = None) -> AnalysisPass:
     """Read `--compare` results (before the long pass, so a bad path fails fast), seed, load the backbone and
     open the subset of `config.data` / `config.split` with its eval transform.
 
@@ -139,6 +139,8 @@ def open_pass(config: Any, filename: str) -> AnalysisPass:
         config: an `AttentionConfig` or `FrequencyConfig` (model, checkpoint, random_init, data, split, limit,
             batch_size, num_workers, device, compare, seed).
         filename: the result file `--compare` directories hold (`attention.json`, `frequency.json`).
+        backbone: an already loaded backbone (a study's shared load, the Python API's own model) instead of
+            loading `config.model`; the config must describe it.
     """
     import torch
 
@@ -148,10 +150,11 @@ def open_pass(config: Any, filename: str) -> AnalysisPass:
     compared = read_results(config.compare, filename)
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
-    backbone = load_backbone(
-        config.model, checkpoint=config.checkpoint, random_init=config.random_init, device=str(device)
-    )
-    backbone.model.eval()
+    if backbone is None:
+        backbone = load_backbone(
+            config.model, checkpoint=config.checkpoint, random_init=config.random_init, device=str(device)
+        )
+    backbone.model.to(device).eval()
     subset, data_info = open_subset(config.data, config.split, backbone, config.limit)
     loader = make_loader(subset, batch_size=config.batch_size, num_workers=config.num_workers, device=device)
     return AnalysisPass(compared, device, backbone, loader, data_info)
@@ -159,7 +162,7 @@ def open_pass(config: Any, filename: str) -> AnalysisPass:
 
 def result_header(kind: str, run: AnalysisPass, config: Any, *, dtype: str) -> dict[str, Any]:
     """The provenance keys every analysis result starts with (docs/analyses.md, "JSON schema")."""
-    from vitprobe.provenance import versions
+    from vitprobe.provenance import checkpoint_of, provenance, versions
 
     report = run.backbone.report
     return {
@@ -174,6 +177,7 @@ def result_header(kind: str, run: AnalysisPass, config: Any, *, dtype: str) -> d
         "device": str(run.device),
         "dtype": dtype,
         "versions": versions(),
+        "provenance": provenance(device=run.device, checkpoint=checkpoint_of(report), dataset=run.data_info),
     }
 
 

@@ -490,14 +490,16 @@ def analyze_attention(
     return acc
 
 
-def run_attention(config: AttentionConfig) -> AttentionRun:
-    """`vitprobe analyze attention`: load, stream the subset, write attention.json, the maps, the figures."""
+def run_attention(config: AttentionConfig, *, backbone: Any = None) -> AttentionRun:
+    """`vitprobe analyze attention`: load, stream the subset, write attention.json, the maps, the figures.
+
+    `backbone`: an already loaded `Backbone` that `config` describes (else `config.model` is loaded)."""
     from safetensors.torch import save_file
 
     from vitprobe.analysis import open_pass, plots, result_header
     from vitprobe.files import atomic_path, write_json
 
-    run = open_pass(config, "attention.json")
+    run = open_pass(config, "attention.json", backbone)
     backbone = run.backbone
     thumbs = _Thumbnails(backbone.data_config(), config.n_maps if backbone.has_cls else 0)
     acc = analyze_attention(

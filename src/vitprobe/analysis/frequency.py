@@ -211,12 +211,14 @@ class FrequencyRun:
     result: dict[str, Any]
 
 
-def run_frequency(config: FrequencyConfig) -> FrequencyRun:
-    """`vitprobe analyze frequency`: load, stream the subset, write frequency.json and the figures."""
+def run_frequency(config: FrequencyConfig, *, backbone: Any = None) -> FrequencyRun:
+    """`vitprobe analyze frequency`: load, stream the subset, write frequency.json and the figures.
+
+    `backbone`: an already loaded `Backbone` that `config` describes (else `config.model` is loaded)."""
     from vitprobe.analysis import open_pass, plots, result_header
     from vitprobe.files import write_json
 
-    run = open_pass(config, "frequency.json")
+    run = open_pass(config, "frequency.json", backbone)
     backbone = run.backbone
     acc = analyze_frequency(backbone, run.loader, run.device)
     out = Path(config.out)

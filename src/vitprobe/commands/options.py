@@ -75,3 +75,19 @@ def parse_number_list(
     if not values:
         raise VitprobeError(f"{option} is empty", f"e.g. {option} {example}")
     return values
+
+
+def _output_formats() -> type[Enum]:
+    from vitprobe.choices import OUTPUT_FORMAT
+
+    return OUTPUT_FORMAT.enum("OutputFormat")
+
+
+OutputFormat = _output_formats()
+OutputFormatOpt = Annotated[
+    OutputFormat,  # type: ignore[valid-type]
+    typer.Option(
+        "--format",
+        help="human: tables for people; json: one JSON object on stdout (diagnostics stay on stderr).",
+    ),
+]

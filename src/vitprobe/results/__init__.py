@@ -50,6 +50,7 @@ from vitprobe.results.schema import (
     header_style,
     loads_strict,
 )
+from vitprobe.results.study import StepRecord, StudyState
 
 KINDS: dict[str, type[Versioned]] = {
     cls.KIND: cls
@@ -62,6 +63,7 @@ KINDS: dict[str, type[Versioned]] = {
         Predictions,
         HeadMeta,
         CacheManifest,
+        StudyState,
     )
 }
 FORMATS: dict[str, str] = {cls.FORMAT: kind for kind, cls in KINDS.items()}
@@ -126,9 +128,43 @@ def validate(kind: str, data: dict[str, Any]) -> dict[str, Any]:
 
 
 __all__ = [
-    "KINDS", "FORMATS", "RUN_FILES", "AttentionResults", "BackboneInfo", "CacheManifest", "CacheProvenance",
-    "CacheRef", "Check", "CheckpointInfo", "Curve", "DataInfo", "FrequencyResults", "HeadMeta", "KnnEntry",
-    "KnnResults", "LoadRecord", "LocalizationResults", "ManifestModel", "MapScore", "Model", "Predictions",
-    "ProbeResults", "Provenance", "Readout", "ResultsError", "Schedule", "Selection", "Stat", "Versioned",
-    "dumps_strict", "header", "kind_of", "load", "loads_strict", "parse", "validate",
+    "KINDS",
+    "FORMATS",
+    "RUN_FILES",
+    "AttentionResults",
+    "BackboneInfo",
+    "CacheManifest",
+    "CacheProvenance",
+    "CacheRef",
+    "Check",
+    "CheckpointInfo",
+    "Curve",
+    "DataInfo",
+    "FrequencyResults",
+    "HeadMeta",
+    "KnnEntry",
+    "KnnResults",
+    "LoadRecord",
+    "LocalizationResults",
+    "ManifestModel",
+    "MapScore",
+    "Model",
+    "Predictions",
+    "ProbeResults",
+    "Provenance",
+    "Readout",
+    "ResultsError",
+    "Schedule",
+    "Selection",
+    "Stat",
+    "StepRecord",
+    "StudyState",
+    "Versioned",
+    "dumps_strict",
+    "header",
+    "kind_of",
+    "load",
+    "loads_strict",
+    "parse",
+    "validate",
 ]

@@ -51,8 +51,14 @@ class Curve(Model):
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"blr": self.blr, "lr": self.lr, "diverged": self.diverged, "epoch": list(self.epoch),
-                **{k: list(v) for k, v in self.series.items()}, **self.extra}
+        return {
+            "blr": self.blr,
+            "lr": self.lr,
+            "diverged": self.diverged,
+            "epoch": list(self.epoch),
+            **{k: list(v) for k, v in self.series.items()},
+            **self.extra,
+        }
 
 
 @model
@@ -303,6 +309,19 @@ class HeadMeta(Versioned):
 
 
 __all__ = [
-    "Check", "Curve", "HeadBackbone", "HeadMeta", "KnnConfigRecord", "KnnEntry", "KnnResults", "Prediction",
-    "Predictions", "ProbeConfigRecord", "ProbeResults", "ProtocolRecord", "Readout", "Schedule", "Selection",
+    "Check",
+    "Curve",
+    "HeadBackbone",
+    "HeadMeta",
+    "KnnConfigRecord",
+    "KnnEntry",
+    "KnnResults",
+    "Prediction",
+    "Predictions",
+    "ProbeConfigRecord",
+    "ProbeResults",
+    "ProtocolRecord",
+    "Readout",
+    "Schedule",
+    "Selection",
 ]

@@ -319,7 +319,8 @@ class Versioned(Model):
             newer = version > max(cls.VERSIONS)
             raise ResultsError(
                 f"{where}: {cls.FORMAT} version {version} is not one this vitprobe reads (it reads {known})",
-                "upgrade vitprobe to read it" if newer
+                "upgrade vitprobe to read it"
+                if newer
                 else "re-run the command that wrote it with this vitprobe version",
             )
         if cls.LEGACY.get(version, "full") != style:

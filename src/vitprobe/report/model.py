@@ -1,0 +1,210 @@
+"""The report model: what one report says, typed, built by `collect` from result models and read by every
+renderer (HTML, Markdown, GitHub summary, CSV, LaTeX) and `--format json`. Accuracies are in percent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+REPORT_FORMAT = "vitprobe-report"
+REPORT_VERSION = 2  # 2: runs named by label, pivot, confidence intervals, probe health, 0-based blocks
+READOUT_ORDER = ("cls", "mean", "cls+mean", "abmilp", "attentive")  # pivot columns, then k-NN@k
+
+
+@dataclass(frozen=True)
+class Finding:
+    """A probe-health finding (or a k-NN caveat) on one score."""
+
+    code: str
+    severity: str  # "warning" (the number is not clean) or "note"
+    message: str
+    fix: str
+
+
+@dataclass(frozen=True)
+class Score:
+    """One top-1 the report shows: a probe read-out or a k-NN k, with how far to trust it."""
+
+    readout: str  # "cls", "mean", ..., or "k-NN@20"
+    source: str  # "probe" or "knn"
+    top1: float  # percent
+    ci: tuple[float, float]  # Wilson 95 % interval over the test images, percent
+    n: int  # test images
+    top5: float | None  # None when the dataset has 5 classes or fewer (always 100 %)
+    delta_vs_cls: float | None  # top-1 minus the same run's [cls] probe
+    blr: float | None = None
+    lr: float | None = None
+    epoch: int | None = None  # 1-based
+    C: float | None = None
+    k_used: int | None = None  # k-NN: the k that voted
+    findings: tuple[Finding, ...] = ()
+    optimistic: bool = False  # chosen on the test set
+
+    @property
+    def flagged(self) -> bool:
+        """A warning or an optimistic choice: never shown as a clean number."""
+        return self.optimistic or any(f.severity == "warning" for f in self.findings)
+
+    @property
+    def verdict(self) -> str:
+        if any(f.severity == "warning" for f in self.findings):
+            return "warning"
+        return "optimistic" if self.optimistic else "ok"
+
+
+@dataclass(frozen=True)
+class Curves:
+    """Per-block (or per-layer) series of one run's analyses, with their uniform-attention references."""
+
+    blocks: list[int | None]  # 0-based block; None: the patch embedding (frequency)
+    labels: list[str]  # tick labels ("0", "1", ... or "embed")
+    series: dict[str, list[float]]
+    references: dict[str, float] = field(default_factory=dict)  # statistic -> uniform-attention value
+    definitions: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Spectrum:
+    frequencies: list[float]  # in units of pi
+    layers: list[str]  # one label per curve
+    delta_log_amplitude: list[list[float]]  # layers x frequencies
+
+
+@dataclass(frozen=True)
+class MapScore:
+    max_box_acc_v2: float
+    max_box_acc: dict[str, float]  # δ -> percent
+    num_images: int
+
+
+@dataclass(frozen=True)
+class LearningCurve:
+    readout: str
+    blr: float | None
+    epoch: list[int]
+    selection: list[float | None]  # selection split top-1 (%), at the chosen blr
+    test: list[float | None]  # test top-1 (%)
+    selection_split: str  # holdout or test
+
+
+@dataclass(frozen=True)
+class RunProvenance:
+    model: str  # the --model spec
+    timm_name: str | None
+    checkpoint: str | None  # sha256 of the weights, "random-init", or None when no file says
+    checkpoint_file: str | None
+    random_init: bool
+    dataset: str | None  # spec
+    split: str | None
+    fingerprint: str | None
+    layer: int | None  # 0-based block probed
+    versions: dict[str, str]
+    commands: list[str]  # every command that wrote a file of the run
+    git: list[str]  # commit(s) of vitprobe, "+dirty" when the checkout had changes
+    hosts: list[str]
+    devices: list[str]
+    protocol: str | None  # probe protocol name
+    protocol_overrides: list[str]
+    protocol_text: str | None  # "sgd, 13 lrs, batch 256, ..."
+    schedule: str | None  # "batch 64, 60 epochs x 28 steps = 1680 steps"
+    selection: str | None  # the rule
+    optimistic: bool
+
+
+@dataclass
+class RunSummary:
+    """One run directory as the report shows it."""
+
+    label: str  # names the run in every table and legend: `group`, plus " · dataset" if groups repeat
+    group: str  # the --label (or directory name): a model's row in pivots over datasets
+    dataset: str  # names the dataset in pivots over datasets
+    path: str
+    files: list[str]  # result files read
+    provenance: RunProvenance
+    scores: list[Score]
+    learning_curves: list[LearningCurve]
+    weakest_classes: dict[str, list[tuple[str, float]]]  # read-out -> (class, top-1 %), lowest first
+    attention: Curves | None
+    frequency: Curves | None
+    spectrum: Spectrum | None
+    localization: dict[str, MapScore]  # cls_attention, abmilp, attentive
+    figure_files: list[str]  # figures the analyses wrote that the report embeds, relative to path
+    notes: list[str]
+    num_classes: int | None
+
+    @property
+    def random_init(self) -> bool:
+        return self.provenance.random_init
+
+    def score(self, readout: str) -> Score | None:
+        return next((s for s in self.scores if s.readout == readout), None)
+
+
+@dataclass(frozen=True)
+class WhyRow:
+    """One run's row of "why [cls] loses": the accuracy gaps beside the attention and frequency numbers."""
+
+    run: str
+    cls: Score | None
+    mean: Score | None
+    abmilp: Score | None
+    abmilp_minus_cls: float | None
+    abmilp_minus_mean: float | None
+    cls_self_last: float | None
+    cls_self_uniform: float | None  # 1/T
+    cls_entropy_last: float | None
+    patch_entropy_last: float | None
+    entropy_uniform: float | None  # ln N
+    high_frequency_ratio_last: float | None
+    maxboxaccv2: dict[str, float]  # map -> MaxBoxAccV2
+
+
+@dataclass
+class Report:
+    title: str
+    created: str
+    vitprobe: str
+    runs: list[RunSummary]
+    why_cls_loses: list[WhyRow]
+    definitions: dict[str, str]  # statistic -> formula, as the analyses stored them
+
+    @property
+    def random_init(self) -> bool:
+        return any(r.random_init for r in self.runs)
+
+    @property
+    def datasets(self) -> list[str]:
+        return list(dict.fromkeys(r.dataset for r in self.runs))
+
+    def readouts(self) -> list[str]:
+        """Pivot columns: the probe read-outs in READOUT_ORDER, then k-NN by k, those any run has."""
+        present = {s.readout for r in self.runs for s in r.scores}
+        probe = [r for r in READOUT_ORDER if r in present]
+        probe += sorted(r for r in present if r not in READOUT_ORDER and not r.startswith("k-NN@"))
+        knn = sorted((r for r in present if r.startswith("k-NN@")), key=lambda r: int(r.split("@")[1]))
+        return probe + knn
+
+    def flagged(self) -> list[tuple[RunSummary, Score]]:
+        return [(r, s) for r in self.runs for s in r.scores if s.flagged]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The `--format json` report (docs/report-format.md)."""
+        runs = []
+        for r in self.runs:
+            d = asdict(r)
+            d["random_init"] = r.random_init
+            d["scores"] = [{**asdict(s), "flagged": s.flagged, "verdict": s.verdict} for s in r.scores]
+            runs.append(d)
+        return {
+            "format": REPORT_FORMAT,
+            "version": REPORT_VERSION,
+            "title": self.title,
+            "created": self.created,
+            "vitprobe": self.vitprobe,
+            "random_init": self.random_init,
+            "readouts": self.readouts(),
+            "runs": runs,
+            "why_cls_loses": [asdict(w) for w in self.why_cls_loses],
+            "definitions": self.definitions,
+        }
