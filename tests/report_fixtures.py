@@ -120,7 +120,10 @@ def _layout(root: Path) -> RealRuns:
         root=root,
         data=f"cub:{out / 'data' / 'needles'}",
         runs={name: out / "runs" / name / "needles" for name in CHECKPOINTS},
-        caches={name: {s: out / "caches" / name / f"needles-{s}" for s in ("train", "test")} for name in CHECKPOINTS},
+        caches={
+            name: {s: out / "caches" / name / f"needles-{s}" for s in ("train", "test")}
+            for name in CHECKPOINTS
+        },
         checkpoints={name: root / "checkpoints" / f"{name}.pth" for name in CHECKPOINTS},
         resume=resume,
     )
@@ -174,7 +177,9 @@ def every_file(runs: RealRuns) -> list[Path]:
     """Every JSON file the writers made for one run, its caches and its heads, and the study state."""
     name = next(iter(runs.runs))
     run = runs.runs[name]
-    files = [run / f for f in ("results.json", "knn.json", "attention.json", "frequency.json", "localization.json")]
+    files = [
+        run / f for f in ("results.json", "knn.json", "attention.json", "frequency.json", "localization.json")
+    ]
     files += [run / "predict" / "predictions.json", *sorted((run / "heads").glob("*.json"))]
     files += [cache / "manifest.json" for cache in runs.caches[name].values()]
     return [*files, runs.out / "study.json"]

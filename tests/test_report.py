@@ -79,13 +79,18 @@ def test_collect_reads_typed_results(real: RealRuns, runs: list[str]) -> None:
     assert any("top-5 not shown" in n for n in a.notes)
     # provenance in full: the checkpoint file and sha256, fingerprint, commands, host, device
     p = a.provenance
-    assert p.checkpoint_file == "ckpt-a.pth" and p.checkpoint == written["test_cache"]["provenance"]["checkpoint"]
+    assert (
+        p.checkpoint_file == "ckpt-a.pth"
+        and p.checkpoint == written["test_cache"]["provenance"]["checkpoint"]
+    )
     assert p.fingerprint == written["test_cache"]["provenance"]["fingerprint"] and not p.random_init
     assert p.layer == 5 and p.protocol == "auto" and "epochs" in p.protocol_overrides
     assert p.commands and all("-m vitprobe run study.toml" in c for c in p.commands)
     assert p.hosts and p.devices and p.versions["vitprobe"]
     assert a.attention is not None and a.attention.blocks == [0, 1, 2, 3, 4, 5]  # 0-based everywhere
-    assert a.attention.references["cls_self"] == pytest.approx(1 / (1 + 100))  # test_vit: 160 px, 10x10 patches
+    assert a.attention.references["cls_self"] == pytest.approx(
+        1 / (1 + 100)
+    )  # test_vit: 160 px, 10x10 patches
     assert a.attention.references["cls_entropy"] == pytest.approx(uniform_entropy(100))
     assert a.frequency is not None and a.frequency.blocks == [None, 0, 1, 2, 3, 4, 5]
     assert set(a.localization) == {"cls_attention", "abmilp"}
@@ -138,7 +143,9 @@ def test_why_cls_loses_has_mean_pooling_references_and_definitions(runs: list[st
     a = report.runs[0]
     assert row.run == "ckpt-a/needles" and row.mean is a.score("mean")
     assert row.abmilp_minus_mean == pytest.approx(a.score("abmilp").top1 - a.score("mean").top1)
-    assert row.cls_self_uniform == pytest.approx(1 / 101) and row.entropy_uniform == pytest.approx(uniform_entropy(100))
+    assert row.cls_self_uniform == pytest.approx(1 / 101) and row.entropy_uniform == pytest.approx(
+        uniform_entropy(100)
+    )
     assert row.cls_self_last == a.attention.series["cls_self"][-1]
     assert set(report.definitions) >= {"cls_self", "cls_entropy", "patch_entropy", "high_freq_energy_ratio"}
     assert report.definitions["cls_self"] == "A[0,0]"  # as attention.json stores it
@@ -149,7 +156,9 @@ def test_figures_appear_once_name_every_run_and_keep_noise_flat(runs: list[str])
     figures = make_figures(report)
     names = [f.name for f in figures]
     assert len(names) == len(set(names))
-    assert not any(("attention_curves" in n or "frequency_" in n) and n.startswith("run") for n in names)  # redrawn
+    assert not any(
+        ("attention_curves" in n or "frequency_" in n) and n.startswith("run") for n in names
+    )  # redrawn
     for f in figures:  # every legend (and caption) names its run(s)
         wanted = ["ckpt-a", "ckpt-b"] if f.run is None else [f.run]
         assert all(w in f.title for w in wanted), f.name
@@ -175,9 +184,12 @@ def test_attention_axes_and_reference_lines() -> None:
 
     class Run:
         label = "run-x"
-        attention = Curves(blocks=[0, 1, 2], labels=["0", "1", "2"],
-                           series={"cls_self": [0.0101, 0.0102, 0.0100], "cls_entropy": [2.77, 2.772, 2.771]},
-                           references={"cls_self": 1 / 17, "cls_entropy": uniform_entropy(16)})
+        attention = Curves(
+            blocks=[0, 1, 2],
+            labels=["0", "1", "2"],
+            series={"cls_self": [0.0101, 0.0102, 0.0100], "cls_entropy": [2.77, 2.772, 2.771]},
+            references={"cls_self": 1 / 17, "cls_entropy": uniform_entropy(16)},
+        )
 
     class Rep:
         runs = [Run()]
@@ -213,13 +225,17 @@ def test_html_is_self_contained_small_and_escaped(tmp_path: Path, real: RealRuns
     assert two.bytes < 1_500_000  # two models, every figure: well under the old 8 MB
 
 
-def test_markdown_json_csv_latex_github(tmp_path: Path, runs: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_markdown_json_csv_latex_github(
+    tmp_path: Path, runs: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     md = write_report(ReportConfig(runs=tuple(runs), out=str(tmp_path / "rep" / "r.md"), format="md"))
     refs = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md.text)
     assert refs and len(refs) == len(md.figure_files) and all((tmp_path / "rep" / r).is_file() for r in refs)
     assert "| run | model | checkpoint | cls | mean | abmilp | k-NN@5 | k-NN@20 |" in md.text
 
-    data = json.loads(write_report(ReportConfig(runs=tuple(runs), out=str(tmp_path / "r.json"), format="json")).text)
+    data = json.loads(
+        write_report(ReportConfig(runs=tuple(runs), out=str(tmp_path / "r.json"), format="json")).text
+    )
     assert data["format"] == "vitprobe-report" and data["version"] == 2
     assert [r["label"] for r in data["runs"]] == ["ckpt-a/needles", "ckpt-b/needles"]
     assert all("ci" in s and "verdict" in s and "flagged" in s for r in data["runs"] for s in r["scores"])
@@ -255,16 +271,30 @@ def test_pivot_over_datasets(tmp_path: Path, real: RealRuns) -> None:
         for dataset in ("cub", "pets"):
             shutil.copytree(real.runs[model], tmp_path / model / dataset)
     dirs = [str(tmp_path / m / d) for m in ("ckpt-a", "ckpt-b") for d in ("cub", "pets")]
-    config = ReportConfig(runs=tuple(dirs), out=str(tmp_path / "t.csv"), format="csv", labels=("a", "a", "b", "b"),
-                          datasets=("cub", "pets", "cub", "pets"), pivot="datasets", readout="abmilp")
+    config = ReportConfig(
+        runs=tuple(dirs),
+        out=str(tmp_path / "t.csv"),
+        format="csv",
+        labels=("a", "a", "b", "b"),
+        datasets=("cub", "pets", "cub", "pets"),
+        pivot="datasets",
+        readout="abmilp",
+    )
     rows = list(csv.DictReader(io.StringIO(write_report(config).text)))
     assert [r["run"] for r in rows] == ["a", "b"] and {"cub", "pets"} <= set(rows[0])
     report = collect_report(dirs, labels=["a", "a", "b", "b"], datasets=["cub", "pets", "cub", "pets"])
     assert [r.label for r in report.runs] == ["a · cub", "a · pets", "b · cub", "b · pets"]
     with pytest.raises(ReportError, match="needs --readout"):
-        write_report(ReportConfig(runs=tuple(dirs), out=str(tmp_path / "x.csv"), format="csv",
-                                  labels=("a", "a", "b", "b"), datasets=("cub", "pets", "cub", "pets"),
-                                  pivot="datasets"))
+        write_report(
+            ReportConfig(
+                runs=tuple(dirs),
+                out=str(tmp_path / "x.csv"),
+                format="csv",
+                labels=("a", "a", "b", "b"),
+                datasets=("cub", "pets", "cub", "pets"),
+                pivot="datasets",
+            )
+        )
 
 
 def test_random_weights_are_said_everywhere(tmp_path: Path, real: RealRuns) -> None:

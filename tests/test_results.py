@@ -48,8 +48,17 @@ def test_every_file_the_writers_make_round_trips_with_every_key_typed(real: Real
         assert parsed.to_dict() == written, path
         assert extras(parsed) == {}, f"{path}: keys no model declares"
         assert R.validate(parsed.kind, written) == written
-    assert kinds == {"probe", "knn", "attention", "frequency", "localization", "predictions", "head", "cache",
-                     "study"}
+    assert kinds == {
+        "probe",
+        "knn",
+        "attention",
+        "frequency",
+        "localization",
+        "predictions",
+        "head",
+        "cache",
+        "study",
+    }
 
 
 def test_health_and_numbers_are_typed(real: RealRuns) -> None:

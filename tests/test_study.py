@@ -27,7 +27,7 @@ def minimal(**extra: Any) -> dict[str, Any]:
     table = {
         "models": [{"name": "a", "model": "timm:test_vit", "random_init": True}],
         "datasets": [{"name": "needles", "synthetic": {"n": 16, "classes": 2, "size": 32, "seed": 0}}],
-        "probe": {"epochs": 1, "min_steps": 0, "lr_grid": [0.1]},
+        "probe": {"epochs": 1, "min_steps": 0, "lr_grid": [0.1], "holdout": 0.25},
     }
     return {**table, **extra}
 
@@ -50,16 +50,9 @@ def test_the_two_checkpoint_study_resumes_after_a_kill(real: RealRuns) -> None:
     assert [row.split(",")[0] for row in rows[1:]] == ["ckpt-a", "ckpt-b"]  # named by the study's models
 
 
-def test_a_finished_study_skips_everything_but_the_report(real: RealRuns, tmp_path: Path) -> None:
-    import shutil
-
-    copy = tmp_path / "again"
-    shutil.copytree(real.root, copy, ignore=shutil.ignore_patterns("*.lock"))
-    state = json.loads((copy / "out" / "study.json").read_text())
-    for record in state["steps"].values():  # the copy lives elsewhere: outputs follow it
-        record["output"] = record["output"].replace(str(real.root), str(copy))
-    (copy / "out" / "study.json").write_text(json.dumps(state))
-    result = runner.invoke(app, ["run", str(copy / "study.toml"), "--format", "json"])
+def test_a_finished_study_skips_everything_but_the_report(real: RealRuns) -> None:
+    state = json.loads((real.out / "study.json").read_text())
+    result = runner.invoke(app, ["run", str(real.root / "study.toml"), "--format", "json"])  # another cwd
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
     assert out["ran"] == ["report"] and len(out["skipped"]) == len(state["steps"]) - 1
@@ -68,8 +61,10 @@ def test_a_finished_study_skips_everything_but_the_report(real: RealRuns, tmp_pa
 def test_editing_a_protocol_reruns_it_and_what_reads_it(tmp_path: Path) -> None:
     study = parse_study(minimal(knn={"ks": [5]}, localization={}), base=tmp_path)
     steps = {s.key: s.identity for s in plan(study)}
-    edited = parse_study(minimal(knn={"ks": [5]}, localization={}, probe={"epochs": 2, "min_steps": 0,
-                                                                          "lr_grid": [0.1]}), base=tmp_path)
+    edited = parse_study(
+        minimal(knn={"ks": [5]}, localization={}, probe={**minimal()["probe"], "epochs": 2}),
+        base=tmp_path,
+    )
     after = {s.key: s.identity for s in plan(edited)}
     changed = {k for k in steps if steps[k] != after[k]}
     # the probe changed; its head's maps and their localisation read it; the caches and k-NN did not
@@ -141,8 +136,11 @@ def test_one_backbone_load_per_model_and_ctrl_c_keeps_finished_steps(
     from vitprobe.study import StudyInterrupted, run_study
     from vitprobe.study import runner as study_runner
 
-    table = minimal(attention={"limit": 4, "num_workers": 0, "batch_size": 4},
-                    frequency={"limit": 4, "num_workers": 0, "batch_size": 4}, extract={"workers": 0})
+    table = minimal(
+        attention={"limit": 4, "num_workers": 0, "batch_size": 4},
+        frequency={"limit": 4, "num_workers": 0, "batch_size": 4},
+        extract={"workers": 0},
+    )
     table["device"] = "cpu"
     study = parse_study(table, base=tmp_path, out=tmp_path / "out")
     loads: list[str] = []
@@ -166,7 +164,9 @@ def test_one_backbone_load_per_model_and_ctrl_c_keeps_finished_steps(
     assert info.value.exit_code == 130
     assert loads == ["timm:test_vit"]  # extract train, extract test and attention shared one load
     state = json.loads((study.out / "study.json").read_text())["steps"]
-    assert state["frequency:a:needles"]["status"] == "started" and state["probe:a:needles"]["status"] == "done"
+    assert (
+        state["frequency:a:needles"]["status"] == "started" and state["probe:a:needles"]["status"] == "done"
+    )
     monkeypatch.setattr(study_runner, "_run_step", real_step)
     loads.clear()
     result = run_study(study, say=lambda _m: None)

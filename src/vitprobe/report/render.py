@@ -24,7 +24,8 @@ color:#1b1f24;padding:0 1rem}
 h1{font-size:1.6rem}h2{margin-top:2rem;border-bottom:1px solid #d0d7de;padding-bottom:.3rem}
 table{border-collapse:collapse;margin:.6rem 0;font-size:.9rem}
 caption{caption-side:bottom;text-align:left;font-size:.8rem;color:#57606a;padding-top:.3rem}
-th,td{border:1px solid #d0d7de;padding:.3rem .5rem;text-align:left;vertical-align:top}
+th,td{border:1px solid #d0d7de;padding:.3rem .5rem;text-align:left;vertical-align:top;overflow-wrap:anywhere}
+.scroll{overflow-x:auto;max-width:100%}
 th{background:#f6f8fa}td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 td.flag{background:#fff1e5}td small{display:block;color:#57606a;font-size:.75rem}
 .warn{background:#fff1e5;border:2px solid #d1242f;color:#8c1d18;padding:.8rem 1rem;font-weight:600;
@@ -85,8 +86,8 @@ def _html_table(t: Table) -> str:
 
     body = "".join("<tr>" + "".join(cell(c) for c in row) + "</tr>" for row in t.rows)
     return (
-        f'<table id="{e(t.id)}"><caption>{e(t.caption)}</caption><thead><tr>{head}</tr></thead>'
-        f"<tbody>{body}</tbody></table>"
+        f'<div class="scroll"><table id="{e(t.id)}"><caption>{e(t.caption)}</caption><thead><tr>{head}</tr>'
+        f"</thead><tbody>{body}</tbody></table></div>"
     )
 
 

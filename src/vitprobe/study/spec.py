@@ -140,7 +140,8 @@ def load_study(path: str | os.PathLike[str], *, out: str | os.PathLike[str] | No
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise StudyError(f"{path}: not valid TOML ({exc})", "fix the line it names") from None
-    return parse_study(data, base=path.parent, path=path, out=out)
+    path = path.resolve()  # the study's paths are absolute from here on, whatever the working directory
+    return parse_study(data, base=path.parent, path=path, out=None if out is None else Path(out).resolve())
 
 
 def parse_study(
