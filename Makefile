@@ -3,7 +3,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # torch first, on its own line, so a machine with a local wheel (or a CPU index via PIP_EXTRA_INDEX_URL) uses it.
-TORCH_PKGS ?= torch>=2.2 torchvision>=0.17
+# Quoted: an unquoted `torch>=2.10` is a shell redirection (it would install any torch and write a file "=2.10").
+# torch >= 2.10: weights_only=True loading can be bypassed below it (CVE-2025-32434, CVE-2026-24747).
+TORCH_PKGS ?= "torch>=2.10" "torchvision>=0.25"
 
 .PHONY: install demo test lint clean
 

@@ -11,12 +11,12 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from vitprobe.analysis.attention import (
     AttentionAccumulator,
-    TokenLayout,
     analyze_attention,
-    attention_hooks,
-    explicit_attention,
+    magnitude_names,
     patch_distances,
+    stat_names,
 )
+from vitprobe.analysis.passes import TokenLayout, attention_hooks, explicit_attention
 from vitprobe.errors import ModelError
 from vitprobe.models import load_backbone
 
@@ -249,7 +249,7 @@ def test_every_statistic_equals_its_definition(kind: str) -> None:
     result = acc.result()
     assert result["n_images"] == 5
     blocks = reference_pass(backbone.model, x)
-    expected_names = set(layout.stat_names()) | set(layout.magnitude_names())
+    expected_names = set(stat_names(layout)) | set(magnitude_names(layout))
     assert set(result["stats"]) == expected_names
     assert ("cls_self" in expected_names) == backbone.has_cls
     assert ("patch_to_reg" in expected_names) == (backbone.num_reg_tokens > 0)

@@ -89,8 +89,47 @@ def test_corrupt_file_is_a_checkpoint_error(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="not a readable torch checkpoint"):
         read_checkpoint(tmp_path / "bad.pth")
     (tmp_path / "bad.safetensors").write_bytes(b"\x00\x01garbage")
-    with pytest.raises(CheckpointError, match="not a readable safetensors"):
+    with pytest.raises(CheckpointError, match="not a safetensors file: it is an unknown binary format"):
         read_checkpoint(tmp_path / "bad.safetensors")
+
+
+HTML_PAGE = (
+    "<!DOCTYPE html>\n<html><head><title>Sign in - Google Accounts</title></head>"
+    "<body>" + "x" * 4000 + "</body></html>\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("content", "what"),
+    [
+        (HTML_PAGE.encode(), "an HTML page: 'Sign in - Google Accounts'"),
+        (b"version https://git-lfs.github.com/spec/v1\noid sha256:ab12\nsize 3462718\n", "a Git LFS pointer"),
+        (b"", "an empty file (0 bytes)"),
+        (b'{"error": "Repository not found"}', "a JSON/text file"),
+        (b"<?xml version='1.0'?><Error><Code>AccessDenied</Code></Error>", "an XML document"),
+        ((96).to_bytes(8, "little") + b'{"w": {"dtype": "F32"', "a truncated safetensors file"),
+    ],
+    ids=["html", "git-lfs", "empty", "json", "xml", "truncated"],
+)
+def test_a_safetensors_name_on_something_else_says_what_it_is(
+    tmp_path: Path, content: bytes, what: str
+) -> None:
+    """Issue 11: an HTML page saved as model.safetensors was reported only as 'header too large'."""
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError) as info:
+        read_checkpoint(path)
+    message = info.value.message
+    assert message.startswith(f"{path} is not a safetensors file: it is {what}"), message
+    assert "header too large" not in message and "\n" not in message
+    assert "re-download model.safetensors" in (info.value.hint or "")
+
+
+def test_a_torch_file_named_safetensors_is_read_safely(tmp_path: Path) -> None:
+    sd = {"w": torch.randn(2, 2)}
+    torch.save(sd, tmp_path / "model.safetensors")  # misnamed the other way round: the content decides
+    got = read_checkpoint(tmp_path / "model.safetensors")
+    assert torch.equal(got["w"], sd["w"])
 
 
 def test_unknown_suffix_and_non_mapping_are_refused(tmp_path: Path) -> None:
@@ -180,3 +219,4 @@ def test_a_text_file_named_pth_is_explained_not_a_bare_keyerror(tmp_path: Path) 
     with pytest.raises(CheckpointError, match="neither a torch.save zip nor a pickle") as info:
         read_checkpoint(path)
     assert str(path) in info.value.message and "re-download" in (info.value.hint or "")
+    assert "it is an HTML page" in info.value.message

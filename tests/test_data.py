@@ -178,6 +178,7 @@ def test_getitem_applies_the_transform_and_returns_the_index(tmp_path: Path) -> 
 def test_fingerprint_ignores_location_and_sees_labels(tmp_path: Path) -> None:
     _png(tmp_path / "one" / "a" / "x.png")
     _png(tmp_path / "one" / "b" / "y.png")
+    _png(tmp_path / "one" / "b" / "z.png")
     shutil.copytree(tmp_path / "one", tmp_path / "two")
     first = open_dataset(f"imagefolder:{tmp_path / 'one'}", "all")
     assert open_dataset(f"imagefolder:{tmp_path / 'two'}", "all").fingerprint == first.fingerprint
@@ -185,7 +186,8 @@ def test_fingerprint_ignores_location_and_sees_labels(tmp_path: Path) -> None:
     assert open_dataset(f"imagefolder:{tmp_path / 'two'}", "all").fingerprint != first.fingerprint
     before = first.fingerprint
     first.labels[1] = 0  # edits after opening are seen (the fingerprint is not cached)
-    assert first.fingerprint == _expected_fingerprint([("a/x.png", 0), ("b/y.png", 0)]) != before
+    expected = _expected_fingerprint([("a/x.png", 0), ("b/y.png", 0), ("b/z.png", 1)])
+    assert first.fingerprint == expected != before
 
 
 def test_empty_folder_errors(tmp_path: Path) -> None:
@@ -340,9 +342,14 @@ def test_cub_without_boxes_and_with_missing_images(tmp_path: Path) -> None:
     (root / "bounding_boxes.txt").unlink()
     dataset = open_dataset(f"cub:{root}", "train")
     assert dataset.boxes is None and any("no boxes" in note for note in dataset.notes)
-    shutil.rmtree(root / "images")
-    with pytest.raises(DatasetError, match=f"missing image {root / 'images/001.Albatross/a_1.jpg'}"):
+    (root / "images" / "001.Albatross" / "a_1.jpg").unlink()  # the first listed image
+    with pytest.raises(DatasetError, match=f"missing image {root / 'images/001.Albatross/a_1.jpg'}") as info:
         open_dataset(f"cub:{root}", "train")
+    assert "images.txt line 1" in info.value.message and "restore the file" in (info.value.hint or "")
+    shutil.rmtree(root / "images")
+    with pytest.raises(DatasetError, match=f"missing folder {root / 'images'}") as info:
+        open_dataset(f"cub:{root}", "train")
+    assert "CUB_200_2011" in (info.value.hint or "")
 
 
 def test_cub_malformed_line_is_named(tmp_path: Path) -> None:
@@ -386,9 +393,9 @@ def test_csv_with_names_relative_paths_boxes_and_splits(tmp_path: Path) -> None:
 def test_csv_with_integer_labels_and_no_split_column(tmp_path: Path) -> None:
     _png(tmp_path / "a.png")
     _png(tmp_path / "b.png")
-    (tmp_path / "d.csv").write_text("path,label\na.png,3\nb.png,0\n")
+    (tmp_path / "d.csv").write_text("path,label\na.png,1\nb.png,0\n")
     dataset = open_dataset(f"csv:{tmp_path / 'd.csv'}", "train")
-    assert dataset.class_names == ["0", "1", "2", "3"] and dataset.labels == [3, 0]
+    assert dataset.class_names == ["0", "1"] and dataset.labels == [1, 0]
     assert dataset.boxes is None and dataset.split == "all" and dataset.notes
 
 
@@ -398,7 +405,7 @@ def test_csv_with_integer_labels_and_no_split_column(tmp_path: Path) -> None:
         ("file,label\na.png,1\n", "no column path"),
         ("path,label,x,y\na.png,1,0,0\n", "boxes need all of x,y,w,h"),
         ("path,label\n", "has a header but no rows"),
-        ("path,label,x,y,w,h\na.png,1,0,zero,1,1\n", "line 2 has a box that is not four numbers"),
+        ("path,label,x,y,w,h\na.png,0,0,zero,1,1\n", "line 2 has a box that is not four numbers"),
         ("path,label\na.png,cat\na.png,dog\n", "line 3 gives a.png label 'dog'"),
     ],
 )
@@ -468,3 +475,50 @@ def test_cli_make_synthetic_then_show(tmp_path: Path) -> None:
     shown = json.loads(runner.invoke(app, ["data", "show", f"cub:{out}", "--json"]).output)
     assert {name: s["num_images"] for name, s in shown["splits"].items()} == {"train": 8, "test": 8}
     assert runner.invoke(app, args).exit_code == 1  # refuses to overwrite
+
+
+def test_cli_kinds_lists_every_kind_and_docs_describe_each(tmp_path: Path) -> None:
+    from vitprobe.data import KINDS
+
+    result = runner.invoke(app, ["data", "kinds", "--json"])
+    assert result.exit_code == 0, result.output
+    shown = json.loads(result.output)
+    assert [row["kind"] for row in shown] == list(KINDS)
+    assert {p["name"] for p in next(r for r in shown if r["kind"] == "dtd")["params"]} == {"partition"}
+    docs = (Path(__file__).parents[1] / "docs" / "datasets.md").read_text()
+    headings = [line for line in docs.splitlines() if line.startswith("### ")]
+    for kind in KINDS:
+        assert any(f"`{kind}:" in h for h in headings), f"docs/datasets.md has no section for {kind}"
+        assert f"`{kind}:" in docs.split("## The specs")[0], f"the table of docs/datasets.md lacks {kind}"
+    table = runner.invoke(app, ["data", "kinds"])
+    assert table.exit_code == 0 and "dtd:DIR" in table.output and "STL10" in table.output
+
+
+def test_cli_check_lists_broken_and_suspicious_images(tmp_path: Path) -> None:
+    import io
+
+    import skimage.data
+
+    buffer = io.BytesIO()
+    Image.fromarray(skimage.data.astronaut()).save(buffer, format="JPEG", quality=90)
+    data = bytearray(buffer.getvalue())
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "good.jpg").write_bytes(bytes(data))
+    start = data.find(b"\xff\xda")
+    for i in range(start + (len(data) - start) // 2, start + (len(data) - start) // 2 + 8):
+        data[i] ^= 0x5A  # corrupt scan data: decodes, with a warning
+    (tmp_path / "a" / "scrambled.jpg").write_bytes(bytes(data))
+    (tmp_path / "a" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")  # cannot be decoded
+    for workers in ("0", "2"):  # warnings caught inside DataLoader workers come back too
+        args = ["data", "check", f"imagefolder:{tmp_path}", "--json", "--workers", workers]
+        result = runner.invoke(app, args)
+        assert result.exit_code == 1, result.output  # an unusable image
+        problems = json.loads(result.output)["splits"]["all"]["problems"]
+        assert [(Path(p["path"]).name, p["level"]) for p in problems] == [
+            ("broken.png", "error"), ("scrambled.jpg", "warning"),
+        ]  # fmt: skip
+        assert "cannot read image" in problems[0]["message"] and "corrupt JPEG data" in problems[1]["message"]
+    (tmp_path / "a" / "broken.png").unlink()
+    result = runner.invoke(app, ["data", "check", f"imagefolder:{tmp_path}", "--workers", "0"])
+    assert result.exit_code == 0, result.output  # warnings only
+    assert "2 images, 0 error(s), 1 warning(s)" in result.output and "scrambled.jpg" in result.output

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from vitprobe.cache import open_cache
+from vitprobe.data import stratified_subset
 
 
 @pytest.mark.slow
@@ -43,5 +44,5 @@ def test_two_processes_write_the_single_process_cache(tmp_path: Path) -> None:
     assert [s.sha256 for s in two.shards] == [s.sha256 for s in one.shards]
     for x, y in zip(one.iter_shards(), two.iter_shards(), strict=True):
         assert all(torch.equal(x[k], y[k]) for k in x)
-    assert two.indices().tolist() == list(range(7))
+    assert two.indices().tolist() == stratified_subset([0] * 4 + [1] * 4, 7)  # --limit 7: stratified by class
     assert two.manifest["config"]["out"] == str(tmp_path / "two") and two.complete

@@ -147,10 +147,10 @@ def test_accumulator_averages_over_batches() -> None:
     rng = np.random.default_rng(0)
     a = torch.from_numpy(rng.normal(size=(3, 1 + 16, 4)))  # (B, T, D), one prefix token, 4x4 grid
     b = torch.from_numpy(rng.normal(size=(1, 1 + 16, 4)))
-    acc = FrequencyAccumulator(num_prefix=1, grid=(4, 4), depth=0)
+    acc = FrequencyAccumulator(num_prefix=1, grid=(4, 4), blocks=[None])
     acc.on_layer(0, a)
     acc.on_layer(0, b)
-    both = FrequencyAccumulator(num_prefix=1, grid=(4, 4), depth=0)
+    both = FrequencyAccumulator(num_prefix=1, grid=(4, 4), blocks=[None])
     both.on_layer(0, torch.cat([a, b]))
     for key in ("log_amplitude_2d", "delta_log_amplitude", "high_freq_energy_ratio"):
         np.testing.assert_allclose(acc.result()[key], both.result()[key], atol=1e-12)

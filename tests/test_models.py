@@ -377,9 +377,13 @@ def test_every_preset_builds_with_random_init_on_meta(name: str) -> None:
     assert report.random_init and report.checkpoint_id == "random-init" and report.sha256 is None
     assert any("random" in note for note in report.notes)
     assert report.num_params == preset_num_params(name) > 20_000_000
-    assert backbone.has_cls == preset.has_cls and backbone.num_prefix_tokens == int(preset.has_cls)
+    registers = 4 if name.endswith("-reg") else 0  # DINOv2 with registers (arXiv 2309.16588): 4 after [cls]
+    assert backbone.num_reg_tokens == registers
+    assert backbone.has_cls == preset.has_cls
+    assert backbone.num_prefix_tokens == int(preset.has_cls) + registers
     assert backbone.patch_size == preset.patch
-    assert type(backbone.final_norm).__name__ == "LayerNorm"  # never dropped for a pooled fc_norm
+    # never dropped for a pooled fc_norm; data2vec 2.0's post-LN blocks end normalised, with no final norm
+    assert type(backbone.final_norm).__name__ == ("Identity" if preset.arch == "data2vec2" else "LayerNorm")
     cfg = backbone.data_config()
     assert cfg["mean"] == IMAGENET_MEAN and cfg["std"] == IMAGENET_STD and cfg["interpolation"] == "bicubic"
     # the linear-probe eval transform of beyond_cls / MAE / DINO / iBOT / DINOv2: resize 256, center crop 224
@@ -510,9 +514,9 @@ def test_dinov2_with_registers_is_diagnosed(tmp_path: Path) -> None:
     extra = {"register_tokens": torch.randn(1, 4, dim), "mask_token": torch.randn(1, dim)}
     path = tmp_path / "dinov2_vits14_reg4_pretrain.pth"
     torch.save({**want, **extra}, path)
-    with pytest.raises(KeyMismatchError, match="1 unexpected keys: register_tokens") as info:
+    with pytest.raises(KeyMismatchError, match="1 unexpected keys: reg_token") as info:
         load_backbone("dinov2-s14", checkpoint=str(path), arch_overrides=tiny("dinov2-s14"))
-    assert "with register tokens" in info.value.message and "reg4_dinov2" in info.value.message
+    assert "with register tokens" in info.value.message and "dinov2-*-reg presets" in info.value.message
 
 
 def test_foreign_method_is_refused_before_building(tmp_path: Path) -> None:
@@ -593,9 +597,10 @@ def test_cli_list_table_is_readable_at_terminal_width(width: int) -> None:
     start = lines[head].index("timm architecture") if width == 120 else lines[head].index("architecture")
     for preset, row in zip(PRESETS.values(), rows, strict=True):
         first = row[0].split()
-        assert first[:5] == [preset.name, preset.family, f"{preset_num_params(preset.name) / 1e6:.1f}M",
-                             str(preset.patch), "yes" if preset.has_cls else "no"]
-        assert first[-1] == preset.license and first[-2] in ("hub", "official")
+        assert first[:4] == [preset.name, preset.family, f"{preset_num_params(preset.name) / 1e6:.1f}M",
+                             "yes" if preset.has_cls else "no"]
+        weights = "manual" if preset.manual else "hub" if preset.weights.startswith("hf-hub:") else "official"
+        assert first[-1] == preset.license and first[-2] == weights
         pieces = [line[start:].split()[0] for line in row]
         assert "".join(pieces) == preset.timm
         assert all(p.endswith("_") or nxt.startswith(".") for p, nxt in zip(pieces, pieces[1:], strict=False))

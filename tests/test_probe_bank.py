@@ -19,6 +19,8 @@ from vitprobe.tokens import Tokens
 
 DIM, CLASSES, PATCHES = 16, 5, 9
 
+BLOCKS = 5
+MULTI = [HeadSpec("cls-cat", n_last_blocks=3), HeadSpec("cls-cat+mean", n_last_blocks=2), HeadSpec("fusion")]
 SPECS = [
     HeadSpec("cls"),
     HeadSpec("mean"),
@@ -27,6 +29,7 @@ SPECS = [
     HeadSpec("abmilp", abmilp_depth=1, abmilp_act="relu"),
     HeadSpec("abmilp", abmilp_content="all"),
     HeadSpec("attentive", queries=4),
+    *MULTI,
 ]
 OPTIMIZERS = [
     ("mae-lars", OptimizerSpec("lars")),
@@ -35,8 +38,17 @@ OPTIMIZERS = [
 ]
 
 
-def batch(seed: int, n: int = 32, dtype: torch.dtype = torch.float32) -> tuple[Tokens, torch.Tensor]:
+def batch(
+    seed: int, n: int = 32, dtype: torch.dtype = torch.float32, *, spec: HeadSpec | None = None
+) -> tuple[Tokens, torch.Tensor]:
+    """Tokens of one block, or of BLOCKS blocks (a block axis) for the multi-block read-outs."""
     g = torch.Generator().manual_seed(seed)
+    if spec is not None and spec.multi_block:
+        tokens = Tokens(
+            cls=torch.randn(n, BLOCKS, DIM, generator=g, dtype=dtype),
+            patches=torch.randn(n, BLOCKS, PATCHES, DIM, generator=g, dtype=dtype),
+        )
+        return tokens, torch.randint(0, CLASSES, (n,), generator=g)
     tokens = Tokens(
         cls=torch.randn(n, DIM, generator=g, dtype=dtype),
         patches=torch.randn(n, PATCHES, DIM, generator=g, dtype=dtype),
@@ -49,15 +61,21 @@ def fresh_heads(spec: HeadSpec, k: int) -> list:
     heads = []
     for i in range(k):
         torch.manual_seed(100 + i)  # different initial weights per head, as heads of different seeds
-        heads.append(build_head(spec, DIM, CLASSES))
+        heads.append(build_head(spec, DIM, CLASSES, blocks=BLOCKS))
+        if spec.pool == "fusion":  # start away from equal weights, so the fusion weights matter
+            torch.nn.init.normal_(heads[-1].readout.weights)
     return heads
+
+
+def bank_of(spec: HeadSpec, heads: list):
+    return load_heads(spec, heads, DIM, CLASSES, blocks=BLOCKS)
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s.pool}-d{s.abmilp_depth}-{s.abmilp_content}")
 def test_bank_forward_equals_separate_heads(spec: HeadSpec) -> None:
     heads = fresh_heads(spec, 3)
-    bank = load_heads(spec, heads, DIM, CLASSES)
-    tokens, _ = batch(0)
+    bank = bank_of(spec, heads)
+    tokens, _ = batch(0, spec=spec)
     for mode in ("train", "eval"):
         bank.train(mode == "train")
         for h in heads:
@@ -76,7 +94,7 @@ def test_bank_training_equals_separate_heads(spec: HeadSpec, kind: str, opt: Opt
     """In float64, so the comparison sees the algorithm and not float32 rounding over 25 large steps."""
     lrs = [0.01, 0.1, 1.0] if kind != "adamw" else [1e-3, 1e-2, 1e-1]
     heads = [h.double() for h in fresh_heads(spec, len(lrs))]
-    bank = load_heads(spec, heads, DIM, CLASSES).double().train()
+    bank = bank_of(spec, heads).double().train()
     ours = BatchedOptimizer(bank.optim_params(), opt, torch.tensor(lrs))
     theirs = [
         reference(kind, list(h.parameters()), lr, wd=0.0, decay_vectors=False)
@@ -85,7 +103,7 @@ def test_bank_training_equals_separate_heads(spec: HeadSpec, kind: str, opt: Opt
     for h in heads:
         h.train()
     for step in range(25):
-        tokens, labels = batch(step, dtype=torch.float64)
+        tokens, labels = batch(step, dtype=torch.float64, spec=spec)
         factor = 1.0 - step / 25
         logits = bank(tokens)  # (K, B, C)
         losses = F.cross_entropy(logits.flatten(0, 1), labels.repeat(len(lrs)), reduction="none")
@@ -112,7 +130,7 @@ def test_bank_training_equals_separate_heads(spec: HeadSpec, kind: str, opt: Opt
             diff = float((ours_state[name].double() - ref.double()).abs().max())
             assert torch.allclose(ours_state[name].double(), ref.double(), rtol=1e-5, atol=1e-5), (name, diff)
     bank.eval()
-    tokens, _ = batch(99, dtype=torch.float64)
+    tokens, _ = batch(99, dtype=torch.float64, spec=spec)
     logits = bank(tokens)
     for k, h in enumerate(heads):
         torch.testing.assert_close(logits[k], h.eval()(tokens), rtol=1e-5, atol=1e-5)
@@ -122,10 +140,10 @@ def test_head_state_round_trips_into_a_probe_head() -> None:
     """head_state(k) is a ProbeHead state dict (the saved-head format): it loads strictly."""
     for spec in SPECS:
         heads = fresh_heads(spec, 2)
-        bank = load_heads(spec, heads, DIM, CLASSES)
-        fresh = build_head(spec, DIM, CLASSES)
+        bank = bank_of(spec, heads)
+        fresh = build_head(spec, DIM, CLASSES, blocks=BLOCKS)
         fresh.load_state_dict(bank.head_state(1), strict=True)
-        tokens, _ = batch(3)
+        tokens, _ = batch(3, spec=spec)
         torch.testing.assert_close(fresh.eval()(tokens), heads[1].eval()(tokens))
 
 

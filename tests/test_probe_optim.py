@@ -140,3 +140,38 @@ def test_unknown_optimizer_is_refused() -> None:
 
     with pytest.raises(ProbeError, match="unknown --optimizer"):
         OptimizerSpec("rmsprop")
+
+
+@pytest.mark.parametrize(
+    ("kind", "spec"),
+    [("mae-lars", OptimizerSpec("lars")), ("sgd", OptimizerSpec("sgd")), ("adamw", OptimizerSpec("adamw"))],
+)
+def test_each_head_has_its_own_weight_decay(kind: str, spec: OptimizerSpec) -> None:
+    """An lr × weight-decay grid in one bank: head k matches the reference with (lr_k, wd_k)."""
+    torch.manual_seed(1)
+    grid = [(0.01, 0.0), (0.01, 0.05), (0.3, 0.0), (0.3, 0.05)]
+    k = len(grid)
+    shapes = [(5, 7), (5,)]
+    init = [torch.randn(k, *s) for s in shapes]
+    stacked = [torch.nn.Parameter(t.clone()) for t in init]
+    ours = BatchedOptimizer(
+        [(p, p.ndim > 2) for p in stacked],
+        spec,
+        torch.tensor([lr for lr, _ in grid]),
+        torch.tensor([wd for _, wd in grid]),
+    )
+    singles = [[torch.nn.Parameter(t[h].clone()) for t in init] for h in range(k)]
+    theirs = [reference(kind, singles[h], lr, wd=wd, decay_vectors=False) for h, (lr, wd) in enumerate(grid)]
+    for _ in range(30):
+        grads = [torch.randn(k, *s) for s in shapes]
+        for p, g in zip(stacked, grads, strict=True):
+            p.grad = g.clone()
+        ours.step()
+        for h in range(k):
+            for p, g in zip(singles[h], grads, strict=True):
+                p.grad = g[h].clone()
+            theirs[h].step()
+    for h in range(k):
+        for p, q in zip(stacked, singles[h], strict=True):
+            torch.testing.assert_close(p[h], q, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(stacked[0][0], stacked[0][1])  # the decay made a difference

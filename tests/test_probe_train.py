@@ -255,3 +255,136 @@ def test_abmilp_learns_a_one_patch_task_that_mean_pooling_cannot() -> None:
     assert abmilp > 0.9, abmilp
     assert mean < 0.45, mean
     assert abmilp > mean + 0.4
+
+
+def test_named_protocols_resolve_to_the_references_recipes() -> None:
+    mae = ProbeConfig.from_protocol("mae")
+    assert (mae.optimizer, mae.lr_grid, mae.batch_size, mae.epochs, mae.warmup_epochs, mae.weight_decay) == (
+        "lars",
+        (0.1,),
+        16384,
+        90,
+        10.0,
+        (0.0,),
+    )
+    assert mae.min_steps == 0 and mae.momentum == 0.9 and mae.overrides == ()
+    ep = ProbeConfig.from_protocol("ep")
+    assert (ep.batch_size, ep.queries, ep.optimizer) == (4096, 32, "lars")
+    # beyond_cls's --optimizer sgd is SGD(head.parameters(), lr, weight_decay): no momentum, decay everything
+    plain = ProbeConfig.from_protocol("mae", optimizer="sgd", weight_decay=(1e-4,))
+    assert (plain.momentum, plain.decay_vectors) == (0.0, True) and plain.overrides == (
+        "optimizer",
+        "weight_decay",
+    )
+    assert ProbeConfig.from_protocol("mae", optimizer="sgd", momentum=0.9).momentum == 0.9  # explicit wins
+    auto = ProbeConfig.from_protocol("auto")
+    assert auto.optimizer == "sgd" and len(auto.lr_grid) == 13 and auto.min_steps == 12_500
+    assert ProbeConfig.from_protocol("auto", epochs=10).overrides == ()  # the protocol's own value
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("lr_grid", (float("nan"),)),
+        ("lr_grid", (float("inf"),)),
+        ("lr_grid", (-0.1,)),
+        ("lr_grid", (0.1, 0.1)),
+        ("holdout", float("nan")),
+        ("warmup_epochs", float("inf")),
+        ("momentum", 1.0),
+        ("c_grid", (0.0,)),
+    ],
+)
+def test_impossible_options_are_refused_before_any_work(option: str, value: object) -> None:
+    with pytest.raises(ProbeError):
+        ProbeConfig.from_protocol("auto", **{option: value})
+
+
+def test_logreg_protocol_refuses_token_read_outs() -> None:
+    with pytest.raises(ProbeError, match="pooled features only") as info:
+        ProbeConfig.from_protocol("logreg", pools=("cls", "abmilp"))
+    assert "another --protocol for abmilp" in info.value.hint
+
+
+def test_bf16_autocast_trains_on_the_cpu_close_to_fp32() -> None:
+    """The CUDA path's bf16 autocast, exercised on the CPU (torch supports CPU autocast in bf16)."""
+    train, test = blobs(200), blobs(60, seed=1)
+    fp32 = train_probes(
+        train, test, small_cfg(pools=("abmilp",), lr_grid=(1.0,)), [HeadSpec("abmilp")], keys=["patches"]
+    )
+    bf16 = train_probes(
+        train,
+        test,
+        small_cfg(pools=("abmilp",), lr_grid=(1.0,), amp="bf16"),
+        [HeadSpec("abmilp")],
+        keys=["patches"],
+    )
+    assert bf16.readouts["abmilp"].test.top1 == pytest.approx(fp32.readouts["abmilp"].test.top1, abs=0.05)
+    assert bf16.readouts["abmilp"].head.linear.weight.dtype == torch.float32  # the saved head stays fp32
+
+
+def test_load_decision_keeps_caches_on_the_gpu_when_they_fit_and_pins_host_memory_otherwise(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from vitprobe.probe.train import load_decision
+
+    source = blobs(100)
+    cfg = small_cfg()
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10**12, 10**12))
+    assert load_decision(cfg, [source], ["cls"], cuda) == (True, cuda, False)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10, 10**12))
+    assert load_decision(cfg, [source], ["cls"], cuda) == (True, torch.device("cpu"), True)
+    assert load_decision(small_cfg(load="stream"), [source], ["cls"], cuda) == (
+        False,
+        torch.device("cpu"),
+        False,
+    )
+
+
+def test_lowshot_subsets_are_class_stratified_seeded_and_keep_views_together() -> None:
+    from vitprobe.probe.lowshot import subset
+
+    labels = torch.arange(400) % 4
+    groups = torch.arange(400) // 2  # two views per image
+    view_labels = labels[groups]
+    rows, notes = subset(view_labels, groups, shots=5, fraction=None, seed=0)
+    assert torch.bincount(view_labels[rows]).tolist() == [10, 10, 10, 10]  # 5 images × 2 views
+    assert notes == []
+    assert set(groups[rows].tolist()) == {int(g) for g in groups[rows]}  # whole images only
+    again, _ = subset(view_labels, groups, shots=5, fraction=None, seed=0)
+    other, _ = subset(view_labels, groups, shots=5, fraction=None, seed=1)
+    assert torch.equal(rows, again) and not torch.equal(rows, other)
+    part, _ = subset(labels, torch.arange(400), shots=None, fraction=0.1, seed=0)
+    assert torch.bincount(labels[part]).tolist() == [10, 10, 10, 10]
+    few, notes = subset(labels, torch.arange(400), shots=200, fraction=None, seed=0)
+    assert len(few) == 400 and "fewer than 200" in notes[0]
+
+
+def test_lowshot_reports_mean_and_std_over_seeds_with_each_seeds_value() -> None:
+    train, test = blobs(400, seed=0), blobs(100, seed=1)
+    cfg = small_cfg(pools=("cls",), lr_grid=(0.5, 2.0), shots=5, seeds=3)
+    out = train_probes(train, test, cfg, specs_of(cfg), keys=["cls"])
+    r = out.readouts["cls"]
+    values = [s["top1"] for s in r.seeds]
+    assert [s["seed"] for s in r.seeds] == [0, 1, 2] and len(set(values)) > 1  # different subsets
+    assert r.test.top1 == pytest.approx(sum(values) / 3)
+    assert r.top1_std == pytest.approx(torch.tensor(values).std().item())
+    lowshot = out.selection["lowshot"]
+    assert lowshot["train_rows"] == [16, 16, 16] and lowshot["holdout_rows"] == [4, 4, 4]  # 1 of 5 per class
+    with pytest.raises(ProbeError, match="no subset was asked for"):
+        small_cfg(seeds=3)
+
+
+def test_one_shot_cannot_select_and_says_so() -> None:
+    train, test = blobs(400, seed=0), blobs(100, seed=1)
+    cfg = small_cfg(pools=("cls",), lr_grid=(0.1, 1.0, 10.0), shots=1)
+    out = train_probes(train, test, cfg, specs_of(cfg), keys=["cls"])
+    r = out.readouts["cls"]
+    assert out.selection["holdout_rows"] == 0 and out.selection["split"] == "none"
+    assert r.blr == 1.0 and r.epoch == cfg.epochs  # the grid's middle, the last epoch
+    assert r.selection_top1 is None
+    assert "no_holdout" in {c.code for c in r.health} and r.verdict == "warning"
+    logreg_cfg = ProbeConfig.from_protocol("logreg", pools=("cls",), c_grid=(0.01, 1.0, 100.0), shots=1)
+    lr = train_probes(train, test, logreg_cfg, specs_of(logreg_cfg), keys=["cls"]).readouts["cls"]
+    assert lr.C == 1.0 and "no_holdout" in {c.code for c in lr.health}

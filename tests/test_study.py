@@ -67,8 +67,8 @@ def test_editing_a_protocol_reruns_it_and_what_reads_it(tmp_path: Path) -> None:
     )
     after = {s.key: s.identity for s in plan(edited)}
     changed = {k for k in steps if steps[k] != after[k]}
-    # the probe changed; its head's maps and their localisation read it; the caches and k-NN did not
-    assert changed == {"probe:a:needles", "predict:a:needles", "localization:a:needles", "report"}
+    # the probe changed, and the localisation that scores its head's maps; the caches and k-NN did not
+    assert changed == {"probe:a:needles", "localization:a:needles", "report"}
 
 
 @pytest.mark.parametrize(

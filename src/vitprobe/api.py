@@ -537,31 +537,34 @@ def frequency_stats(
 
 def localize(
     backbone: str | nn.Module | Backbone | None,
-    data: str,
+    data: str | None = None,
     *,
-    split: str,
-    maps: str | Path | None = None,
+    split: str | None = None,
+    heads: Sequence[str | Path] = (),
     cache: str | Path | None = None,
     out: str | Path | None = None,
     **options: Any,
 ) -> LocalizationResults:
-    """MaxBoxAccV2 of the backbone's last-block [cls] attention and/or a head's exported `maps`."""
-    from vitprobe.localization import LocalizationConfig, run_localization
+    """MaxBoxAccV2 of the backbone's last-block [cls] attention and/or saved heads' maps (`heads`, computed
+    from the tokens of `cache`), against the dataset's boxes: localization.json.
+
+    `options`: LocalizationConfig fields (limit, n_figures, quantize, cls_attention, overwrite, ...)."""
+    from vitprobe import results as R
+    from vitprobe.analysis.localization import LocalizationConfig, run_localization
 
     bb = load(backbone) if backbone is not None else None
     with _out_dir(out) as folder:
         cfg = LocalizationConfig(
-            data=data,
-            split=split,
             out=str(folder),
             model=bb.report.model if bb else None,
-            abmilp_maps=None if maps is None else str(maps),
+            data=data,
+            split=split,
             cache=None if cache is None else str(cache),
+            heads=tuple(str(h) for h in heads),
             random_init=bool(bb and bb.report.random_init),
+            cls_attention=bb is not None,
             **options,
         )
-        from vitprobe import results as R
-
         return R.LocalizationResults.from_dict(run_localization(cfg, backbone=bb).result)
 
 

@@ -1,8 +1,11 @@
 """Checkpoint files: safe reading (.pth/.pt/.pth.tar/.safetensors), URL and Hugging Face hub downloads.
 
 Nothing here executes code from a file: pickles are read with `torch.load(weights_only=True)`, which only
-rebuilds tensors and plain containers. The single extra type allowed is `argparse.Namespace`, because the
-official MAE, DINO, iBOT and BEiT training checkpoints store their command line as `args`.
+rebuilds tensors and plain containers, and only under torch >= 2.10 (older versions have known bypasses:
+CVE-2025-32434 below 2.6, CVE-2026-24747 below 2.10). Two more types are allowed: `argparse.Namespace`,
+because the official MAE, DINO, iBOT and BEiT training checkpoints store their command line as `args`, and
+yacs' `CfgNode` (SimMIM's `config`), which is rebuilt as a plain `OrderedDict` by a stand-in class, so the
+file's class is never imported and none of its code runs.
 
 Downloads honour `HF_HUB_OFFLINE=1` (for the hub *and* plain URLs): when offline and the file is not cached,
 `WeightsUnavailableError` names the file and how to pass it with `--checkpoint`.
@@ -14,6 +17,7 @@ import os
 import re
 import sys
 import warnings
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -23,7 +27,10 @@ from vitprobe.files import sha256_file
 
 __all__ = [
     "HF_HUB_PREFIX",
+    "SAFE_TORCH",
+    "PickledConfig",
     "cache_dir",
+    "describe_content",
     "download_url",
     "fetch_checkpoint",
     "hf_hub_file",
@@ -32,11 +39,15 @@ __all__ = [
     "read_checkpoint",
     "url_cache_path",
     "sha256_file",
+    "torch_is_safe",
 ]
 
 HF_HUB_PREFIX = "hf-hub:"
 _TRUTHY = {"1", "true", "yes", "on"}
 _PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar", ".pkl")
+# torch versions whose weights_only unpickler can be made to run code: CVE-2025-32434 (fixed in 2.6.0),
+# CVE-2026-24747 (memory corruption in the weights_only unpickler, fixed in 2.10.0)
+SAFE_TORCH = (2, 10)
 
 
 def is_offline() -> bool:
@@ -166,27 +177,92 @@ def fetch_checkpoint(spec: str) -> Path:
 def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read a checkpoint's top-level mapping on the CPU without running code from the file.
 
-    `.safetensors` files are read with safetensors; anything else with `torch.load(weights_only=True)`,
-    allowing `argparse.Namespace` (the `args` entry of official training checkpoints) and nothing else.
+    The content decides, not the name: safetensors files are read with safetensors, torch.save zips and
+    pickles with `torch.load(weights_only=True)`, allowing `argparse.Namespace` (the `args` entry of
+    official training checkpoints) and yacs' `CfgNode` (read as plain data) and nothing else. Anything else
+    (an HTML page, a Git LFS pointer, text, an empty or truncated file) is named as what it is.
 
     Raises:
-        CheckpointError: the file needs arbitrary code to unpickle, is corrupt, or is not a mapping.
+        CheckpointError: the file needs arbitrary code to unpickle, is corrupt, is something else, or is not
+            a mapping; pickles under a torch version with known weights_only bypasses are refused too.
     """
     path = Path(path)
-    if path.name.endswith(".safetensors") or _is_safetensors(path):  # content decides, not only the name
+    if _is_safetensors(path):
         return _read_safetensors(path)
+    if path.name.endswith(".safetensors"):
+        if _is_pickle(path):  # a torch file saved under a .safetensors name
+            return _checked_mapping(path, _torch_load_safely(path))
+        raise CheckpointError(
+            f"{path} is not a safetensors file: it is {describe_content(path)}",
+            _refetch_hint(path),
+        )
     if path.suffix.lower() not in _PICKLE_SUFFIXES:
         raise CheckpointError(
             f"{path} is not a checkpoint format vitprobe reads (suffix {path.suffix or 'none'!r})",
             "use a .safetensors file or a torch-saved .pth/.pt/.pth.tar/.bin file",
         )
-    obj = _torch_load_safely(path)
+    return _checked_mapping(path, _torch_load_safely(path))
+
+
+def _checked_mapping(path: Path, obj: Any) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise CheckpointError(
             f"{path} holds a {type(obj).__name__}, not a state dict or a checkpoint mapping",
             "save the model's state_dict() (a dict of tensors), not the module itself",
         )
     return obj
+
+
+def describe_content(path: Path) -> str:
+    """What a file that is not a weights file looks like from its first bytes, as a phrase for messages:
+    "an HTML page (...)", "a Git LFS pointer", "an empty file", "a JSON/text file", ..."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+        size = path.stat().st_size
+    except OSError as exc:
+        return f"unreadable ({exc.strerror or exc})"
+    if not head:
+        return "an empty file (0 bytes)"
+    text = head.lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    if text.startswith((b"<!doctype html", b"<html", b"<head", b"<body")) or b"<html" in text[:256]:
+        title = re.search(rb"<title>(.*?)</title>", head, re.IGNORECASE | re.DOTALL)
+        shown = f": {title.group(1).decode('utf-8', 'replace').strip()[:60]!r}" if title else ""
+        return f"an HTML page{shown}, not weights (a login, error or download page saved in its place)"
+    if text.startswith(b"version https://git-lfs"):
+        return "a Git LFS pointer, not the weights (run `git lfs pull` in the repository, or download it)"
+    if text.startswith(b"<?xml"):
+        return "an XML document (often a cloud-storage error such as AccessDenied), not weights"
+    if head[:4] == b"PK\x03\x04":
+        return "a zip archive that is not a torch checkpoint"
+    if head[:2] == b"\x1f\x8b":
+        return "a gzip archive (unpack it first)"
+    if text[:1] in (b"{", b"["):
+        return "a JSON/text file, not weights"
+    if all(32 <= c < 127 or c in (9, 10, 13) for c in head):
+        return "a text file, not weights"
+    if len(head) >= 8:
+        declared = int.from_bytes(head[:8], "little")
+        if head[8:9] == b"{" and declared > size - 8:
+            return f"a truncated safetensors file (header needs {declared + 8} bytes, the file has {size})"
+    return f"an unknown binary format (starts with {head[:8]!r})"
+
+
+def _refetch_hint(path: Path) -> str:
+    return (
+        f"re-download {path.name} (with a browser or `huggingface-cli download` for hub files) and check its "
+        "size, or pass a .pth/.pt written by torch.save"
+    )
+
+
+def _is_pickle(path: Path) -> bool:
+    """True when the file starts like torch.save output: a zip (PK) or a protocol >= 2 pickle."""
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError:
+        return False
+    return magic == b"PK\x03\x04" or magic[:1] == b"\x80"
 
 
 def _is_safetensors(path: Path) -> bool:
@@ -207,9 +283,27 @@ def _read_safetensors(path: Path) -> dict[str, Any]:
     try:
         return dict(load_file(str(path), device="cpu"))
     except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(
-            f"{path} is not a readable safetensors file: {exc}", "re-download the file"
-        ) from exc
+        message = f"{path} is not a readable safetensors file: {exc}"
+        raise CheckpointError(message, _refetch_hint(path)) from exc
+
+
+class PickledConfig:
+    """Stand-in for config classes that official checkpoints pickle (yacs `CfgNode`, SimMIM's `config`).
+
+    torch's weights-only unpickler may create it (it is allow-listed under the pickled class's name); it
+    builds an empty `OrderedDict` that the pickle then fills with the config's items and attributes, so the
+    config is read as plain data and the real class (which vitprobe never imports) never runs.
+    """
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> OrderedDict[Any, Any]:  # type: ignore[misc]
+        return OrderedDict()
+
+
+def torch_is_safe(version: str) -> bool:
+    """True when torch `version` has no known way around `weights_only=True` (>= SAFE_TORCH)."""
+    from torch.torch_version import TorchVersion
+
+    return TorchVersion(version) >= SAFE_TORCH
 
 
 def _torch_load_safely(path: Path) -> Any:
@@ -218,19 +312,24 @@ def _torch_load_safely(path: Path) -> Any:
 
     import torch
 
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    # torch.save writes a zip (PK\x03\x04); legacy torch.save / pickle protocol >= 2 start with PROTO (0x80)
-    if magic != b"PK\x03\x04" and magic[:1] != b"\x80":
+    if not _is_pickle(path):  # torch.save writes a zip (PK\x03\x04); legacy files start with PROTO (0x80)
         raise CheckpointError(
-            f"{path} is not a readable torch checkpoint (neither a torch.save zip nor a pickle; it starts "
-            f"with {magic!r}): it may be truncated, an HTML error page, or another format",
-            "re-download the file, or pass a .pth/.pt written by torch.save or a .safetensors file",
+            f"{path} is not a readable torch checkpoint (neither a torch.save zip nor a pickle): it is "
+            f"{describe_content(path)}",
+            _refetch_hint(path),
         )
+    if not torch_is_safe(torch.__version__):
+        raise CheckpointError(
+            f"refused to unpickle {path} with torch {torch.__version__}: torch < 2.10 can be made to run "
+            "code while loading with weights_only=True (CVE-2025-32434 below 2.6, CVE-2026-24747 below 2.10)",
+            "upgrade torch (pip install 'torch>=2.10'), or pass the weights as a .safetensors file",
+        )
+    allowed = [argparse.Namespace, (PickledConfig, "yacs.config.CfgNode")]
     try:
-        with warnings.catch_warnings(), torch.serialization.safe_globals([argparse.Namespace]):
+        with warnings.catch_warnings(), torch.serialization.safe_globals(allowed):
             warnings.simplefilter("ignore")  # protocol-version chatter from the weights-only unpickler
-            return torch.load(path, map_location="cpu", weights_only=True)
+            with open(path, "rb") as f:  # a file object: torch never picks a loader from the name
+                return torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if "weights only" not in str(exc).lower():  # not a pickle at all: truncated or another format
             raise CheckpointError(
@@ -245,7 +344,7 @@ def _torch_load_safely(path: Path) -> Any:
         ) from exc
     except Exception as exc:  # RuntimeError, EOFError, IndexError...: a truncated file or another format
         raise CheckpointError(
-            f"{path} is not a readable torch checkpoint (neither a torch.save zip nor a pickle: "
-            f"{type(exc).__name__}: {exc}); it may be truncated, an HTML error page, or another format",
-            "re-download the file, or pass a .pth/.pt written by torch.save or a .safetensors file",
+            f"{path} is not a readable torch checkpoint ({type(exc).__name__}: {exc}); it may be truncated "
+            "or another format",
+            _refetch_hint(path),
         ) from exc

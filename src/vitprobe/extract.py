@@ -88,12 +88,17 @@ class ExtractConfig:
     store: str = "fp16"  # dtype of the stored tokens: fp16 halves the size of fp32 at ~1e-3 relative error
     tokens: str = "all"  # all = [cls] + registers + patches; cls = [cls] only; pooled = [cls] + patch mean
     views: int = 0  # augmented views per image (random-resized-crop + flip); 0 = the eval transform only
-    seed: int = 0  # seeds random init and every view: view v of image i depends only on (seed, i, v)
-    limit: int | None = None  # extract only the first N images (quick runs)
+    seed: int = 0  # seeds random init, the --limit subset and the views (view v of image i: (seed, i, v))
+    limit: int | None = None  # extract N images, class-stratified and seeded by `seed` (quick runs)
     shard_size: int | None = None  # rows per shard; None = about 1 GB of tensors per shard
     resume: bool = True  # continue an interrupted extraction in `out` from its last complete shard
     overwrite: bool = False  # replace a finished (or different) cache in `out`
     force: bool = False  # start even if the estimated size exceeds the free disk space
+    img_size: int | None = None  # data-config override: input size (positions resampled); None = the model's
+    mean: tuple[float, ...] | None = None  # data-config override: normalisation mean; None = the model's
+    std: tuple[float, ...] | None = None  # data-config override: normalisation std; None = the model's
+    crop_pct: float | None = None  # data-config override: center-crop fraction; None = the model's
+    interpolation: str | None = None  # data-config override: resize interpolation; None = the model's
 
 
 @dataclass(frozen=True)
@@ -201,10 +206,13 @@ def extract(
 
 def build_backbone(config: ExtractConfig, *, device: torch.device | str | None = None) -> Backbone:
     """The backbone `config` names, on `device`; random init is seeded by `config.seed` (same per rank)."""
-    from vitprobe.models import load_backbone
+    from vitprobe.models import DataOverrides, load_backbone
 
     torch.manual_seed(config.seed)
-    backbone = load_backbone(config.model, checkpoint=config.checkpoint, random_init=config.random_init)
+    data = DataOverrides(config.img_size, config.mean, config.std, config.crop_pct, config.interpolation)
+    backbone = load_backbone(
+        config.model, checkpoint=config.checkpoint, random_init=config.random_init, data=data
+    )
     if device is not None:
         backbone.model.to(device)
     backbone.model.eval()
@@ -261,7 +269,8 @@ def new_manifest(
         "seed": config.seed,
         "dataset": {"spec": config.data, "split": dataset.split, "fingerprint": dataset.fingerprint,
                     "class_names": list(dataset.class_names), "num_classes": len(dataset.class_names),
-                    "num_images": num_images, "limit": config.limit},
+                    "num_images": num_images, "limit": config.limit,
+                    "selection": None if num_images == len(dataset) else "stratified"},
         "num_samples": num_samples,
         "shard_size": shard_size,
         "keys": {k: {"shape": ["n", *spec.shape], "dtype": _st_to_name(spec)} for k, spec in layout.items()},
@@ -279,7 +288,8 @@ def new_manifest(
 IDENTITY_FIELDS: tuple[tuple[str, ...], ...] = (
     ("model", "spec"), ("model", "timm_name"), ("model", "checkpoint"), ("layers",), ("grid",), ("dim",),
     ("tokens",), ("store_dtype",), ("compute_dtype",), ("transform",), ("views",), ("seed",),
-    ("dataset", "spec"), ("dataset", "split"), ("dataset", "fingerprint"), ("num_samples",), ("shard_size",),
+    ("dataset", "spec"), ("dataset", "split"), ("dataset", "fingerprint"), ("dataset", "selection"),
+    ("num_samples",), ("shard_size",),
 )
 
 
@@ -330,10 +340,11 @@ class CacheRows(torch.utils.data.Dataset):
         return len(self.dataset) * max(self.views, 1)
 
     def __getitem__(self, row: int) -> tuple[torch.Tensor, int, int, int]:
-        index, view = divmod(row, max(self.views, 1))
-        image = self.dataset.load_image(index)
+        position, view = divmod(row, max(self.views, 1))
+        index = self.dataset.rows[position]  # the dataset index (a --limit subset maps its rows back)
+        image = self.dataset.load_image(position)
         if not self.views:
-            return self.transform(image), int(self.dataset.labels[index]), index, 0
+            return self.transform(image), int(self.dataset.labels[position]), index, 0
         state = random.getstate()
         try:
             seed = view_seed(self.seed, index, view)
@@ -343,7 +354,7 @@ class CacheRows(torch.utils.data.Dataset):
                 pixels = self.transform(image)
         finally:
             random.setstate(state)
-        return pixels, int(self.dataset.labels[index]), index, view
+        return pixels, int(self.dataset.labels[position]), index, view
 
 
 class ShardBatches(torch.utils.data.Sampler[list[int]]):
@@ -511,7 +522,7 @@ def _run(
     mine = todo[rank::world]
     rounds = math.ceil(len(todo) / world)
     layout = layout_from_manifest(manifest)
-    limited = _Limit(dataset, manifest["dataset"]["num_images"])
+    limited = _Limit(dataset, manifest["dataset"]["num_images"], seed=config.seed)
     transform = view_transform(backbone) if config.views else backbone.transform(train=False)
     rows = CacheRows(limited, transform, views=config.views, seed=config.seed)  # type: ignore[arg-type]
     my_ranges = [plan.ranges[s] for s in mine]
@@ -610,17 +621,21 @@ class _SigintWatch:
 
 
 class _Limit:
-    """The first `n` images of a dataset (for --limit); the same interface CacheRows reads."""
+    """`n` images of a dataset for --limit, class-stratified and seeded (`vitprobe.data.stratified_subset`),
+    in dataset order; `rows[i]` is the dataset index of row i (all rows when `n` covers the dataset)."""
 
-    def __init__(self, dataset: ImageDataset, n: int) -> None:
-        self.dataset, self.n = dataset, n
-        self.labels = dataset.labels
+    def __init__(self, dataset: ImageDataset, n: int, *, seed: int) -> None:
+        from vitprobe.data import stratified_subset
+
+        self.dataset = dataset
+        self.rows = stratified_subset(dataset.labels, n, seed=seed)
+        self.labels = [dataset.labels[i] for i in self.rows]
 
     def __len__(self) -> int:
-        return self.n
+        return len(self.rows)
 
     def load_image(self, i: int) -> Any:
-        return self.dataset.load_image(i)
+        return self.dataset.load_image(self.rows[i])
 
 
 def _buffers(layout: dict[str, KeySpec], n: int, *, pin: bool) -> dict[str, torch.Tensor]:

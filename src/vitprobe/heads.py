@@ -17,7 +17,8 @@ from torch import nn
 from vitprobe.errors import ProbeError
 from vitprobe.tokens import Tokens
 
-POOLS = ("cls", "mean", "cls+mean", "abmilp", "attentive")
+POOLS = ("cls", "mean", "cls+mean", "abmilp", "attentive", "cls-cat", "cls-cat+mean", "fusion")
+MULTI_BLOCK_POOLS = ("cls-cat", "cls-cat+mean", "fusion")  # read several stored blocks at once
 ABMILP_ACTS = ("tanh", "relu")
 ABMILP_CONTENTS = ("patch", "all")
 
@@ -33,6 +34,7 @@ class HeadSpec:
     abmilp_act: str = "tanh"  # activation of those extra layers (Beyond [cls] tries tanh and relu)
     abmilp_content: str = "patch"  # "patch": patch tokens only (the paper's best); "all": [cls]/registers too
     queries: int = 4  # learnable queries of the attentive read-out
+    n_last_blocks: int = 4  # cls-cat: [cls] of this many last stored blocks (DINOv2 linear eval uses 4)
 
     def __post_init__(self) -> None:
         if self.pool not in POOLS:
@@ -46,8 +48,10 @@ class HeadSpec:
                 f"unknown --abmilp-content {self.abmilp_content!r}",
                 f"use one of {', '.join(ABMILP_CONTENTS)}",
             )
-        if self.abmilp_depth < 0 or self.queries < 1:
-            raise ProbeError("--abmilp-depth must be >= 0 and --queries >= 1", "pass a non-negative depth")
+        if self.abmilp_depth < 0 or self.queries < 1 or self.n_last_blocks < 1:
+            raise ProbeError(
+                "--abmilp-depth must be >= 0, --queries and --n-last-blocks >= 1", "fix the value"
+            )
 
     @property
     def name(self) -> str:
@@ -60,7 +64,17 @@ class HeadSpec:
 
     @property
     def needs_cls(self) -> bool:
-        return self.pool in ("cls", "cls+mean")
+        return self.pool in ("cls", "cls+mean", *MULTI_BLOCK_POOLS)
+
+    @property
+    def multi_block(self) -> bool:
+        """Whether the read-out reads several stored blocks (tokens with a block axis)."""
+        return self.pool in MULTI_BLOCK_POOLS
+
+    @property
+    def uses_mean(self) -> bool:
+        """Whether the read-out reads the patch mean (from patches, or a pooled cache's stored mean)."""
+        return self.pool in ("mean", "cls+mean", "cls-cat+mean")
 
     def options(self) -> dict[str, Any]:
         """The options that matter for this pool, for results and saved-head JSON."""
@@ -68,6 +82,8 @@ class HeadSpec:
             return {k: v for k, v in asdict(self).items() if k.startswith("abmilp_")}
         if self.pool == "attentive":
             return {"queries": self.queries}
+        if self.pool in ("cls-cat", "cls-cat+mean"):
+            return {"n_last_blocks": self.n_last_blocks}
         return {}
 
 
@@ -108,6 +124,56 @@ class ClsMeanReadout(nn.Module):
         if tokens.cls is None:
             raise ProbeError("the cls+mean read-out needs a [cls] token", "use --pool mean")
         return torch.cat([tokens.cls, tokens.patch_mean()], dim=-1), None  # (B, 2D)
+
+
+def block_cls(tokens: Tokens, pool: str, need: int = 1) -> torch.Tensor:
+    """The [cls] tokens of every stored block (B, L, D), checking there is a block axis with `need` blocks."""
+    if tokens.cls is None:
+        raise ProbeError(
+            f"the {pool} read-out needs a [cls] token, and this batch has none", "use --pool mean"
+        )
+    if tokens.cls.ndim != 3 or tokens.cls.shape[1] < need:
+        have = 1 if tokens.cls.ndim == 2 else tokens.cls.shape[1]
+        raise ProbeError(
+            f"the {pool} read-out needs {need} or more stored blocks, and the cache holds {have}",
+            "extract the cache with several --layers (e.g. --layers -4,-3,-2,-1)",
+        )
+    return tokens.cls
+
+
+class ClsCatReadout(nn.Module):
+    """[cls] of the last n stored blocks, concatenated in block order (DINOv2 linear evaluation,
+    `create_linear_input` with `n_last_blocks`); with `with_mean`, also the mean of the last block's patch
+    tokens (DINOv2's `use_avgpool`)."""
+
+    def __init__(self, dim: int, *, n: int, with_mean: bool) -> None:
+        super().__init__()
+        self.n, self.with_mean = n, with_mean
+        self.out_dim = (n + int(with_mean)) * dim
+
+    def forward(self, tokens: Tokens) -> tuple[torch.Tensor, None]:
+        cls = block_cls(tokens, "cls-cat", self.n)[:, -self.n :]  # (B, n, D)
+        parts = [cls.reshape(len(cls), -1)]  # (B, n·D), earlier blocks first
+        if self.with_mean:
+            parts.append(tokens.patch_mean()[:, -1])  # (B, L, D) -> the last block's (B, D)
+        return torch.cat(parts, dim=-1), None
+
+
+class FusionReadout(nn.Module):
+    """A learned softmax-weighted average of the stored blocks' [cls] tokens: MFF's multi-level feature
+    fusion (Liu et al., ICCV 2023; mmpretrain `MFFViT`: softmax over per-level weights, initialised equal)
+    used as a probe. No projection layers (MFF's are part of its pre-training)."""
+
+    def __init__(self, dim: int, *, blocks: int) -> None:
+        super().__init__()
+        self.out_dim = dim
+        self.weights = nn.Parameter(torch.zeros(blocks))  # softmax(0) = equal weights, as MFF's ones
+
+    def forward(self, tokens: Tokens) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fused [cls] (B, D) and the block weights (L,)."""
+        cls = block_cls(tokens, "fusion", len(self.weights))  # (B, L, D)
+        w = self.weights.softmax(dim=0)  # (L,)
+        return torch.einsum("l,bld->bd", w, cls), w
 
 
 class AbMILPReadout(nn.Module):
@@ -206,10 +272,15 @@ class ProbeHead(nn.Module):
         return self.linear(self.norm(features)), scores
 
 
-def build_head(spec: HeadSpec, dim: int, num_classes: int) -> ProbeHead:
-    """A fresh head for `spec` on D-dimensional tokens; parameters come from torch's global RNG."""
-    if spec.pool == "cls":
-        readout: nn.Module = ClsReadout(dim)
+def build_head(spec: HeadSpec, dim: int, num_classes: int, *, blocks: int = 1) -> ProbeHead:
+    """A fresh head for `spec` on D-dimensional tokens of `blocks` stored blocks (multi-block read-outs);
+    parameters come from torch's global RNG."""
+    if spec.pool in ("cls-cat", "cls-cat+mean"):
+        readout: nn.Module = ClsCatReadout(dim, n=spec.n_last_blocks, with_mean=spec.pool == "cls-cat+mean")
+    elif spec.pool == "fusion":
+        readout = FusionReadout(dim, blocks=blocks)
+    elif spec.pool == "cls":
+        readout = ClsReadout(dim)
     elif spec.pool == "mean":
         readout = MeanReadout(dim)
     elif spec.pool == "cls+mean":

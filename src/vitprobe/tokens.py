@@ -38,6 +38,10 @@ class Tokens:
     reg: torch.Tensor | None = None
     mean: torch.Tensor | None = None
 
+    def parts(self) -> list[torch.Tensor]:
+        """The tensors present (cls, patches, reg, mean)."""
+        return [t for t in (self.cls, self.patches, self.reg, self.mean) if t is not None]
+
     @property
     def prefix(self) -> torch.Tensor | None:
         """[cls] then register tokens (B, P, D), the order a ViT keeps them in; None if there are none."""
@@ -56,7 +60,7 @@ class Tokens:
         Computed once per batch: every mean-pooled head of a run reads the same vector."""
         if self._patch_mean is None:
             if self.patches is not None:
-                self._patch_mean = self.patches.mean(dim=1)
+                self._patch_mean = self.patches.mean(dim=-2)  # (B, [L,] N, D) -> (B, [L,] D)
             else:
                 assert self.mean is not None, "mean read-out on a batch without patches or mean"
                 self._patch_mean = self.mean

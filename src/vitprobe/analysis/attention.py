@@ -1,10 +1,10 @@
 """Attention statistics: per block × head statistics of explicitly computed attention, averaged over images.
 
 timm's attention uses fused SDPA, which never materialises the attention probabilities. During this pass
-only, a forward hook on every `block.attn` recomputes them explicitly from the module's own weights
-(`explicit_attention`, exact for timm's ViT `Attention` and BEiT's `Attention` with its relative position
-bias) and hands them, with the block input and the attention-branch output, to an accumulator of sums.
-The hooks are removed when the pass ends.
+only, the hooks of `vitprobe.analysis.passes.attention_hooks` recompute them explicitly from each module's
+own weights (exact for timm's ViT `Attention` and BEiT's `Attention` with its relative position bias) and
+hand them, with the block input and the attention-branch output, to an accumulator of sums. Blocks are
+numbered from 0, as in timm and the token caches.
 
 Definitions (the Beyond-[cls] reference code, gmum/beyond_cls `models_vit.py` + `main_attention_stats.py`):
 A is the post-softmax attention (B, H, T, T), token 0 = [cls], "patches" are the grid tokens only
@@ -14,17 +14,20 @@ See `DEFINITIONS` and docs/analyses.md.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
+from vitprobe.analysis.passes import TokenLayout, attention_hooks, forward_pass
+from vitprobe.analysis.runs import PassConfig
 from vitprobe.errors import ModelError
+
+if TYPE_CHECKING:
+    from vitprobe.models import Backbone
 
 EPS = 1e-6  # as in the reference code: guards the renormalisation and the log
 
@@ -55,215 +58,26 @@ MAGNITUDE_STATS = ("magnitude_cls", "magnitude_patch")  # per block only: heads 
 STATS_CHUNK_ELEMENTS = 1 << 25  # attention entries per statistics chunk: ~256 MB per float64 temporary
 
 
-@dataclass(frozen=True)
-class TokenLayout:
-    """Where [cls], registers and patches sit in a (B, T, D) sequence: prefix tokens first, then the grid."""
+def stat_names(layout: TokenLayout) -> tuple[str, ...]:
+    """The per-head statistics a token layout supports (no [cls] → no [cls] statistics)."""
+    names = (CLS_STATS if layout.has_cls else ()) + PATCH_STATS
+    if layout.num_reg:
+        names += (CLS_REG_STATS if layout.has_cls else ()) + REG_STATS
+    return names
 
-    num_prefix: int  # P: [cls] (when present) then the register tokens
-    has_cls: bool  # token 0 is [cls]; without it token 0.. P-1 are registers
-    grid: tuple[int, int]  # (h, w) patches, flattened row-major after the prefix
-    patch_size: int  # pixels per patch side; converts token distances to pixels
 
-    @classmethod
-    def of(cls, backbone: Any) -> TokenLayout:
-        """The layout of a `vitprobe.models.Backbone`."""
-        return cls(backbone.num_prefix_tokens, backbone.has_cls, backbone.grid, backbone.patch_size)
-
-    @property
-    def num_patches(self) -> int:
-        return self.grid[0] * self.grid[1]
-
-    @property
-    def num_reg(self) -> int:
-        return self.num_prefix - int(self.has_cls)
-
-    @property
-    def reg(self) -> slice:
-        return slice(int(self.has_cls), self.num_prefix)
-
-    @property
-    def patches(self) -> slice:
-        return slice(self.num_prefix, None)
-
-    def stat_names(self) -> tuple[str, ...]:
-        """The statistics this layout supports (no [cls] → no [cls] statistics)."""
-        names = (CLS_STATS if self.has_cls else ()) + PATCH_STATS
-        if self.num_reg:
-            names += (CLS_REG_STATS if self.has_cls else ()) + REG_STATS
-        return names
-
-    def magnitude_names(self) -> tuple[str, ...]:
-        return MAGNITUDE_STATS if self.has_cls else MAGNITUDE_STATS[1:]
+def magnitude_names(layout: TokenLayout) -> tuple[str, ...]:
+    """The per-block magnitude statistics a token layout supports."""
+    return MAGNITUDE_STATS if layout.has_cls else MAGNITUDE_STATS[1:]
 
 
 @dataclass(frozen=True)
-class AttentionConfig:
+class AttentionConfig(PassConfig):
     """How `vitprobe analyze attention` runs; written into attention.json."""
 
-    model: str  # preset name or timm:NAME
-    data: str  # dataset spec, opened with the model's eval transform
-    split: str  # split of the dataset to analyse
-    out: str  # output directory for attention.json, the maps file and the figures
-    checkpoint: str | None = None  # weights file for the preset; None = the preset's default weights
-    random_init: bool = False  # random weights: the baseline that shows what training changed
-    limit: int | None = 1000  # images (evenly spaced over the split); 1000 gives stable means, None = all
-    batch_size: int = 32  # images per forward; attention is (B, H, T, T) fp32 per block
-    num_workers: int = 4  # DataLoader workers decoding images
-    device: str = "auto"  # CUDA when available
     rollout: bool = False  # also compute attention rollout maps (Abnar & Zuidema 2020)
     n_maps: int = 8  # images whose [cls]→patch maps are kept for the map grid
     compare: tuple[str, ...] = ()  # earlier run directories overlaid on the curves
-    seed: int = 0  # seeds torch before building the model: random-init baselines are reproducible
-
-
-# ----------------------------------------------------------------------------------------------------
-# Explicit attention
-
-
-def explicit_attention(
-    attn: nn.Module,
-    x: Tensor,
-    *,
-    attn_mask: Tensor | None = None,
-    is_causal: bool = False,
-    shared_rel_pos_bias: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
-    """Recompute a timm attention module's forward with the softmax written out.
-
-    Args:
-        attn: `timm.layers.Attention` (ViT, DeiT, DINOv2, ...) or `timm.models.beit.Attention`.
-        x: the module input, the normalised residual stream (B, T, D).
-        attn_mask, is_causal: as passed to timm's ViT attention (None / False in a plain forward).
-        shared_rel_pos_bias: BEiT's shared relative position bias (1, H, T, T), as passed by `Beit`.
-
-    Returns:
-        The post-softmax attention (B, H, T, T) and the module output (B, T, D) (after `proj`), which equals
-        the module's own (fused) forward up to float rounding.
-    """
-    from timm.layers import Attention as VitAttention
-    from timm.models.beit import Attention as BeitAttention
-
-    if isinstance(attn, BeitAttention):
-        return _beit_attention(attn, x, shared_rel_pos_bias)
-    if isinstance(attn, VitAttention):
-        return _vit_attention(attn, x, attn_mask, is_causal)
-    raise ModelError(
-        f"cannot compute attention explicitly for {type(attn).__module__}.{type(attn).__name__}",
-        "attention analysis supports timm's ViT Attention and BEiT Attention modules",
-    )
-
-
-def _vit_attention(attn: Any, x: Tensor, attn_mask: Tensor | None, is_causal: bool) -> tuple[Tensor, Tensor]:
-    """timm.layers.Attention.forward (non-fused branch), softmax kept."""
-    B, T, _ = x.shape
-    H, Dh = attn.num_heads, attn.head_dim
-    gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
-    qkv = attn.qkv(x).reshape(B, T, 3, H, Dh).permute(2, 0, 3, 1, 4)  # (3, B, H, T, Dh)
-    q, k, v = qkv.unbind(0)  # (B, H, T, Dh) each
-    q, k = attn.q_norm(q), attn.k_norm(k)
-    scores = (q * attn.scale) @ k.transpose(-2, -1)  # (B, H, T, T)
-    if is_causal:
-        scores = scores + scores.new_full((T, T), float("-inf")).triu_(1)
-    elif attn_mask is not None:
-        if attn_mask.dtype == torch.bool:
-            attn_mask = torch.zeros_like(attn_mask, dtype=scores.dtype).masked_fill_(
-                ~attn_mask, float("-inf")
-            )
-        scores = scores + attn_mask
-    probs = scores.softmax(dim=-1)  # (B, H, T, T)
-    out = (probs @ v).transpose(1, 2).reshape(B, T, H * Dh)  # (B, H, T, Dh) -> (B, T, H*Dh)
-    out = attn.norm(out)
-    if gate is not None:
-        out = out * gate
-    return probs, attn.proj(out)
-
-
-def _beit_attention(attn: Any, x: Tensor, shared_rel_pos_bias: Tensor | None) -> tuple[Tensor, Tensor]:
-    """timm.models.beit.Attention.forward (non-fused branch), softmax kept: q/k/v biases + rel-pos bias."""
-    B, T, _ = x.shape
-    if attn.q_bias is None:
-        qkv = attn.qkv(x)  # (B, T, 3*H*Dh)
-    else:
-        qkv_bias = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))  # k has no learned bias: zeros
-        if attn.qkv_bias_separate:
-            qkv = attn.qkv(x) + qkv_bias
-        else:
-            qkv = F.linear(x, weight=attn.qkv.weight, bias=qkv_bias)
-    qkv = qkv.reshape(B, T, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)  # (3, B, H, T, Dh)
-    q, k, v = qkv.unbind(0)  # (B, H, T, Dh) each
-    scores = (q * attn.scale) @ k.transpose(-2, -1)  # (B, H, T, T)
-    if attn.relative_position_bias_table is not None:
-        scores = scores + beit_relative_position_bias(attn)
-    if shared_rel_pos_bias is not None:
-        scores = scores + shared_rel_pos_bias
-    probs = scores.softmax(dim=-1)  # (B, H, T, T)
-    out = (probs @ v).transpose(1, 2).reshape(B, T, -1)  # (B, H, T, Dh) -> (B, T, H*Dh)
-    return probs, attn.proj(out)
-
-
-def beit_relative_position_bias(attn: Any) -> Tensor:
-    """A BEiT block's own relative position bias (1, H, T, T), gathered from its table as timm does."""
-    index = attn.relative_position_index  # (T, T) indices into the table
-    bias = attn.relative_position_bias_table[index.view(-1)]  # (T*T, H)
-    bias = bias.view(index.shape[0], index.shape[1], -1).permute(2, 0, 1)  # (H, T, T)
-    return bias.unsqueeze(0)  # (1, H, T, T)
-
-
-BlockCallback = Callable[[int, Tensor, Tensor, Tensor], None]
-
-
-@contextmanager
-def attention_hooks(model: nn.Module, on_block: BlockCallback) -> Iterator[None]:
-    """While active, every forward calls `on_block(l, x, A, y)` for each block l in order.
-
-    x is the block input (residual stream, B×T×D), A the explicit post-softmax attention (B×H×T×T) and y
-    the attention branch output after `proj`, before layer-scale (B×T×D). The model's own output is not
-    changed. The hooks are removed on exit, so the fused path is untouched outside this pass.
-    """
-    blocks = list(model.blocks)
-    for blk in blocks:
-        explicit_attention_supported(blk)
-    inputs: dict[int, Tensor] = {}
-    handles = []
-    for index, blk in enumerate(blocks):
-
-        def keep_input(module: nn.Module, args: tuple, kwargs: dict, index: int = index) -> None:
-            inputs[index] = args[0] if args else kwargs["x"]
-
-        def on_attention(
-            module: nn.Module, args: tuple, kwargs: dict, output: Tensor, index: int = index
-        ) -> None:
-            x_norm = args[0] if args else kwargs["x"]
-            probs, _ = explicit_attention(
-                module,
-                x_norm,
-                attn_mask=kwargs.get("attn_mask"),
-                is_causal=bool(kwargs.get("is_causal", False)),
-                shared_rel_pos_bias=kwargs.get("shared_rel_pos_bias"),
-            )
-            on_block(index, inputs.pop(index), probs, output)
-
-        handles.append(blk.register_forward_pre_hook(keep_input, with_kwargs=True))
-        handles.append(blk.attn.register_forward_hook(on_attention, with_kwargs=True))
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def explicit_attention_supported(block: nn.Module) -> None:
-    """Raise `ModelError` unless the block has an attention module `explicit_attention` can reproduce."""
-    from timm.layers import Attention as VitAttention
-    from timm.models.beit import Attention as BeitAttention
-
-    attn = getattr(block, "attn", None)
-    if not isinstance(attn, (VitAttention, BeitAttention)):
-        raise ModelError(
-            f"block {type(block).__name__} has attention {type(attn).__name__}, "
-            "which vitprobe cannot recompute",
-            "attention analysis supports timm ViT (Attention) and BEiT blocks",
-        )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -288,7 +102,7 @@ def attention_statistics(
         distances: `patch_distances(layout.grid, layout.patch_size)` (N, N); computed when None.
 
     Returns:
-        {name: (B, H)} for `layout.stat_names()`.
+        {name: (B, H)} for `stat_names(layout)`.
     """
     P = layout.num_prefix
     A = attn.double()  # (B, H, T, T); float64 so eps-sized terms are not lost
@@ -319,7 +133,7 @@ def attention_statistics(
         stats["patch_to_reg"] = to_reg[..., P:].mean(-1)
         if layout.has_cls:
             stats["cls_to_reg"] = to_reg[..., 0]
-    return {name: stats[name] for name in layout.stat_names()}
+    return {name: stats[name] for name in stat_names(layout)}
 
 
 def magnitude_statistics(x: Tensor, y: Tensor, layout: TokenLayout) -> dict[str, Tensor]:
@@ -336,7 +150,7 @@ def magnitude_statistics(x: Tensor, y: Tensor, layout: TokenLayout) -> dict[str,
     stats = {"magnitude_patch": ratio[:, layout.num_prefix :].mean(-1)}
     if layout.has_cls:
         stats["magnitude_cls"] = ratio[:, 0]
-    return {name: stats[name] for name in layout.magnitude_names()}
+    return {name: stats[name] for name in magnitude_names(layout)}
 
 
 def rollout_step(rollout: Tensor | None, attn: Tensor) -> Tensor:
@@ -371,9 +185,9 @@ class AttentionAccumulator:
         self.rollout = rollout and layout.has_cls
         self.n_maps = n_maps if layout.has_cls else 0
         self.n_images = 0
-        self.sums = {name: torch.zeros(depth, num_heads, dtype=torch.float64) for name in layout.stat_names()}
+        self.sums = {name: torch.zeros(depth, num_heads, dtype=torch.float64) for name in stat_names(layout)}
         self.magnitude_sums = {
-            name: torch.zeros(depth, dtype=torch.float64) for name in layout.magnitude_names()
+            name: torch.zeros(depth, dtype=torch.float64) for name in magnitude_names(layout)
         }
         self.cls_map_sum = torch.zeros(layout.grid, dtype=torch.float64)  # (h, w)
         self.rollout_sum = torch.zeros(layout.grid, dtype=torch.float64)  # (h, w)
@@ -480,8 +294,6 @@ def analyze_attention(
         n_maps: leading images whose [cls]→patch maps are kept.
         on_images: called with each image batch (e.g. to keep thumbnails of the first images).
     """
-    from vitprobe.analysis import forward_pass
-
     layout = TokenLayout.of(backbone)
     num_heads = int(backbone.model.blocks[0].attn.num_heads)
     acc = AttentionAccumulator(layout, backbone.depth, num_heads, rollout=rollout, n_maps=n_maps)
@@ -490,16 +302,20 @@ def analyze_attention(
     return acc
 
 
-def run_attention(config: AttentionConfig, *, backbone: Any = None) -> AttentionRun:
+def run_attention(config: AttentionConfig, *, backbone: Backbone | None = None) -> AttentionRun:
     """`vitprobe analyze attention`: load, stream the subset, write attention.json, the maps, the figures.
 
-    `backbone`: an already loaded `Backbone` that `config` describes (else `config.model` is loaded)."""
+    An earlier attention.json in `config.out` is refused unless `config.overwrite`; every file is written
+    atomically, attention.json last (it names the maps file's sha256, so a reader can tell that they belong
+    together).
+    """
     from safetensors.torch import save_file
 
-    from vitprobe.analysis import open_pass, plots, result_header
-    from vitprobe.files import atomic_path, write_json
+    from vitprobe.analysis import plots
+    from vitprobe.analysis.runs import backbone_info, open_pass, result_header
+    from vitprobe.files import atomic_path, sha256_file, write_json
 
-    run = open_pass(config, "attention.json", backbone)
+    run = open_pass(config, "attention.json", backbone=backbone)  # backbone: already loaded, or None
     backbone = run.backbone
     thumbs = _Thumbnails(backbone.data_config(), config.n_maps if backbone.has_cls else 0)
     acc = analyze_attention(
@@ -508,42 +324,57 @@ def run_attention(config: AttentionConfig, *, backbone: Any = None) -> Attention
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     maps = acc.maps()
-    maps_path = None
+    maps_info = None
     if maps:
         maps["images"] = thumbs.tensor()  # (K, 3, H, W) uint8, the images under the maps
         maps_path = out / "attention_maps.safetensors"
         with atomic_path(maps_path) as tmp:
             save_file({k: v.contiguous() for k, v in maps.items()}, str(tmp))
+        maps_info = {
+            "file": maps_path.name,
+            "sha256": sha256_file(maps_path),
+            "keys": sorted(maps),
+            "grid": list(backbone.grid),
+            "block": backbone.depth - 1,  # the [cls] maps are the last block's
+            "n_images": len(acc.cls_maps),
+        }
+    notes = []
     if config.rollout and not backbone.has_cls:
-        notes = ["rollout skipped: the model has no [cls] token"]
-    else:
-        notes = []
+        notes.append("rollout skipped: the model has no [cls] token")
     result = {
-        **result_header("attention", run, config, dtype="float32"),
+        **result_header(
+            "attention",
+            config,
+            run.inputs,
+            model=backbone.report.to_dict(),
+            backbone=backbone_info(backbone),
+            data=run.data_info,
+            device=str(run.device),
+            dtype="float32",
+        ),
         "definitions": {
             "eps": EPS,
             "log": "natural",
             "tokens": _token_note(TokenLayout.of(backbone)),
+            "blocks": "0-based block indices, as timm's model.blocks[i] and the token caches' layers",
             **DEFINITIONS,
         },
         "n_images": acc.n_images,
-        "blocks": list(range(1, backbone.depth + 1)),
+        "blocks": list(range(backbone.depth)),
         "stats": acc.result()["stats"],
-        "maps": None
-        if maps_path is None
-        else {
-            "file": maps_path.name,
-            "keys": sorted(maps),
-            "grid": list(backbone.grid),
-            "n_images": len(acc.cls_maps),
-        },
+        "maps": maps_info,
         "notes": notes,
     }
     figures = plots.attention_figures([result, *run.compared], out, maps=maps or None)
     result["figures"] = [str(p.relative_to(out)) for p in figures]
     json_path = out / "attention.json"
     write_json(json_path, result)
-    return AttentionRun(json_path=json_path, maps_path=maps_path, figures=figures, result=result)
+    return AttentionRun(
+        json_path=json_path,
+        maps_path=None if maps_info is None else out / maps_info["file"],
+        figures=figures,
+        result=result,
+    )
 
 
 class _Thumbnails:

@@ -6,20 +6,30 @@ stream to (B, D, h, w), F = log(|fft2| + ε), shift the zero frequency to the ce
 and channels, read the diagonal from the centre outwards and subtract the zero-frequency value
 (Δ log amplitude). The headline per layer is Δ at the highest frequency on that diagonal. We also report a
 high-frequency energy ratio. Definitions and the differences to the notebook: docs/analyses.md.
+
+The token maps come from a pass of the backbone (the patch-embedding output and every block's output), or,
+with a token cache that holds the blocks' patch tokens (`extract --layers 0,1,...`), from the cache without
+running the backbone. Blocks are numbered from 0, as in timm and the token caches.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from vitprobe.errors import ModelError
+from vitprobe.analysis.passes import block_output_hooks, forward_pass, select_indices
+from vitprobe.analysis.runs import PassConfig, PassInputs
+from vitprobe.errors import ModelError, VitprobeError
+from vitprobe.progress import progress_bar
+
+if TYPE_CHECKING:
+    from vitprobe.cache import TokenCache
+    from vitprobe.models import Backbone
 
 EPS = 1e-6  # as in the notebook: log(|F| + eps)
 
@@ -37,22 +47,16 @@ DEFINITIONS: dict[str, str] = {
 }
 
 
+SOURCES = ("auto", "cache", "backbone")  # where the token maps come from (FrequencyConfig.source)
+
+
 @dataclass(frozen=True)
-class FrequencyConfig:
+class FrequencyConfig(PassConfig):
     """How `vitprobe analyze frequency` runs; written into frequency.json."""
 
-    model: str  # preset name or timm:NAME
-    data: str  # dataset spec, opened with the model's eval transform
-    split: str  # split of the dataset to analyse
-    out: str  # output directory for frequency.json and the figures
-    checkpoint: str | None = None  # weights file for the preset; None = the preset's default weights
-    random_init: bool = False  # random weights: the baseline that shows what training changed
-    limit: int | None = 1000  # images (evenly spaced over the split); None = all
-    batch_size: int = 32  # images per forward
-    num_workers: int = 4  # DataLoader workers decoding images
-    device: str = "auto"  # CUDA when available
     compare: tuple[str, ...] = ()  # earlier run directories overlaid on the headline figure
-    seed: int = 0  # seeds torch before building the model: random-init baselines are reproducible
+    blocks: tuple[int, ...] | None = None  # blocks to analyse (0-based, negative from the end); None = all
+    source: str = "auto"  # auto: the --cache's tokens when it holds the blocks, else the backbone
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -118,40 +122,52 @@ def diagonal_frequencies(h: int) -> list[float]:
 
 
 class FrequencyAccumulator:
-    """Sums over a pass of the shifted log-amplitude spectra and band energies of every layer; bounded memory.
+    """Sums over a pass of the shifted log-amplitude spectra and band energies of some layers; bounded memory.
 
-    Layer 0 is the patch-embedding output (the input of block 1, position embeddings added); layer l is the
-    output of block l (residual stream, before the final norm).
+    Args:
+        num_prefix: prefix tokens ([cls], registers) before the patches in the token rows fed in.
+        grid: (h, w) patch grid.
+        blocks: the block each layer position is, in order; None = the patch-embedding output (the input of
+            block 0, position embeddings added). A block's layer is its output (residual stream, before the
+            final norm).
     """
 
-    def __init__(self, num_prefix: int, grid: tuple[int, int], depth: int) -> None:
-        self.num_prefix, self.grid, self.depth = num_prefix, grid, depth
-        self.log_amp = torch.zeros(depth + 1, *grid, dtype=torch.float64)  # (L+1, h, w) sums
-        self.high = torch.zeros(depth + 1, dtype=torch.float64)
-        self.total = torch.zeros(depth + 1, dtype=torch.float64)
-        self.count = torch.zeros(depth + 1, dtype=torch.float64)  # images x channels per layer
+    def __init__(self, num_prefix: int, grid: tuple[int, int], blocks: Sequence[int | None]) -> None:
+        self.num_prefix, self.grid, self.blocks = num_prefix, grid, list(blocks)
+        n = len(self.blocks)
+        self.log_amp = torch.zeros(n, *grid, dtype=torch.float64)  # (n, h, w) sums
+        self.high = torch.zeros(n, dtype=torch.float64)
+        self.total = torch.zeros(n, dtype=torch.float64)
+        self.count = torch.zeros(n, dtype=torch.float64)  # images x channels per layer
         self.n_images = 0
 
-    def on_layer(self, layer: int, tokens: Tensor) -> None:
-        """Add one layer's tokens (B, T, D) for one batch."""
+    @property
+    def layers(self) -> list[str]:
+        """Layer names: "patch_embed" and "block{b}" (0-based)."""
+        return ["patch_embed" if b is None else f"block{b}" for b in self.blocks]
+
+    def on_layer(self, position: int, tokens: Tensor) -> None:
+        """Add the tokens (B, T, D) of the layer at `position` for one batch; images count at position 0."""
         fmap = token_map(tokens, self.num_prefix, self.grid)  # (B, D, h, w)
-        self.log_amp[layer] += log_amplitude_sum(fmap).cpu()
+        self.log_amp[position] += log_amplitude_sum(fmap).cpu()
         high, total = band_energy(fmap)
-        self.high[layer] += high.cpu()
-        self.total[layer] += total.cpu()
-        self.count[layer] += fmap.shape[0] * fmap.shape[1]
-        if layer == 0:
+        self.high[position] += high.cpu()
+        self.total[position] += total.cpu()
+        self.count[position] += fmap.shape[0] * fmap.shape[1]
+        if position == 0:
             self.n_images += fmap.shape[0]
 
     def result(self) -> dict[str, Any]:
         """Per layer: the mean 2-D log-amplitude spectrum, its diagonal, Δ, headline and energy ratio."""
         if self.n_images == 0:
             raise ModelError("no images went through the model", "check --data, --split and --limit")
-        spectra = self.log_amp / self.count[:, None, None]  # (L+1, h, w)
-        diag = torch.stack([diagonal(s) for s in spectra])  # (L+1, K)
-        delta = diag - diag[:, :1]  # (L+1, K)
+        spectra = self.log_amp / self.count[:, None, None]  # (n, h, w)
+        diag = torch.stack([diagonal(s) for s in spectra])  # (n, K)
+        delta = diag - diag[:, :1]  # (n, K)
         return {
             "n_images": self.n_images,
+            "layers": self.layers,
+            "blocks": list(self.blocks),
             "frequency": diagonal_frequencies(self.grid[0]),
             "log_amplitude": diag.tolist(),
             "delta_log_amplitude": delta.tolist(),
@@ -161,45 +177,118 @@ class FrequencyAccumulator:
         }
 
 
-@contextmanager
-def layer_hooks(model: nn.Module, on_layer: Callable[[int, Tensor], None]) -> Iterator[None]:
-    """While active, a forward calls `on_layer(0, input of block 1)` and `on_layer(l, output of block l)`."""
-    blocks = list(model.blocks)
-
-    def embed(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        on_layer(0, args[0] if args else kwargs["x"])
-
-    handles = [blocks[0].register_forward_pre_hook(embed, with_kwargs=True)]
-    for index, blk in enumerate(blocks, start=1):
-
-        def block_out(module: nn.Module, args: tuple, output: Tensor, index: int = index) -> None:
-            on_layer(index, output)
-
-        handles.append(blk.register_forward_hook(block_out))
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
+def resolve_blocks(blocks: Sequence[int] | None, depth: int) -> list[int]:
+    """0-based block indices: all of them for None, negative ones counted from the end (-1 = last)."""
+    if blocks is None:
+        return list(range(depth))
+    out = []
+    for b in blocks:
+        if not -depth <= b < depth:
+            raise VitprobeError(
+                f"--blocks {b}: the model has {depth} blocks (0..{depth - 1})", "e.g. --blocks 0,5,-1"
+            )
+        out.append(b % depth)
+    return sorted(set(out))
 
 
-def analyze_frequency(backbone: Any, loader: Any, device: torch.device) -> FrequencyAccumulator:
-    """Stream `loader` through `backbone` with layer hooks; return the filled accumulator.
+def _square(grid: tuple[int, int]) -> None:
+    if grid[0] != grid[1]:
+        raise ModelError(
+            f"the token grid {grid[0]}x{grid[1]} is not square", "frequency analysis needs square inputs"
+        )
+
+
+def analyze_frequency(
+    backbone: Any, loader: Any, device: torch.device, *, blocks: Sequence[int] | None = None
+) -> FrequencyAccumulator:
+    """Stream `loader` through `backbone` with block hooks; return the filled accumulator.
 
     Args:
         backbone: a `vitprobe.models.Backbone` on `device`, in eval mode.
         loader: yields (images (B, 3, H, W), labels, indices) at the model's input size.
         device: where the forward runs (fp32).
+        blocks: 0-based blocks to keep besides the patch embedding; None = every block.
     """
-    from vitprobe.analysis import forward_pass
+    _square(backbone.grid)
+    wanted = resolve_blocks(blocks, backbone.depth)
+    acc = FrequencyAccumulator(backbone.num_prefix_tokens, backbone.grid, [None, *wanted])
+    position = {b: i + 1 for i, b in enumerate(wanted)}
 
-    h, w = backbone.grid
-    if h != w:
-        raise ModelError(f"the token grid {h}x{w} is not square", "frequency analysis needs square inputs")
-    acc = FrequencyAccumulator(backbone.num_prefix_tokens, backbone.grid, backbone.depth)
-    with layer_hooks(backbone.model, acc.on_layer):
+    def on_output(block: int, tokens: Tensor) -> None:
+        if block in position:
+            acc.on_layer(position[block], tokens)
+
+    with block_output_hooks(backbone.model, on_output, on_embedding=lambda t: acc.on_layer(0, t)):
         forward_pass(backbone, loader, device, description="frequency")
     return acc
+
+
+def cache_rows(cache: TokenCache, limit: int | None) -> list[int]:
+    """Cache rows of `limit` evenly spaced images (view 0 rows only), in cache order."""
+    views = cache.view_ids()  # (N,)
+    rows = torch.nonzero(views == 0).flatten().tolist()
+    return [rows[i] for i in select_indices(len(rows), limit)]
+
+
+def frequency_from_cache(
+    cache: TokenCache, blocks: Sequence[int], rows: Sequence[int], *, batch_size: int, device: torch.device
+) -> FrequencyAccumulator:
+    """The spectra of `blocks` from the patch tokens a cache stores, for the cache rows `rows`.
+
+    Each shard read is checked against its sha256 first (`TokenCache.verify_shard`), as probing does.
+    """
+    _square(cache.grid)
+    layer_pos = [cache.layers.index(b) for b in blocks]
+    multi = len(cache.layers) > 1
+    acc = FrequencyAccumulator(0, cache.grid, list(blocks))
+    keep = torch.zeros(cache.num_samples, dtype=torch.bool)
+    keep[list(rows)] = True
+    with progress_bar(len(rows), "frequency (cache)") as advance:
+        for i, shard in enumerate(cache.shards):
+            mine = keep[shard.start : shard.stop]  # (n,)
+            if not mine.any():
+                continue
+            cache.verify_shard(i)
+            for a in range(0, len(mine), batch_size):
+                pick = mine[a : a + batch_size]
+                if not pick.any():
+                    continue
+                patches = cache.read_shard(i, ["patches"], rows=slice(a, a + len(pick)))["patches"][pick]
+                patches = patches.to(device)  # (b, L, P, D) or (b, P, D)
+                for j, lp in enumerate(layer_pos):
+                    acc.on_layer(j, patches[:, lp] if multi else patches)  # (b, P, D)
+                advance(int(pick.sum()))
+    return acc
+
+
+def choose_source(config: FrequencyConfig, inputs: PassInputs) -> tuple[str, str | None]:
+    """("cache" or "backbone", a note saying why) for `config.source` and what the cache holds."""
+    if config.source not in SOURCES:
+        raise VitprobeError(f"--source {config.source!r}", f"use one of {', '.join(SOURCES)}")
+    cache = inputs.cache
+    if cache is None:
+        if config.source == "cache":
+            raise VitprobeError("--source cache needs --cache DIR", "pass the token cache, or --source auto")
+        return "backbone", None
+    if config.source == "backbone":
+        return "backbone", "ran the backbone (--source backbone), on the cache's images"
+    depth = int(cache.manifest["depth"])
+    wanted = resolve_blocks(config.blocks, depth)
+    missing = [b for b in wanted if b not in cache.layers]
+    every = f"--layers {','.join(map(str, wanted))} --tokens all"
+    if cache.tokens != "all":
+        problem = f"the cache {cache.path} holds {cache.tokens} tokens, not the patch tokens"
+    elif missing:
+        problem = f"the cache {cache.path} holds blocks {cache.layers}, not {missing}"
+    else:
+        return "cache", (
+            f"token maps read from the cache (stored as {cache.store_dtype}, computed in "
+            f"{cache.manifest.get('compute_dtype')}); the patch embedding is not cached, so its layer is "
+            "left out (--source backbone adds it)"
+        )
+    if config.source == "cache":
+        raise VitprobeError(f"--source cache: {problem}", f"extract it with {every}, or use --source auto")
+    return "backbone", f"ran the backbone: {problem} (a cache extracted with {every} is read instead)"
 
 
 @dataclass
@@ -211,26 +300,83 @@ class FrequencyRun:
     result: dict[str, Any]
 
 
-def run_frequency(config: FrequencyConfig, *, backbone: Any = None) -> FrequencyRun:
-    """`vitprobe analyze frequency`: load, stream the subset, write frequency.json and the figures.
+def run_frequency(config: FrequencyConfig, *, backbone: Backbone | None = None) -> FrequencyRun:
+    """`vitprobe analyze frequency`: spectra from the cache or a backbone pass; frequency.json and figures.
 
-    `backbone`: an already loaded `Backbone` that `config` describes (else `config.model` is loaded)."""
-    from vitprobe.analysis import open_pass, plots, result_header
+    An earlier frequency.json in `config.out` is refused unless `config.overwrite`; files are written
+    atomically, frequency.json last.
+    """
+    from vitprobe.analysis import plots
+    from vitprobe.analysis.runs import (
+        backbone_info,
+        cache_backbone_info,
+        check_out,
+        manifest_model,
+        open_pass,
+        read_results,
+        resolve_inputs,
+        result_header,
+    )
+    from vitprobe.devices import resolve_device
     from vitprobe.files import write_json
 
-    run = open_pass(config, "frequency.json", backbone)
-    backbone = run.backbone
-    acc = analyze_frequency(backbone, run.loader, run.device)
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_out(config.out, "frequency.json", overwrite=config.overwrite)
+    compared = read_results(config.compare, "frequency.json")
+    inputs = resolve_inputs(config)
+    source, note = choose_source(config, inputs)
+    if source == "cache":
+        cache = inputs.cache
+        assert cache is not None
+        device = resolve_device(config.device)
+        rows = cache_rows(cache, config.limit)
+        blocks = resolve_blocks(config.blocks, int(cache.manifest["depth"]))
+        acc = frequency_from_cache(cache, blocks, rows, batch_size=config.batch_size, device=device)
+        made = cache.manifest["dataset"]
+        header = result_header(
+            "frequency",
+            config,
+            inputs,
+            model=manifest_model(cache),
+            backbone=cache_backbone_info(cache),
+            data={
+                "spec": made["spec"],
+                "split": made["split"],
+                "fingerprint": made.get("fingerprint"),
+                "size": None,  # the split is not opened: the cache's tokens are read
+                "n_images": len(rows),
+                "selection": f"{len(rows)} evenly spaced of the cache's {made.get('num_images')} images",
+            },
+            device=str(device),
+            dtype=f"tokens stored as {cache.store_dtype}, float64 FFT",
+        )
+    else:
+        run = open_pass(config, "frequency.json", inputs=inputs, compared=compared, backbone=backbone)
+        acc = analyze_frequency(run.backbone, run.loader, run.device, blocks=config.blocks)
+        header = result_header(
+            "frequency",
+            config,
+            inputs,
+            model=run.backbone.report.to_dict(),
+            backbone=backbone_info(run.backbone),
+            data=run.data_info,
+            device=str(run.device),
+            dtype="float32 model, float64 FFT",
+        )
     result = {
-        **result_header("frequency", run, config, dtype="float32 model, float64 FFT"),
-        "definitions": {"eps": EPS, "log": "natural", **DEFINITIONS},
-        "layers": ["patch_embed"] + [f"block{i}" for i in range(1, backbone.depth + 1)],
-        "depth": list(range(backbone.depth + 1)),
+        **header,
+        "definitions": {
+            "eps": EPS,
+            "log": "natural",
+            "blocks": "0-based block indices (timm's model.blocks[i], the caches' layers); "
+            "null = the patch embedding",
+            **DEFINITIONS,
+        },
+        "source": source,
         **acc.result(),
+        "notes": [note] if note else [],
     }
-    figures = plots.frequency_figures([result, *run.compared], out)
+    out.mkdir(parents=True, exist_ok=True)
+    figures = plots.frequency_figures([result, *compared], out)
     result["figures"] = [str(p.relative_to(out)) for p in figures]
     json_path = out / "frequency.json"
     write_json(json_path, result)

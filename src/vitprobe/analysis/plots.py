@@ -3,6 +3,8 @@
 Everything here reads what `vitprobe analyze` wrote (attention.json, attention_maps.safetensors,
 frequency.json), so the report can redraw figures without recomputing. No pyplot state: each function
 builds a `matplotlib.figure.Figure` (Agg canvas), and `save_figure` writes it atomically. No torch.
+Blocks are numbered from 0 (the results' `blocks`); the patch-embedding layer of frequency.json is drawn at
+x = -1, labelled "emb".
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from matplotlib import colormaps, rc_context
 from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
-from matplotlib.ticker import FormatStrFormatter
+from matplotlib.ticker import FormatStrFormatter, FuncFormatter, MaxNLocator
 
 from vitprobe.files import atomic_path
 
@@ -98,7 +100,7 @@ def attention_curves(results: Sequence[Mapping[str, Any]]) -> Figure:
                         xs = np.repeat(blocks, per_head.shape[1])  # (L*H,)
                         ax.scatter(xs, per_head.reshape(-1), s=6, color=color, alpha=0.35, linewidths=0)
             ax.set_title(title)
-            ax.set_xlabel("block")
+            ax.set_xlabel("block (from 0)")
             ax.set_ylabel(ylabel)
             ax.xaxis.get_major_locator().set_params(integer=True)
             ax.ticklabel_format(axis="y", useOffset=False)
@@ -177,24 +179,39 @@ def load_maps(path: str | Path) -> dict[str, np.ndarray]:
 # Frequency
 
 
+_LAYER_FORMAT = FuncFormatter(lambda v, _: "emb" if round(v) == -1 else f"{v:g}")
+
+
+def layer_positions(result: Mapping[str, Any]) -> np.ndarray:
+    """x of each layer of a frequency result: its block index (from 0), -1 for the patch embedding (null)."""
+    return np.asarray([-1 if b is None else b for b in result["blocks"]], dtype=np.float64)
+
+
+def _block_axis(results: Sequence[Mapping[str, Any]]) -> str:
+    with_embedding = any(b is None for r in results for b in r["blocks"])
+    return "block (from 0; emb = patch embedding)" if with_embedding else "block (from 0)"
+
+
 def frequency_spectrum(result: Mapping[str, Any]) -> Figure:
     """Δ log amplitude vs normalised frequency (0…π), one line per layer coloured by depth."""
-    delta = np.asarray(result["delta_log_amplitude"])  # (L+1, K)
+    delta = np.asarray(result["delta_log_amplitude"])  # (n_layers, K)
     freq = np.asarray(result["frequency"])  # (K,)
-    depth = len(delta) - 1
+    xs = layer_positions(result)  # (n_layers,)
+    lo, hi = float(xs.min()), float(max(xs.max(), xs.min() + 1))
     cmap = colormaps["plasma"]
     with rc_context(_RC):
         fig = Figure(figsize=(4.6, 3.8), layout="constrained")
         ax = fig.subplots()
-        for layer in range(depth, -1, -1):  # shallow layers drawn last, on top
-            ax.plot(freq, delta[layer], color=cmap(layer / max(depth, 1)), lw=1.4)
+        for layer in range(len(delta) - 1, -1, -1):  # shallow layers drawn last, on top
+            ax.plot(freq, delta[layer], color=cmap((xs[layer] - lo) / (hi - lo)), lw=1.4)
         ax.set_xlim(0, 1)
         ax.set_xlabel("normalised frequency (diagonal)")
         ax.set_ylabel("Δ log amplitude (nats, vs zero frequency)")
         ax.xaxis.set_major_formatter(FormatStrFormatter("%.1fπ"))
-        fig.colorbar(
-            ScalarMappable(Normalize(0, depth), cmap), ax=ax, label="layer (0 = patch embedding, l = block l)"
-        )
+        label = _block_axis([result])
+        bar = fig.colorbar(ScalarMappable(Normalize(lo, hi), cmap), ax=ax, label=label)
+        bar.ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        bar.ax.yaxis.set_major_formatter(_LAYER_FORMAT)
         fig.suptitle(f"{_title([result], 'Fourier spectrum')}\n{_subtitle([result])}", fontsize=9)
     return fig
 
@@ -205,11 +222,10 @@ def frequency_headline(results: Sequence[Mapping[str, Any]]) -> Figure:
         fig = Figure(figsize=(8.5, 3.4), layout="constrained")
         ax_head, ax_ratio = fig.subplots(1, 2)
         for color, result in zip(_COLORS, results, strict=False):
-            depth = np.asarray(result["depth"])
-            ax_head.plot(depth, result["headline"], "-o", ms=3, color=color, label=result["label"])
-            ax_ratio.plot(
-                depth, result["high_freq_energy_ratio"], "-o", ms=3, color=color, label=result["label"]
-            )
+            xs = layer_positions(result)
+            ax_head.plot(xs, result["headline"], "-o", ms=3, color=color, label=result["label"])
+            ratio = result["high_freq_energy_ratio"]
+            ax_ratio.plot(xs, ratio, "-o", ms=3, color=color, label=result["label"])
         ax_head.set_title("High-frequency log amplitude")
         highest = {round(r["frequency"][-1], 4) for r in results}
         at = f"{highest.pop():.2f}π" if len(highest) == 1 else "the highest frequency"
@@ -217,8 +233,9 @@ def frequency_headline(results: Sequence[Mapping[str, Any]]) -> Figure:
         ax_ratio.set_title("High-frequency energy ratio")
         ax_ratio.set_ylabel("energy above π/2 / non-DC energy")
         for ax in (ax_head, ax_ratio):
-            ax.set_xlabel("layer (0 = patch embedding)")
-            ax.xaxis.get_major_locator().set_params(integer=True)
+            ax.set_xlabel(_block_axis(results))
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.xaxis.set_major_formatter(_LAYER_FORMAT)
             ax.ticklabel_format(axis="y", useOffset=False)
             ax.legend(fontsize=7)
         fig.suptitle(f"{_title(results, 'Frequency')}\n{_subtitle(results)}", fontsize=10)

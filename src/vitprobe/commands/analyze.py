@@ -12,25 +12,52 @@ from rich.table import Table
 
 from vitprobe.commands.options import (
     CheckpointOpt,
-    DataOpt,
     DeviceOpt,
-    ModelOpt,
     OutDirOpt,
     RandomInitOpt,
-    SplitOpt,
+    parse_number_list,
+    str_choices,
 )
 
 app = typer.Typer(
-    help="Analyses that explain probing results: attention statistics, Fourier spectra of token maps.",
+    help="Analyses that explain probing results: attention statistics, Fourier spectra of token maps, "
+    "localisation (MaxBoxAccV2). Blocks are numbered from 0, as in timm and the token caches.",
     no_args_is_help=True,
 )
 console = Console(highlight=False)
 
+ModelOpt = Annotated[
+    str | None,
+    typer.Option("--model", "-m", help="Preset name or `timm:NAME` (default: the model of --cache)."),
+]
+DataOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--data", help="Dataset spec, e.g. cub:DIR or imagefolder:DIR (default: the data of --cache)."
+    ),
+]
+SplitOpt = Annotated[str | None, typer.Option("--split", help="Split name (default: the split of --cache).")]
+CacheOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--cache",
+        help="Token cache (`vitprobe extract --out`): gives model, weights, data and split; its images "
+        "are analysed. --model/--checkpoint/--data/--split given beside it must agree with it.",
+    ),
+]
 LimitOpt = Annotated[
-    int, typer.Option("--limit", min=0, help="Images to analyse, evenly spaced over the split (0 = all).")
+    int,
+    typer.Option(
+        "--limit",
+        min=0,
+        help="Images to analyse, evenly spaced over the split or the --cache's images (0 = all).",
+    ),
 ]
 BatchSizeOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")]
 WorkersOpt = Annotated[int, typer.Option("--workers", min=0, help="DataLoader worker processes.")]
+OverwriteOpt = Annotated[
+    bool, typer.Option("--overwrite", help="Replace an earlier result of this analysis in --out.")
+]
 CompareOpt = Annotated[
     list[Path] | None,
     typer.Option(
@@ -38,14 +65,16 @@ CompareOpt = Annotated[
         help="Earlier `--out` directory of the same analysis to overlay on the figures (repeat for several).",
     ),
 ]
+Source = str_choices("Source", ("auto", "cache", "backbone"))
 
 
 @app.command("attention")
 def attention(
-    model: ModelOpt,
-    data: DataOpt,
-    split: SplitOpt,
     out: OutDirOpt,
+    model: ModelOpt = None,
+    data: DataOpt = None,
+    split: SplitOpt = None,
+    cache: CacheOpt = None,
     checkpoint: CheckpointOpt = None,
     random_init: RandomInitOpt = False,
     limit: LimitOpt = 1000,
@@ -57,12 +86,13 @@ def attention(
     ] = False,
     maps: Annotated[int, typer.Option("--maps", min=0, help="Images shown in the attention-map grid.")] = 8,
     compare: CompareOpt = None,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Per block × head attention statistics ([cls] share, entropies, distance, magnitudes) + figures."""
     from vitprobe.analysis.attention import AttentionConfig, run_attention
 
     config = AttentionConfig(
-        **_pass_options(model, data, split, out, checkpoint, random_init, limit, batch_size, workers, device),
+        **_pass_options(locals()),
         compare=tuple(str(p) for p in compare or ()),
         rollout=rollout,
         n_maps=maps,
@@ -79,33 +109,58 @@ def attention(
     for block, *values in zip(run.result["blocks"], *(stats[s]["mean"] for s in shown), strict=False):
         table.add_row(str(block), *(f"{v:.3f}" for v in values))
     console.print(table)
-    _print_written(run.json_path, [run.maps_path] if run.maps_path else [], run.figures)
+    _print_written(run.json_path, [run.maps_path] if run.maps_path else [], run.figures, run.result)
 
 
 @app.command("frequency")
 def frequency(
-    model: ModelOpt,
-    data: DataOpt,
-    split: SplitOpt,
     out: OutDirOpt,
+    model: ModelOpt = None,
+    data: DataOpt = None,
+    split: SplitOpt = None,
+    cache: CacheOpt = None,
     checkpoint: CheckpointOpt = None,
     random_init: RandomInitOpt = False,
     limit: LimitOpt = 1000,
     batch_size: BatchSizeOpt = 32,
     workers: WorkersOpt = 4,
     device: DeviceOpt = "auto",
+    blocks: Annotated[
+        str,
+        typer.Option(
+            "--blocks", help="Blocks to analyse: `all`, or 0-based indices such as 0,5,-1 (-1 = the last)."
+        ),
+    ] = "all",
+    source: Annotated[
+        Source,  # type: ignore[valid-type]
+        typer.Option(
+            "--source",
+            help="Token maps from: auto (the --cache's tokens when it holds the blocks' patch tokens, else "
+            "the backbone), cache, or backbone (adds the patch-embedding layer).",
+        ),
+    ] = "auto",
     compare: CompareOpt = None,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Fourier analysis of the token maps: Δ log amplitude vs frequency per layer, high-frequency headline."""
     from vitprobe.analysis.frequency import FrequencyConfig, run_frequency
 
+    chosen = (
+        None
+        if blocks.strip().lower() == "all"
+        else parse_number_list(blocks, "--blocks", kind=int, example="0,5,-1")
+    )
     config = FrequencyConfig(
-        **_pass_options(model, data, split, out, checkpoint, random_init, limit, batch_size, workers, device),
+        **_pass_options(locals()),
         compare=tuple(str(p) for p in compare or ()),
+        blocks=chosen,
+        source=str(getattr(source, "value", source)),
     )
     run = run_frequency(config)
     result = run.result
-    table = Table(title=f"frequency: {escape(result['label'])}, {result['n_images']} images")
+    table = Table(
+        title=f"frequency: {escape(result['label'])}, {result['n_images']} images ({result['source']})"
+    )
     for column in ("layer", f"Δ log amp @ {result['frequency'][-1]:.2f}π", "high-freq energy ratio"):
         table.add_column(column, justify="right")
     for layer, head, ratio in zip(
@@ -113,53 +168,31 @@ def frequency(
     ):
         table.add_row(layer, f"{head:.3f}", f"{ratio:.3f}")
     console.print(table)
-    _print_written(run.json_path, [], run.figures)
-
-
-def _pass_options(
-    model: str | None,
-    data: str,
-    split: str,
-    out: Path,
-    checkpoint: str | None,
-    random_init: bool,
-    limit: int,
-    batch_size: int,
-    workers: int,
-    device: str,
-) -> dict[str, Any]:
-    """The config fields every analysis pass shares, from the shared options (`--limit 0` = all → None)."""
-    return {
-        "model": model,
-        "data": data,
-        "split": split,
-        "out": str(out),
-        "checkpoint": checkpoint,
-        "random_init": random_init,
-        "limit": limit or None,
-        "batch_size": batch_size,
-        "num_workers": workers,
-        "device": device,
-    }
-
-
-def _print_written(json_path: Path, others: list[Path], figures: list[Path]) -> None:
-    console.print(f"wrote {escape(str(json_path))}")
-    for path in [*others, *figures]:
-        console.print(f"      {escape(str(path))}")
+    _print_written(run.json_path, [], run.figures, result)
 
 
 @app.command("localization")
 def localization(
-    data: DataOpt,
-    split: SplitOpt,
     out: OutDirOpt,
     model: Annotated[
         str | None,
-        typer.Option("--model", "-m", help="Backbone whose last-block [cls] attention is scored."),
+        typer.Option(
+            "--model", "-m", help="Backbone whose last-block [cls] attention is scored (default: of --cache)."
+        ),
     ] = None,
+    data: DataOpt = None,
+    split: SplitOpt = None,
+    cache: CacheOpt = None,
     checkpoint: CheckpointOpt = None,
     random_init: RandomInitOpt = False,
+    head: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--head",
+            help="Saved head of `vitprobe probe` (RUN/heads/abmilp.safetensors or attentive.safetensors): "
+            "its per-patch maps on --cache are computed and scored (repeat for several).",
+        ),
+    ] = None,
     abmilp_maps: Annotated[
         Path | None,
         typer.Option(
@@ -168,10 +201,20 @@ def localization(
             "FILE`; scored under the head's pool name.",
         ),
     ] = None,
-    cache: Annotated[
-        Path | None,
-        typer.Option("--cache", help="The token cache those maps came from (gives the eval transform)."),
-    ] = None,
+    cls_attention: Annotated[
+        bool,
+        typer.Option(
+            "--cls-attention/--no-cls-attention",
+            help="Score the backbone's last-block [cls] attention (when --model or --cache names one).",
+        ),
+    ] = True,
+    quantize: Annotated[
+        bool,
+        typer.Option(
+            "--quantize/--no-quantize",
+            help="Threshold 8-bit score maps as clovaai/wsolevaluation does (--no-quantize: the float maps).",
+        ),
+    ] = True,
     limit: LimitOpt = 0,
     batch_size: BatchSizeOpt = 32,
     workers: WorkersOpt = 4,
@@ -179,26 +222,58 @@ def localization(
     figures: Annotated[
         int, typer.Option("--figures", min=0, help="Images drawn with true and predicted boxes.")
     ] = 6,
+    overwrite: OverwriteOpt = False,
 ) -> None:
-    """MaxBoxAccV2 (Choe et al.) of [cls] attention and/or AbMILP or attentive maps against the boxes."""
-    from vitprobe.localization import LocalizationConfig, run_localization
+    """MaxBoxAccV2 (Choe et al.) of [cls] attention and AbMILP / attentive heads' maps against the boxes."""
+    from vitprobe.analysis.localization import LocalizationConfig, run_localization
 
     config = LocalizationConfig(
-        **_pass_options(model, data, split, out, checkpoint, random_init, limit, batch_size, workers, device),
+        **_pass_options(locals()),
+        cls_attention=cls_attention,
+        heads=tuple(str(p) for p in head or ()),
         abmilp_maps=None if abmilp_maps is None else str(abmilp_maps),
-        cache=None if cache is None else str(cache),
+        quantize=quantize,
         n_figures=figures,
     )
     run = run_localization(config)
     result = run.result
     table = Table(title=f"localization: {escape(result['label'])}, MaxBoxAccV2 (%)")
-    for column in ("map", "MaxBoxAccV2", "δ=30", "δ=50", "δ=70", "images"):
+    for column in ("map", "block", "MaxBoxAccV2", "δ=30", "δ=50", "δ=70", "images"):
         table.add_column(column, justify="right")
     for name, res in result["maps"].items():
         per = res["max_box_acc"]
-        table.add_row(name, f"{res['max_box_acc_v2']:.1f}", *(f"{per[d]:.1f}" for d in ("30", "50", "70")),
-                      str(res["num_images"]))
+        block = "" if res["block"] is None else str(res["block"])
+        scores = [f"{res['max_box_acc_v2']:.1f}", *(f"{per[d]:.1f}" for d in ("30", "50", "70"))]
+        table.add_row(name, block, *scores, str(res["num_images"]))
     console.print(table)
     if result["random_init"]:
         console.print("[bold red]random weights:[/] these maps come from an untrained backbone")
-    _print_written(run.json_path, [], run.figures)
+    _print_written(run.json_path, [], run.figures, result)
+
+
+def _pass_options(given: dict[str, Any]) -> dict[str, Any]:
+    """The config fields every analysis shares, from a command's arguments (`--limit 0` = all → None)."""
+    cache = given["cache"]
+    return {
+        "out": str(given["out"]),
+        "model": given["model"],
+        "data": given["data"],
+        "split": given["split"],
+        "cache": None if cache is None else str(cache),
+        "checkpoint": given["checkpoint"],
+        "random_init": given["random_init"],
+        "limit": given["limit"] or None,
+        "batch_size": given["batch_size"],
+        "num_workers": given["workers"],
+        "device": given["device"],
+        "overwrite": given["overwrite"],
+    }
+
+
+def _print_written(json_path: Path, others: list[Path], figures: list[Path], result: dict[str, Any]) -> None:
+    for note in result.get("notes", []):
+        if "random weights" not in note:  # said in the title and, for localisation, in red
+            console.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True)
+    console.print(f"wrote {escape(str(json_path))}")
+    for path in [*others, *figures]:
+        console.print(f"      {escape(str(path))}")

@@ -9,11 +9,17 @@ import typer
 
 from vitprobe.commands.options import (
     CheckpointOpt,
+    CropPctOpt,
     DataOpt,
     DeviceOpt,
+    ImgSizeOpt,
+    InterpolationOpt,
+    MeanOpt,
     ModelOpt,
     RandomInitOpt,
     SplitOpt,
+    StdOpt,
+    data_overrides,
     parse_number_list,
     str_choices,
 )
@@ -74,7 +80,9 @@ def extract(
         "--views", min=0, help="Augmented views per image (random-resized-crop + flip); 0 = eval transform.")
     ] = 0,
     seed: Annotated[int, typer.Option("--seed", help="Seed of random init and of the views.")] = 0,
-    limit: Annotated[int | None, typer.Option("--limit", min=1, help="Only the first N images.")] = None,
+    limit: Annotated[
+        int | None, typer.Option("--limit", min=1, help="Only N images, class-stratified (seeded by --seed).")
+    ] = None,
     shard_size: Annotated[int | None, typer.Option(
         "--shard-size", min=1, help="Samples per shard (default: about 1 GB per shard).")] = None,
     resume: Annotated[bool, typer.Option(
@@ -82,6 +90,11 @@ def extract(
     overwrite: Annotated[bool, typer.Option(
         "--overwrite", help="Replace a finished or different cache.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Start even if the disk looks too small.")] = False,
+    img_size: ImgSizeOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    crop_pct: CropPctOpt = None,
+    interpolation: InterpolationOpt = None,
 ) -> None:
     """Run a backbone once over a dataset split and write [cls] + patch tokens into a token cache.
 
@@ -98,6 +111,7 @@ def extract(
         layers=parse_layers(layers), batch_size=batch_size, workers=workers, device=device, dtype=dtype.value,
         store=store.value, tokens=tokens.value, views=views, seed=seed, limit=limit, shard_size=shard_size,
         resume=resume, overwrite=overwrite, force=force,
+        **data_overrides(img_size, mean, std, crop_pct, interpolation),
     )
     console = Console(stderr=True, highlight=False)
     try:

@@ -12,7 +12,17 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from vitprobe.commands.options import CheckpointOpt, JsonOpt, RandomInitOpt
+from vitprobe.commands.options import (
+    CheckpointOpt,
+    CropPctOpt,
+    ImgSizeOpt,
+    InterpolationOpt,
+    JsonOpt,
+    MeanOpt,
+    RandomInitOpt,
+    StdOpt,
+    data_overrides,
+)
 
 app = typer.Typer(help="List the supported backbones and inspect how one loads.", no_args_is_help=True)
 console = Console(highlight=False)
@@ -21,15 +31,16 @@ BranchOpt = Annotated[
     str | None,
     typer.Option(
         "--branch",
-        help="Network to take from a multi-network file: teacher/student (DINO, iBOT) or "
-        "target_encoder/encoder (I-JEPA). Default: the one the method evaluates.",
+        help="Network to take from a multi-network file: teacher/student (DINO, iBOT, data2vec 2.0), "
+        "target_encoder/encoder (I-JEPA, Latent MIM), momentum_encoder/base_encoder (MoCo v3). Default: the "
+        "one the method evaluates.",
     ),
 ]
 
 
 @app.command("list")
 def list_models(as_json: JsonOpt = False) -> None:
-    """Table of presets: family (MIM/JEA), timm architecture, parameters, patch, [cls], weights, license."""
+    """Table of presets: family (MIM/JEA), parameters, [cls], timm architecture, weights, license."""
     from vitprobe.models import preset_rows
 
     rows = preset_rows()
@@ -55,25 +66,25 @@ def _preset_table(rows: list[dict[str, Any]], width: int) -> Table:
             r["name"],
             r["family"],
             f"{r['params'] / 1e6:.1f}M",
-            str(r["patch"]),
             "yes" if r["has_cls"] else "no",
             r["arch"],
-            "timm hub" if r["weights"].startswith("hf-hub:") else "official",
+            _weights_kind(r),
             r["license"],
         ]
         for r in rows
     ]
-    headers = ["name", "family", "params", "patch", escape("[cls]"), ARCH, "weights", "license"]
+    headers = ["name", "family", "params", escape("[cls]"), ARCH, "weights", "license"]
     fixed = sum(max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers) if h != ARCH)
     arch_width = max(width - fixed - _LIST_GAP * (len(headers) - 1), _MIN_ARCH_WIDTH)
     table = Table(
         title="vitprobe presets (any timm model also works as timm:NAME)",
-        caption="weights: timm hub = timm's copy on the Hugging Face hub, official = the authors' release "
-        "(`--json` gives each source)",
+        caption="weights: hub = timm's copy on the Hugging Face hub, official = the authors' release, "
+        "manual = behind a link vitprobe cannot download (pass the file with --checkpoint); `--json` gives "
+        "each source and the patch size",
         box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True,
     )
     for header in headers:
-        right = header in ("params", "patch")
+        right = header == "params"
         table.add_column(
             header,
             no_wrap=header != ARCH,
@@ -81,9 +92,16 @@ def _preset_table(rows: list[dict[str, Any]], width: int) -> Table:
             min_width=_MIN_ARCH_WIDTH if header == ARCH else None,
         )
     for row in cells:
-        row[5] = _wrap_name(row[5], arch_width)
+        row[4] = _wrap_name(row[4], arch_width)
         table.add_row(*row)
     return table
+
+
+def _weights_kind(row: dict[str, Any]) -> str:
+    """`hub` (timm's copy), `official` (the authors' URL) or `manual` (a page to download from by hand)."""
+    if row["manual_download"]:
+        return "manual"
+    return "hub" if row["weights"].startswith("hf-hub:") else "official"
 
 
 def _wrap_name(name: str, width: int) -> str:
@@ -102,13 +120,21 @@ def show(
     checkpoint: CheckpointOpt = None,
     random_init: RandomInitOpt = False,
     branch: BranchOpt = None,
+    img_size: ImgSizeOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    crop_pct: CropPctOpt = None,
+    interpolation: InterpolationOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Build and load NAME, then print the load report: source, sha256, keys remapped and dropped,
     parameters, image size, mean/std, interpolation, patch grid, prefix tokens, depth and width."""
     from vitprobe.models import LoadConfig, inspect_model
 
-    config = LoadConfig(model=name, checkpoint=checkpoint, random_init=random_init, branch=branch)
+    config = LoadConfig(
+        model=name, checkpoint=checkpoint, random_init=random_init, branch=branch,
+        **data_overrides(img_size, mean, std, crop_pct, interpolation),
+    )
     info = inspect_model(config)
     if as_json:
         typer.echo(json.dumps(info, indent=2))

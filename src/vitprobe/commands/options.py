@@ -9,6 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
+from vitprobe.dataconfig import INTERPOLATIONS
 from vitprobe.errors import VitprobeError
 
 ModelOpt = Annotated[
@@ -31,7 +32,8 @@ DataOpt = Annotated[
     str,
     typer.Option(
         "--data",
-        help="Dataset spec: imagefolder:DIR, imagenet:DIR, cub:DIR, csv:FILE or synthetic:needles.",
+        help="Dataset spec KIND:PATH[?key=value&...], e.g. cub:DIR or dtd:DIR?partition=1 "
+        "(`vitprobe data kinds` lists them).",
     ),
 ]
 SplitOpt = Annotated[str, typer.Option("--split", help="Split name (train, val, test, all).")]
@@ -91,3 +93,47 @@ OutputFormatOpt = Annotated[
         help="human: tables for people; json: one JSON object on stdout (diagnostics stay on stderr).",
     ),
 ]
+
+
+ImgSizeOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--img-size",
+        min=1,
+        help="Input size in pixels (square, a multiple of the patch size); the model is built for it and the "
+        "position embeddings are resampled (timm's resample_abs_pos_embed; DINOv2's own rule for DINOv2).",
+    ),
+]
+MeanOpt = Annotated[
+    str | None, typer.Option("--mean", help="Normalisation mean, 1 or 3 comma-separated values.")
+]
+StdOpt = Annotated[
+    str | None, typer.Option("--std", help="Normalisation std, 1 or 3 comma-separated values.")
+]
+CropPctOpt = Annotated[
+    float | None,
+    typer.Option("--crop-pct", help="Center crop, a fraction of the resized image (0.875: 256 -> 224)."),
+]
+Interpolation = str_choices("Interpolation", INTERPOLATIONS)
+InterpolationOpt = Annotated[
+    Interpolation | None,  # type: ignore[valid-type]
+    typer.Option("--interpolation", help="Resize interpolation."),
+]
+
+
+def data_overrides(
+    img_size: int | None,
+    mean: str | None,
+    std: str | None,
+    crop_pct: float | None,
+    interpolation: Enum | None,
+) -> dict[str, Any]:
+    """The data-config options as `LoadConfig` / `ExtractConfig` fields (mean/std parsed to tuples)."""
+    example = "0.5,0.5,0.5"
+    return {
+        "img_size": img_size,
+        "mean": None if mean is None else parse_number_list(mean, "--mean", kind=float, example=example),
+        "std": None if std is None else parse_number_list(std, "--std", kind=float, example=example),
+        "crop_pct": crop_pct,
+        "interpolation": None if interpolation is None else interpolation.value,
+    }

@@ -104,7 +104,10 @@ def probe(
         float | None, typer.Option("--warmup-epochs", min=0.0, help="Linear warm-up epochs (auto 0, mae 10).")
     ] = None,
     weight_decay: Annotated[
-        float | None, typer.Option("--weight-decay", min=0.0, help="Linear probes: 0.")
+        str | None,
+        typer.Option(
+            "--weight-decay", help="Weight decays trained side by side (× the lr grid), comma-separated."
+        ),
     ] = None,
     c_grid: Annotated[
         str | None, typer.Option("--c-grid", help="logreg: L2 strengths C, comma-separated (1e-6 ... 1e5).")
@@ -125,6 +128,18 @@ def probe(
             "(not with --select-on test).",
         ),
     ] = False,
+    shots: Annotated[
+        int | None, typer.Option("--shots", min=1, help="Low-shot: train on K images per class (per seed).")
+    ] = None,
+    train_fraction: Annotated[
+        float | None,
+        typer.Option(
+            "--train-fraction", help="Low-shot: train on this class-stratified fraction (e.g. 0.01)."
+        ),
+    ] = None,
+    seeds: Annotated[
+        int, typer.Option("--seeds", min=1, help="Low-shot: subsets drawn; mean ± std over them is reported.")
+    ] = 1,
     eval_every: Annotated[
         int | None, typer.Option("--eval-every", min=0, help="Evaluate every N epochs (0: ~100 evaluations).")
     ] = None,
@@ -197,13 +212,16 @@ def probe(
         momentum=momentum,
         lr_grid=grid,
         warmup_epochs=warmup_epochs,
-        weight_decay=weight_decay,
+        weight_decay=parse_floats(weight_decay, "--weight-decay") if weight_decay is not None else None,
         c_grid=parse_floats(c_grid, "--c-grid") if c_grid is not None else None,
         max_iter=max_iter,
         select_on=select_on.value,
         holdout=holdout,
         refit=refit,
         eval_every=eval_every,
+        shots=shots,
+        train_fraction=train_fraction,
+        seeds=seeds,
         seed=seed,
         device=device,
         amp=amp.value,
@@ -242,7 +260,9 @@ def print_results(results: dict[str, Any]) -> None:
         codes = ", ".join(c["code"] for c in r["health"] if c["severity"] == "warning")
         table.add_row(
             name + (" (refit)" if r["refit"] else ""),
-            f"{100 * r['top1']:.2f}" + (" ⚠" if flagged else ""),
+            f"{100 * r['top1']:.2f}"
+            + (f" ± {100 * r['top1_std']:.2f}" if r.get("seeds") else "")
+            + (" ⚠" if flagged else ""),
             f"{100 * r['top5']:.2f}",
             f"{r['C']:.3g}" if grid == "C" else f"{r['blr']:g}",
             "—" if r["lr"] is None else f"{r['lr']:.4g}",
@@ -258,6 +278,14 @@ def print_results(results: dict[str, Any]) -> None:
             + (" (epochs raised to reach --min-steps)" if schedule["scaled"] else "")
             + "[/]"
         )
+    lowshot = selection.get("lowshot")
+    if lowshot:
+        subset = (
+            f"{lowshot['shots']} shots per class"
+            if lowshot["shots"]
+            else f"{lowshot['train_fraction']:g} of the train images"
+        )
+        console.print(f"[dim]low-shot: {subset}, mean ± std over seeds {lowshot['seeds']}[/]")
     for note in results["notes"]:
         console.print(f"[dim]note: {escape(note)}[/]")
     for r in results["readouts"].values():

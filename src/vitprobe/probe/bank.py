@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitprobe.errors import ProbeError
-from vitprobe.heads import HeadSpec, ProbeHead
+from vitprobe.heads import ClsCatReadout, HeadSpec, ProbeHead, block_cls
 from vitprobe.tokens import Tokens
 
 BN_EPS = 1e-6  # MAE's BatchNorm1d(affine=False, eps=1e-6)
@@ -146,17 +146,44 @@ class HeadBank(nn.Module):
 
 
 class PooledBank(HeadBank):
-    """`cls`, `mean` and `cls+mean` heads: one shared feature and BatchNorm, K linear layers."""
+    """Parameter-free read-outs (`cls`, `mean`, `cls+mean`, `cls-cat`, `cls-cat+mean`): one shared feature
+    and BatchNorm, K linear layers."""
 
     shared_features = True
 
     def readout(self, tokens: Tokens) -> tuple[torch.Tensor, None]:
         pool = self.spec.pool
+        if pool in ("cls-cat", "cls-cat+mean"):
+            cat = ClsCatReadout(
+                tokens.cls.shape[-1] if tokens.cls is not None else 0,
+                n=self.spec.n_last_blocks,
+                with_mean=pool == "cls-cat+mean",
+            )
+            return cat(tokens)
         if pool == "cls":
             return _require_cls(tokens, pool), None
         if pool == "mean":
             return tokens.patch_mean(), None
         return torch.cat([_require_cls(tokens, pool), tokens.patch_mean()], dim=-1), None  # (B, 2D)
+
+
+class FusionBank(HeadBank):
+    """Fusion heads (MFF's softmax-weighted average of the blocks' [cls]; `vitprobe.heads.FusionReadout`)."""
+
+    def __init__(self, spec: HeadSpec, num_heads: int, dim: int, num_classes: int, *, blocks: int) -> None:
+        super().__init__(spec, num_heads, dim, num_classes)
+        self.weights = nn.Parameter(torch.zeros(num_heads, blocks))  # (K, L): one head's (L,) vector
+
+    def readout(self, tokens: Tokens) -> tuple[torch.Tensor, torch.Tensor]:
+        cls = block_cls(tokens, "fusion", self.weights.shape[1])  # (B, L, D)
+        w = self.weights.softmax(dim=1)  # (K, L)
+        return torch.einsum("kl,bld->kbd", w, cls), w  # (K, B, D), (K, L)
+
+    def readout_state(self, k: int) -> dict[str, torch.Tensor]:
+        return {"readout.weights": self.weights[k]}
+
+    def load_readout_state(self, k: int, state: dict[str, torch.Tensor]) -> None:
+        self.weights[k].copy_(state["readout.weights"])
 
 
 class AbmilpBank(HeadBank):
@@ -255,20 +282,28 @@ def _require_cls(tokens: Tokens, pool: str) -> torch.Tensor:
     return tokens.cls
 
 
-def build_bank(spec: HeadSpec, num_heads: int, dim: int, num_classes: int) -> HeadBank:
-    """An empty bank (zeros) of `num_heads` heads for `spec` on D-dimensional tokens; see `load_heads`."""
+def build_bank(spec: HeadSpec, num_heads: int, dim: int, num_classes: int, *, blocks: int = 1) -> HeadBank:
+    """An empty bank (zeros) of `num_heads` heads for `spec` on D-dimensional tokens of `blocks` stored
+    blocks; see `load_heads`."""
     if spec.pool in ("cls", "mean"):
         return PooledBank(spec, num_heads, dim, num_classes)
     if spec.pool == "cls+mean":
         return PooledBank(spec, num_heads, 2 * dim, num_classes)
+    if spec.pool in ("cls-cat", "cls-cat+mean"):
+        width = (spec.n_last_blocks + int(spec.pool == "cls-cat+mean")) * dim
+        return PooledBank(spec, num_heads, width, num_classes)
+    if spec.pool == "fusion":
+        return FusionBank(spec, num_heads, dim, num_classes, blocks=blocks)
     if spec.pool == "abmilp":
         return AbmilpBank(spec, num_heads, dim, num_classes)
     return AttentiveBank(spec, num_heads, dim, num_classes)
 
 
-def load_heads(spec: HeadSpec, heads: Sequence[ProbeHead], dim: int, num_classes: int) -> HeadBank:
+def load_heads(
+    spec: HeadSpec, heads: Sequence[ProbeHead], dim: int, num_classes: int, *, blocks: int = 1
+) -> HeadBank:
     """A bank whose slot k starts as `heads[k]` (same parameters and BatchNorm statistics)."""
-    bank = build_bank(spec, len(heads), dim, num_classes)
+    bank = build_bank(spec, len(heads), dim, num_classes, blocks=blocks)
     for k, head in enumerate(heads):
         bank.load_head(k, head)
     return bank

@@ -3,12 +3,14 @@
 Each batch is read, moved and normalised once for all heads; each read-out is one `HeadBank` of K heads
 (one per learning rate) with one batched optimiser, and one backward pass serves every bank. A head keeps
 its best state on the selection split (best top-1, ties to the lower loss, then the earlier epoch). A head
-whose loss stops being finite is marked diverged and never selected. K heads in one bank end where K
+whose loss stops being finite (or blows up past 100× a uniform guess's) is marked diverged and never
+selected. K heads in one bank end where K
 separately trained `ProbeHead`s end (tests/test_probe_bank.py).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -21,11 +23,16 @@ from vitprobe.heads import HeadSpec, ProbeHead, build_head
 from vitprobe.probe.bank import HeadBank, load_heads
 from vitprobe.probe.optim import BatchedOptimizer, OptimizerSpec
 from vitprobe.probe.protocols import Schedule, lr_factor
+from vitprobe.probe.selection import DIVERGED_LOSS
 from vitprobe.progress import make_progress
 from vitprobe.tokens import Split, Tokens, iter_batches, to_tokens
 
 if TYPE_CHECKING:
     from rich.console import Console
+
+
+class NonFiniteTokens(Exception):
+    """A batch held inf/NaN tokens (raised by `fit` at the next evaluation; the caller names the rows)."""
 
 
 def head_seed(seed: int, spec: HeadSpec) -> int:
@@ -34,11 +41,11 @@ def head_seed(seed: int, spec: HeadSpec) -> int:
     return (seed * 1_000_003 + sum((i + 1) * ord(ch) for i, ch in enumerate(spec.pool))) % (2**63)
 
 
-def init_head(spec: HeadSpec, dim: int, num_classes: int, seed: int) -> ProbeHead:
+def init_head(spec: HeadSpec, dim: int, num_classes: int, seed: int, *, blocks: int = 1) -> ProbeHead:
     """A fresh ProbeHead drawn from `head_seed(seed, spec)` (MAE's init: Linear trunc-normal std 0.01)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(head_seed(seed, spec))
-        return build_head(spec, dim, num_classes)
+        return build_head(spec, dim, num_classes, blocks=blocks)
 
 
 def amp_context(device: torch.device, amp: str) -> Any:
@@ -65,8 +72,9 @@ class BankRun:
     spec: HeadSpec
     bank: HeadBank
     optimizer: BatchedOptimizer
-    blrs: tuple[float, ...]
-    lrs: tuple[float, ...]
+    blrs: tuple[float, ...]  # each head's base lr
+    lrs: tuple[float, ...]  # each head's lr
+    wds: tuple[float, ...]  # each head's weight decay
     stop_epoch: int  # train up to and including this epoch (1-based)
     layer: int | None = None  # position on the batch's layer axis; None when the batch has one block
     curves: dict[str, list[Any]] = field(default_factory=dict)  # "epoch": [...], other keys: [[K values]]
@@ -95,6 +103,7 @@ def make_run(
     blrs: Sequence[float],
     lrs: Sequence[float],
     *,
+    wds: Sequence[float] | None = None,
     dim: int,
     num_classes: int,
     seed: int,
@@ -102,17 +111,21 @@ def make_run(
     stop_epoch: int,
     device: torch.device,
     layer: int | None = None,
+    blocks: int = 1,
 ) -> BankRun:
-    """A bank of len(blrs) heads for `spec`, all starting from the seed's initial head."""
-    head = init_head(spec, dim, num_classes, seed)
-    bank = load_heads(spec, [head] * len(blrs), dim, num_classes).to(device)
-    lr_tensor = torch.tensor(list(lrs), dtype=torch.float32, device=device)
+    """A bank of len(blrs) heads for `spec` (head k: base lr blrs[k], lr lrs[k], weight decay wds[k]; all 0
+    when None), all from the seed's initial head; `blocks` stored blocks for multi-block read-outs."""
+    wds = tuple(wds) if wds is not None else (0.0,) * len(blrs)
+    head = init_head(spec, dim, num_classes, seed, blocks=blocks)
+    bank = load_heads(spec, [head] * len(blrs), dim, num_classes, blocks=blocks).to(device)
+    as_tensor = lambda values: torch.tensor(list(values), dtype=torch.float32, device=device)  # noqa: E731
     run = BankRun(
         spec=spec,
         bank=bank,
-        optimizer=BatchedOptimizer(bank.optim_params(), optimizer, lr_tensor),
+        optimizer=BatchedOptimizer(bank.optim_params(), optimizer, as_tensor(lrs), as_tensor(wds)),
         blrs=tuple(blrs),
         lrs=tuple(lrs),
+        wds=wds,
         stop_epoch=stop_epoch,
         layer=layer,
         best_score=torch.full((len(blrs),), -1.0),
@@ -210,8 +223,12 @@ def fit(
     select: str | None = None,
     console: Console | None = None,
     description: str = "probing",
+    check_finite: bool = False,
 ) -> None:
     """Train every run in one pass per epoch, evaluating on `evals` every `schedule.eval_every` epochs.
+
+    With `check_finite` (streamed tokens, not checked when loaded), a batch with inf/NaN tokens raises
+    `NonFiniteTokens` at the end of its epoch (checked on the device, without a sync per step).
 
     With `select`, each head keeps its best state on that split; without it, the state at the run's
     `stop_epoch` becomes its best state. Curves record, per evaluation, each head's train loss and accuracy
@@ -219,6 +236,7 @@ def fit(
     """
     generator = torch.Generator().manual_seed(seed)
     last_epoch = max(r.stop_epoch for r in runs)
+    bad = torch.zeros((), dtype=torch.bool, device=device)
     progress = make_progress(console, transient=True)
     step = 0
     with progress:
@@ -238,6 +256,9 @@ def fit(
                 shuffle_shards=shuffle_shards,
             ):
                 views = _batch_tokens(batch, layers, device, norm)
+                if check_finite:
+                    for t in (t for v in views.values() for t in v.parts()):
+                        bad |= ~torch.isfinite(t).all()
                 labels = batch["labels"].to(device).long()
                 total = torch.zeros((), device=device)
                 for r in active:
@@ -262,6 +283,8 @@ def fit(
                     r.optimizer.step(factor)
                 step += 1
                 progress.advance(task)
+            if check_finite and bool(bad):
+                raise NonFiniteTokens
             done = epoch + 1
             evaluating = [r for r in active if done % schedule.eval_every == 0 or done == r.stop_epoch]
             if evaluating:
@@ -293,10 +316,12 @@ def _evaluate_and_select(
     scores = {
         s.name: evaluate([(r.bank, r.layer) for r in runs], s, batch_size=batch_size, **common) for s in evals
     }
+    blown_up = DIVERGED_LOSS * math.log(max(common["num_classes"], 2))
     for i, r in enumerate(runs):
+        mean_loss = (r._loss_sum / max(r._count, 1)).cpu()
+        r.finite &= (mean_loss < blown_up).to(r.finite.device)  # a blown-up loss counts as diverged
         finite = r.finite.cpu()
         r.curves.setdefault("epoch", []).append(done)
-        mean_loss = (r._loss_sum / max(r._count, 1)).cpu()
         r.curves.setdefault("train_loss", []).append(
             [float(v) if f else None for v, f in zip(mean_loss.tolist(), finite.tolist(), strict=True)]
         )

@@ -10,14 +10,24 @@ Parity with scikit-learn's LogisticRegression: tests/test_probe_logreg.py.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
 from vitprobe.heads import HeadSpec, ProbeHead, build_head
-from vitprobe.probe.bank import BN_EPS
+from vitprobe.probe.bank import BN_EPS, load_heads
+from vitprobe.probe.engine import evaluate
+from vitprobe.probe.outcome import ReadoutResult
+from vitprobe.probe.selection import Check, health, pick
+from vitprobe.probe.validate import refuse_nonfinite
+from vitprobe.tokens import Split, iter_batches, to_tokens
+
+if TYPE_CHECKING:
+    from vitprobe.probe.protocols import ProbeConfig
 
 
 @dataclass
@@ -45,7 +55,7 @@ def fit_logreg(
     C: float,
     *,
     max_iter: int = 1000,
-    tol: float = 1e-7,
+    tol: float = 1e-6,
     init: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> LogRegFit:
     """Multinomial L2 logistic regression on (n, F) features by L-BFGS (strong-Wolfe line search).
@@ -128,3 +138,157 @@ def to_head(spec: HeadSpec, fit: LogRegFit, mean: torch.Tensor, var: torch.Tenso
 def standardised(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
     """(x - mean) / sqrt(var + eps): BatchNorm1d(affine=False) in eval mode."""
     return (x - mean) / torch.sqrt(var + BN_EPS)
+
+
+@torch.no_grad()
+def pooled_features(
+    split: Split,
+    spec: HeadSpec,
+    *,
+    keys: Sequence[str],
+    device: torch.device,
+    norm: dict[str, Any] | None,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The read-out vector (B, F) of every row of a split (view 0), and the labels."""
+    feats, labels = [], []
+    for batch in iter_batches(split, keys, 4096):
+        tokens = to_tokens(batch, device, norm)
+        if spec.pool == "cls":
+            f = tokens.cls
+        elif spec.pool == "mean":
+            f = tokens.patch_mean()
+        else:
+            f = torch.cat([tokens.cls, tokens.patch_mean()], dim=-1)  # (B, 2D)
+        feats.append(f.to(dtype))
+        labels.append(batch["labels"].to(device).long())
+    return torch.cat(feats), torch.cat(labels)
+
+
+def train_logreg(
+    fit_split: Split,
+    selection: Split | None,
+    test_split: Split,
+    cfg: ProbeConfig,
+    specs: Sequence[HeadSpec],
+    *,
+    seed: int,
+    chance: float,
+    sizes: dict[str, int],
+    keys: Sequence[str],
+    device: torch.device,
+    norm: dict[str, Any] | None,
+    num_classes: int,
+) -> dict[str, ReadoutResult]:
+    """`--protocol logreg`: sweep C per read-out, choose on `selection` (None: C nearest 1), refit, test.
+
+    Deterministic: `seed` only names the trial (the fit has no randomness)."""
+    from vitprobe.probe.gradient import no_holdout_check
+
+    dtype = torch.float32 if device.type == "cuda" else torch.float64  # scikit-learn fits in float64
+    dim = fit_split.source.dim
+    get = {"keys": keys, "device": device, "norm": norm, "dtype": dtype}
+    held = selection is not None and selection is not test_split
+    all_rows = torch.sort(torch.cat([fit_split.rows, selection.rows]) if held else fit_split.rows).values
+    out: dict[str, ReadoutResult] = {}
+    for spec in specs:
+        x_fit, y_fit = pooled_features(fit_split, spec, **get)
+        x_test, y_test = pooled_features(test_split, spec, **get)
+        x_sel, y_sel = pooled_features(selection, spec, **get) if selection is not None else (None, None)
+        for x, split in ((x_fit, fit_split), (x_sel, selection), (x_test, test_split)):
+            if x is not None and not torch.isfinite(x).all():
+                refuse_nonfinite(split.source, keys, None)
+        mean, var = standardise(x_fit)
+        z_fit, z_test = standardised(x_fit, mean, var), standardised(x_test, mean, var)
+        z_sel = standardised(x_sel, mean, var) if x_sel is not None else None
+        fits = sweep(z_fit, y_fit, z_sel, y_sel, num_classes, cfg.c_grid, max_iter=cfg.max_iter)
+        if selection is None:  # nothing to select on: the C nearest 1 (scikit-learn's default)
+            k = min(range(len(fits)), key=lambda i: abs(math.log10(fits[i].C)))
+        else:
+            k = pick(
+                [f.selection_top1 for f in fits],
+                [f.selection_loss for f in fits],
+                [True] * len(fits),
+                what=f"logreg {spec.name}",
+            )
+        best, head_mean, head_var, before = fits[k], mean, var, None
+        if cfg.refit:
+            before = score(best, z_test, y_test)[0]
+            x_all, y_all = pooled_features(
+                Split("train", fit_split.source, all_rows, fit_split.memory), spec, **get
+            )
+            head_mean, head_var = standardise(x_all)
+            best = fit_logreg(
+                standardised(x_all, head_mean, head_var),
+                y_all,
+                num_classes,
+                best.C,
+                max_iter=cfg.max_iter,
+                init=(best.weight, best.bias),
+            )
+        head = to_head(spec, best, head_mean.float().cpu(), head_var.float().cpu(), dim)
+        bank = load_heads(spec, [head], dim, num_classes).to(device)
+        test = evaluate(
+            [(bank, None)],
+            test_split,
+            keys,
+            batch_size=4096,
+            device=device,
+            norm=norm,
+            num_classes=num_classes,
+        )[0][0]
+        name = selection.name if selection is not None else "none"
+        results = [
+            {
+                "C": f.C,
+                f"{name}_top1": f.selection_top1,
+                f"{name}_loss": f.selection_loss,
+                "test_top1": score(f, z_test, y_test)[0],
+                "iterations": f.iterations,
+                "converged": f.converged,
+            }
+            for f in fits
+        ]
+        selection_top1 = fits[k].selection_top1 if selection is not None else None
+        checks = health(
+            pool=spec.name,
+            grid=[f.C for f in fits] if selection is not None else [best.C],
+            chosen=k if selection is not None else 0,
+            diverged=[],
+            selection_curve=None,
+            epochs_evaluated=[],
+            best_epoch=0,
+            train_top1=score(best, standardised(x_fit, head_mean, head_var), y_fit)[0],
+            chance=chance,
+            movement=None,
+            movement_budget=None,
+            selection_top1=selection_top1 if held else None,
+            test_top1=test.top1,
+            selected_on=name,
+            grid_name="--c-grid",
+            **sizes,
+        )
+        if not best.converged:
+            checks.append(
+                Check(
+                    "not_converged",
+                    "warning",
+                    f"{spec.name}: L-BFGS stopped at --max-iter {cfg.max_iter} before converging "
+                    f"(C = {best.C:g})",
+                    "raise --max-iter",
+                )
+            )
+        if selection is None:
+            checks.append(no_holdout_check(spec.name, f"C {best.C:g}"))
+        out[spec.name] = ReadoutResult(
+            spec=spec,
+            head=head,
+            test=test,
+            selection_top1=selection_top1,
+            C=best.C,
+            sweep=results,
+            health=checks,
+            refit=cfg.refit,
+            test_top1_before_refit=before,
+        )
+    return out

@@ -12,7 +12,8 @@ its reference, with the head's learning rate:
 - `sgd`: `torch.optim.SGD` (momentum, dampening 0, no Nesterov), weight decay added to the gradient.
 - `adamw`: `torch.optim.AdamW` (decoupled decay, bias-corrected moments, amsgrad off).
 
-Weight decay applies to matrices only unless `decay_vectors` (beyond_cls's plain `SGD(head.parameters(),
+Each head has its own weight decay too (a grid over lr × weight decay is one bank). Weight decay applies to
+matrices only unless `decay_vectors` (beyond_cls's plain `SGD(head.parameters(),
 weight_decay=wd)` decays every parameter). Parity with the references: tests/test_probe_optim.py.
 """
 
@@ -53,10 +54,15 @@ class BatchedOptimizer(torch.optim.Optimizer):
             (LARS adaptation and weight decay) or a vector (bias).
         spec: the optimiser.
         lrs: (K,) peak learning rate of each head; `step(factor)` uses `lrs * factor`.
+        weight_decays: (K,) weight decay of each head; None = `spec.weight_decay` for every head.
     """
 
     def __init__(
-        self, params: Sequence[tuple[torch.nn.Parameter, bool]], spec: OptimizerSpec, lrs: torch.Tensor
+        self,
+        params: Sequence[tuple[torch.nn.Parameter, bool]],
+        spec: OptimizerSpec,
+        lrs: torch.Tensor,
+        weight_decays: torch.Tensor | None = None,
     ) -> None:
         matrices = [p for p, is_matrix in params if is_matrix]
         vectors = [p for p, is_matrix in params if not is_matrix]
@@ -69,6 +75,11 @@ class BatchedOptimizer(torch.optim.Optimizer):
         self.spec = spec
         self.lrs = lrs.detach().clone().float()
         self.num_heads = len(self.lrs)
+        wds = torch.full_like(self.lrs, spec.weight_decay) if weight_decays is None else weight_decays
+        self.wds = wds.detach().clone().float()
+        if len(self.wds) != self.num_heads:
+            raise ValueError(f"{len(self.wds)} weight decays for {self.num_heads} heads")
+        self.any_decay = bool((self.wds != 0).any())  # once, not a device sync per step
         for p, _ in params:
             if p.shape[0] != self.num_heads:
                 raise ValueError(
@@ -84,11 +95,12 @@ class BatchedOptimizer(torch.optim.Optimizer):
         """One update of every head, at learning rate `lrs * factor` (the schedule's factor)."""
         spec = self.spec
         for group in self.param_groups:
-            decay = spec.weight_decay if (group["matrix"] or spec.decay_vectors) else 0.0
+            decayed = (group["matrix"] or spec.decay_vectors) and self.any_decay
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 lr = self._per_head(self.lrs * factor, p)
+                decay = self._per_head(self.wds, p) if decayed else None
                 state = self.state[p]
                 if spec.kind == "lars":
                     self._lars(p, state, lr, decay, adapt=group["matrix"])
@@ -97,10 +109,12 @@ class BatchedOptimizer(torch.optim.Optimizer):
                 else:
                     self._adamw(p, state, lr, decay)
 
-    def _lars(self, p: torch.Tensor, state: dict, lr: torch.Tensor, decay: float, *, adapt: bool) -> None:
+    def _lars(
+        self, p: torch.Tensor, state: dict, lr: torch.Tensor, decay: torch.Tensor | None, *, adapt: bool
+    ) -> None:
         dp = p.grad
         if adapt:
-            dp = dp.add(p, alpha=decay)
+            dp = dp if decay is None else dp + decay * p
             w_norm = p.flatten(1).norm(dim=1)  # (K,) per head slice
             d_norm = dp.flatten(1).norm(dim=1)  # (K,)
             one = torch.ones_like(w_norm)
@@ -112,8 +126,8 @@ class BatchedOptimizer(torch.optim.Optimizer):
         mu.mul_(self.spec.momentum).add_(dp)
         p.sub_(lr * mu)
 
-    def _sgd(self, p: torch.Tensor, state: dict, lr: torch.Tensor, decay: float) -> None:
-        d_p = p.grad if decay == 0 else p.grad.add(p, alpha=decay)
+    def _sgd(self, p: torch.Tensor, state: dict, lr: torch.Tensor, decay: torch.Tensor | None) -> None:
+        d_p = p.grad if decay is None else p.grad + decay * p
         if self.spec.momentum != 0:
             if "momentum_buffer" not in state:
                 state["momentum_buffer"] = torch.clone(d_p).detach()
@@ -122,7 +136,7 @@ class BatchedOptimizer(torch.optim.Optimizer):
             d_p = state["momentum_buffer"]
         p.sub_(lr * d_p)
 
-    def _adamw(self, p: torch.Tensor, state: dict, lr: torch.Tensor, decay: float) -> None:
+    def _adamw(self, p: torch.Tensor, state: dict, lr: torch.Tensor, decay: torch.Tensor | None) -> None:
         beta1, beta2 = self.spec.betas
         if "step" not in state:
             state["step"] = 0
@@ -130,7 +144,7 @@ class BatchedOptimizer(torch.optim.Optimizer):
             state["exp_avg_sq"] = torch.zeros_like(p)
         state["step"] += 1
         t = state["step"]
-        if decay != 0:
+        if decay is not None:
             p.mul_(1 - lr * decay)
         grad = p.grad
         state["exp_avg"].lerp_(grad, 1 - beta1)

@@ -38,6 +38,10 @@ class Protocol:
     description: str
     source: str
     values: dict[str, Any] = field(default_factory=dict)
+    # What the reference's other optimiser choices mean, applied when the user picks that --optimizer and
+    # does not set the fields: beyond_cls / efficient-probing build `SGD(head.parameters(), lr, weight_decay)`
+    # (no momentum, decay on every parameter) and `AdamW(head.parameters(), ...)` (decay on every parameter).
+    optimizer_values: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 PROTOCOLS: dict[str, Protocol] = {
@@ -50,7 +54,7 @@ PROTOCOLS: dict[str, Protocol] = {
         values={
             "optimizer": "sgd",
             "momentum": 0.9,
-            "weight_decay": 0.0,
+            "weight_decay": (0.0,),
             "decay_vectors": False,
             "lr_grid": AUTO_LR_GRID,
             "batch_size": 256,
@@ -62,19 +66,22 @@ PROTOCOLS: dict[str, Protocol] = {
     "mae": Protocol(
         description="MAE / Beyond [cls] linear probing: LARS, blr 0.1, batch 16384, 90 epochs, 10 warm-up, "
         "wd 0",
-        source="facebookresearch/mae main_linprobe.py + util/lars.py; gmum/beyond_cls README (2048 x accum "
-        "2 x "
-        "4 GPUs = 16384)",
+        source="facebookresearch/mae main_linprobe.py + util/lars.py; gmum/beyond_cls README "
+        "(2048 x accum 2 x 4 GPUs = 16384)",
         values={
             "optimizer": "lars",
             "momentum": 0.9,
-            "weight_decay": 0.0,
+            "weight_decay": (0.0,),
             "decay_vectors": False,
             "lr_grid": (0.1,),
             "batch_size": 16384,
             "epochs": 90,
             "min_steps": 0,
             "warmup_epochs": 10.0,
+        },
+        optimizer_values={
+            "sgd": {"momentum": 0.0, "decay_vectors": True},
+            "adamw": {"decay_vectors": True},
         },
     ),
     "ep": Protocol(
@@ -84,7 +91,7 @@ PROTOCOLS: dict[str, Protocol] = {
         values={
             "optimizer": "lars",
             "momentum": 0.9,
-            "weight_decay": 0.0,
+            "weight_decay": (0.0,),
             "decay_vectors": False,
             "lr_grid": (0.1,),
             "batch_size": 4096,
@@ -92,6 +99,10 @@ PROTOCOLS: dict[str, Protocol] = {
             "min_steps": 0,
             "warmup_epochs": 10.0,
             "queries": 32,
+        },
+        optimizer_values={
+            "sgd": {"momentum": 0.0, "decay_vectors": True},
+            "adamw": {"decay_vectors": True},
         },
     ),
     "logreg": Protocol(
@@ -118,7 +129,7 @@ class ProbeConfig:
     queries: int = 4  # learnable queries of the attentive read-out
     optimizer: str = "sgd"  # lars | sgd | adamw (vitprobe.probe.optim)
     momentum: float = 0.9  # LARS / SGD momentum
-    weight_decay: float = 0.0  # linear probing uses none (MAE, DINOv2)
+    weight_decay: tuple[float, ...] = (0.0,)  # weight decays trained side by side (× lr_grid); MAE, DINOv2: 0
     decay_vectors: bool = False  # decay biases too (beyond_cls's plain SGD does)
     lr_grid: tuple[float, ...] = AUTO_LR_GRID  # base lrs trained side by side; lr = blr × batch / 256
     batch_size: int = 256  # rows per step (capped at the train rows); lr scales with the batch used
@@ -129,6 +140,9 @@ class ProbeConfig:
     holdout: float = 0.1  # stratified fraction of the train cache held out for selection
     refit: bool = False  # after selection, retrain on the full train cache with the chosen lr and epochs
     eval_every: int = 0  # evaluate every N epochs (and at the last); 0 = about 100 evaluations per run
+    shots: int | None = None  # low-shot: train on K images per class (docs/probing.md, "Low-shot")
+    train_fraction: float | None = None  # low-shot: train on this class-stratified fraction of the images
+    seeds: int = 1  # low-shot: subsets (and head inits) drawn; mean ± std over them is reported
     c_grid: tuple[float, ...] = LOGREG_C_GRID  # logreg protocol: L2 strengths C (sklearn's convention)
     max_iter: int = 1000  # logreg protocol: L-BFGS iterations per C
     seed: int = 0  # head init, data order and holdout split
@@ -147,7 +161,9 @@ class ProbeConfig:
         unknown = sorted(set(given) - {f.name for f in fields(cls)})
         if unknown:
             raise TypeError(f"ProbeConfig has no field {', '.join(unknown)}")
-        values = {**PROTOCOLS[name].values, **given}
+        protocol = PROTOCOLS[name]
+        implied = protocol.optimizer_values.get(given.get("optimizer", ""), {})
+        values = {**protocol.values, **implied, **given}
         changed = tuple(sorted(k for k in given if PROTOCOLS[name].values.get(k, _default(k)) != given[k]))
         return cls(protocol=name, overrides=changed, **values)
 
@@ -159,9 +175,17 @@ class ProbeConfig:
         return OptimizerSpec(
             kind=self.optimizer,
             momentum=self.momentum,
-            weight_decay=self.weight_decay,
             decay_vectors=self.decay_vectors,
         )
+
+    @property
+    def grid(self) -> list[tuple[float, float]]:
+        """The (base lr, weight decay) of every head of a read-out's bank, lr-major."""
+        return [(blr, wd) for blr in self.lr_grid for wd in self.weight_decay]
+
+    @property
+    def lowshot(self) -> bool:
+        return self.shots is not None or self.train_fraction is not None
 
     def lr(self, blr: float, batch: int) -> float:
         """Absolute lr of a base lr at the batch actually used (MAE: lr = blr × batch / 256)."""
@@ -214,6 +238,23 @@ def _check(cfg: ProbeConfig) -> None:
         )
     if cfg.select_on == "holdout" and not (math.isfinite(cfg.holdout) and 0.0 < cfg.holdout < 1.0):
         raise ProbeError(f"--holdout {cfg.holdout} must lie in (0, 1)", "use e.g. --holdout 0.1")
+    if cfg.shots is not None and cfg.train_fraction is not None:
+        raise ProbeError("--shots and --train-fraction both choose the train subset", "pass one of them")
+    if cfg.shots is not None and cfg.shots < 1:
+        raise ProbeError(f"--shots {cfg.shots} must be >= 1", "e.g. --shots 5")
+    if cfg.train_fraction is not None and not (
+        math.isfinite(cfg.train_fraction) and 0 < cfg.train_fraction <= 1
+    ):
+        raise ProbeError(
+            f"--train-fraction {cfg.train_fraction} must lie in (0, 1]", "e.g. --train-fraction 0.01"
+        )
+    if cfg.seeds < 1:
+        raise ProbeError(f"--seeds {cfg.seeds} must be >= 1", "e.g. --seeds 5")
+    if cfg.seeds > 1 and cfg.shots is None and cfg.train_fraction is None:
+        raise ProbeError(
+            "--seeds draws several train subsets, and no subset was asked for",
+            "add --shots K or --train-fraction F",
+        )
     if cfg.epochs < 1 or cfg.batch_size < 2 or cfg.eval_every < 0 or cfg.min_steps < 0:
         raise ProbeError(
             "--epochs must be >= 1, --batch-size >= 2, --eval-every and --min-steps >= 0", "fix the values"
@@ -222,10 +263,13 @@ def _check(cfg: ProbeConfig) -> None:
         raise ProbeError(
             f"--warmup-epochs {cfg.warmup_epochs} must be finite and >= 0", "e.g. --warmup-epochs 10"
         )
-    if not (math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0):
+    if not cfg.weight_decay or any(not (math.isfinite(v) and v >= 0) for v in cfg.weight_decay):
         raise ProbeError(
-            f"--weight-decay {cfg.weight_decay} must be finite and >= 0", "e.g. --weight-decay 0"
+            f"--weight-decay {cfg.weight_decay}: values must be finite and >= 0",
+            "e.g. --weight-decay 0,1e-4",
         )
+    if len(set(cfg.weight_decay)) != len(cfg.weight_decay):
+        raise ProbeError(f"--weight-decay {cfg.weight_decay} repeats a value", "list each value once")
     if not (math.isfinite(cfg.momentum) and 0 <= cfg.momentum < 1):
         raise ProbeError(f"--momentum {cfg.momentum} must lie in [0, 1)", "e.g. --momentum 0.9")
     if not cfg.lr_grid:

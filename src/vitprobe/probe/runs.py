@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from vitprobe.errors import ProbeError
 from vitprobe.heads import HeadSpec
+from vitprobe.probe import rundir
 from vitprobe.probe.protocols import PROTOCOLS, ProbeConfig
 from vitprobe.provenance import checkpoint_from_manifest, provenance, versions
 from vitprobe.results import validate
@@ -132,13 +133,13 @@ def run_probe(
 
     from vitprobe.cache import open_cache
     from vitprobe.devices import resolve_device
-    from vitprobe.files import write_json
     from vitprobe.pairing import backbone_identity, check_pair, pair_warnings, resolve_layer
     from vitprobe.probe.saved import save_head
     from vitprobe.probe.train import train_probes
     from vitprobe.tokens import CacheSource, cache_token_keys, final_norm_state
 
     out_dir = Path(out_dir)
+    repaired = rundir.recover(out_dir)  # a kill mid-swap: roll back to a consistent pair, drop debris
     if (out_dir / "results.json").exists() and not overwrite:
         raise ProbeError(
             f"{out_dir} already holds results.json of an earlier probe run",
@@ -171,7 +172,9 @@ def run_probe(
             "--select-on test: lr and epoch were picked on the test set; accuracies are optimistic"
         )
     out_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".heads-", dir=out_dir))  # swapped in once results are complete
+    staging = Path(
+        tempfile.mkdtemp(prefix=rundir.STAGING_PREFIX, dir=out_dir)
+    )  # swapped in with results.json
     readouts = {}
     try:
         for spec in specs:
@@ -209,7 +212,7 @@ def run_probe(
         },
         "health": {"ok": not flagged, "flagged": flagged},
         "warnings": warnings,
-        "notes": notes,
+        "notes": notes + repaired,
         "layer": layer,
         "final_norm": cfg.final_norm,
         "num_classes": train_cache.num_classes,
@@ -225,13 +228,7 @@ def run_probe(
                                  dataset=test_cache.manifest["dataset"]),  # fmt: skip
     }
     results = validate("probe", clean(results))
-    heads_dir, retired = out_dir / "heads", out_dir / f".heads-old-{staging.name}"
-    if heads_dir.exists():
-        heads_dir.rename(retired)
-    staging.chmod(0o755)
-    staging.rename(heads_dir)
-    write_json(out_dir / "results.json", results)
-    shutil.rmtree(retired, ignore_errors=True)
+    rundir.commit(out_dir, staging, results)
     return results
 
 
@@ -242,6 +239,7 @@ def readout_json(r: ReadoutResult, class_names: Sequence[str], head_file: Path) 
         "options": r.spec.options(),
         "blr": r.blr,
         "lr": r.lr,
+        "weight_decay": r.weight_decay,
         "epoch": r.epoch,
         "C": r.C,
         "selection_top1": r.selection_top1,
@@ -261,4 +259,6 @@ def readout_json(r: ReadoutResult, class_names: Sequence[str], head_file: Path) 
         "head": str(head_file),
         "curves": r.curves,
         "sweep": r.sweep,
+        "top1_std": r.top1_std,
+        "seeds": r.seeds,
     }

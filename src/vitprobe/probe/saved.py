@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from vitprobe.errors import ProbeError
 from vitprobe.heads import HeadSpec, ProbeHead, build_head
 from vitprobe.pairing import backbone_identity, identity_mismatch, token_identity
+from vitprobe.probe import rundir
 
 if TYPE_CHECKING:
     from vitprobe.cache import TokenCache
@@ -93,15 +94,37 @@ def load_head(path: str | Path) -> tuple[ProbeHead, dict[str, Any]]:
             f"saved head {path} (and {meta_path.name} beside it) not found",
             "pass RUN_DIR/heads/<pool>.safetensors from a `vitprobe probe` run",
         )
-    meta = read_json(meta_path)
-    if meta.get("format") != HEAD_FORMAT:
+    if path.parent.name == rundir.HEADS:
+        rundir.verify_heads(path.parent.parent)
+    try:
+        meta = read_json(meta_path)
+    except (OSError, ValueError) as exc:
         raise ProbeError(
-            f"{meta_path} is not a vitprobe head (format {meta.get('format')!r})",
+            f"cannot read {meta_path}: {exc}", "re-run `vitprobe probe` to rewrite the head"
+        ) from exc
+    if not isinstance(meta, dict) or meta.get("format") != HEAD_FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise ProbeError(
+            f"{meta_path} is not a vitprobe head (format {found!r})",
             "pass a heads/<pool>.json written by `vitprobe probe`",
         )
-    head = build_head(HeadSpec(**meta["spec"]), int(meta["dim"]), int(meta["num_classes"]))
     try:
-        head.load_state_dict(load_file(str(path)), strict=True)
+        head = build_head(HeadSpec(**meta["spec"]), int(meta["dim"]), int(meta["num_classes"]))
+        for key in ("backbone", "layer", "final_norm", "class_names", "pool"):
+            meta[key]  # noqa: B018 - every reader below needs these
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ProbeError(
+            f"{meta_path} lacks or garbles a field of a saved head ({exc})",
+            "re-run `vitprobe probe` to rewrite the head",
+        ) from exc
+    try:
+        state = load_file(str(path))
+    except Exception as exc:  # safetensors raises its own error types for a corrupt file
+        raise ProbeError(
+            f"cannot read the head weights {path}: {exc}", "re-run `vitprobe probe` to rewrite the head"
+        ) from exc
+    try:
+        head.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise ProbeError(
             f"weights in {path} do not match the head its JSON describes: {exc}",

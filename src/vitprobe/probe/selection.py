@@ -18,6 +18,7 @@ from vitprobe.errors import ProbeError
 UNDER_TRAINED_MOVEMENT = 1.0  # a trained Linear moves at least its own initial norm (init std 0.01)
 NEAR_CHANCE = 0.05  # training top-1 within this of the majority-class rate: nothing was learnt
 MIN_HOLDOUT_ROWS = 30  # fewer holdout images than this make the lr / epoch choice noise
+DIVERGED_LOSS = 100.0  # a mean training loss above this × ln(classes) (a uniform guess) has blown up
 
 
 @dataclass(frozen=True)
@@ -37,12 +38,13 @@ class Check:
 
 
 def stratified_holdout(
-    labels: torch.Tensor, groups: torch.Tensor, fraction: float, seed: int
+    labels: torch.Tensor, groups: torch.Tensor, fraction: float, seed: int, *, at_least_one: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Split rows into (train, holdout) positions, holding out `fraction` of each class's groups.
 
     Groups are dataset indices, so the views of one image never straddle the split. Each class keeps at
-    least one group on the train side.
+    least one group on the train side; with `at_least_one` (low-shot subsets) every class that has two
+    groups gives at least one to the holdout.
     """
     generator = torch.Generator().manual_seed(seed)
     uniq, first = _first_occurrence(groups)
@@ -50,7 +52,8 @@ def stratified_holdout(
     held = []
     for c in torch.unique(group_labels).tolist():
         members = uniq[group_labels == c]
-        count = min(round(fraction * len(members)), len(members) - 1)
+        count = round(fraction * len(members))
+        count = min(max(count, 1) if at_least_one else count, len(members) - 1)
         if count > 0:
             held.append(members[torch.randperm(len(members), generator=generator)[:count]])
     held_groups = torch.cat(held) if held else groups[:0]
@@ -89,7 +92,7 @@ def health(
     pool: str,
     grid: Sequence[float],
     chosen: int,
-    diverged: Sequence[float],
+    diverged: Sequence[float | str],
     selection_curve: Sequence[float | None] | None,
     epochs_evaluated: Sequence[int],
     best_epoch: int,
@@ -103,6 +106,8 @@ def health(
     test_rows: int,
     selected_on: str,
     grid_name: str = "--lr-grid",
+    wd_grid: Sequence[float] | None = None,
+    wd_chosen: int = 0,
 ) -> list[Check]:
     """Every finding about one read-out's chosen head (see docs/probing.md, "Probe health")."""
     checks: list[Check] = []
@@ -110,57 +115,102 @@ def health(
     def add(code: str, severity: str, message: str, fix: str) -> None:
         checks.append(Check(code, severity, f"{pool}: {message}", fix))
 
-    what, value = grid_name[2:], grid[chosen]
+    what, value = ("base lr" if grid_name == "--lr-grid" else grid_name[2:]), grid[chosen]
     if len(grid) > 1 and value == max(grid):
-        add("grid_edge_high", "warning",
+        add(
+            "grid_edge_high",
+            "warning",
             f"the chosen {what} {value:g} is the largest in the grid; the optimum may lie above it",
-            f"extend {grid_name} upward (e.g. add {value * 2:g},{value * 5:g})")
+            f"extend {grid_name} upward (e.g. add {value * 2:g},{value * 5:g})",
+        )
     elif len(grid) > 1 and value == min(grid):
-        add("grid_edge_low", "warning",
+        add(
+            "grid_edge_low",
+            "warning",
             f"the chosen {what} {value:g} is the smallest in the grid; the optimum may lie below it",
-            f"extend {grid_name} downward (e.g. add {value / 5:g},{value / 2:g})")
+            f"extend {grid_name} downward (e.g. add {value / 5:g},{value / 2:g})",
+        )
+    if wd_grid is not None and len(wd_grid) > 1 and max(wd_grid) > 0:
+        wd = wd_grid[wd_chosen]
+        if wd == max(wd_grid):
+            add(
+                "grid_edge_high",
+                "warning",
+                f"the chosen weight decay {wd:g} is the largest in the grid; the optimum may lie above it",
+                f"extend --weight-decay upward (e.g. add {wd * 10:g})",
+            )
+        elif wd == min(wd_grid) and wd > 0:
+            add(
+                "grid_edge_low",
+                "warning",
+                f"the chosen weight decay {wd:g} is the smallest in the grid; the optimum may lie below it",
+                f"extend --weight-decay downward (e.g. add 0,{wd / 10:g})",
+            )
     if diverged:
-        add("diverged", "note",
-            f"{what} {', '.join(f'{v:g}' for v in diverged)} diverged (loss inf/NaN) and were not selected",
-            "nothing to do unless the chosen value is next to them")
+        add(
+            "diverged",
+            "note",
+            f"{what} {', '.join(v if isinstance(v, str) else f'{v:g}' for v in diverged)} diverged "
+            "(training loss inf/NaN, or above "
+            f"{DIVERGED_LOSS:g}x a uniform guess's) and were not selected",
+            "nothing to do unless the chosen value is next to them",
+        )
     if selection_curve is not None and len(epochs_evaluated) >= 4 and best_epoch == epochs_evaluated[-1]:
         cut = epochs_evaluated[-1] * 0.75
         pairs = zip(epochs_evaluated, selection_curve, strict=True)
         earlier = [v for e, v in pairs if e <= cut and v is not None]
         last = selection_curve[-1]
         if earlier and last is not None and last - max(earlier) > 1 / max(selection_rows, 1):
-            add("not_converged", "warning",
+            add(
+                "not_converged",
+                "warning",
                 f"the best {selected_on} accuracy is at the last epoch ({best_epoch}) and was still rising "
                 f"over the last quarter ({100 * max(earlier):.1f} -> {100 * last:.1f} %)",
-                "train longer: raise --epochs or --min-steps (or use --protocol auto)")
+                "train longer: raise --epochs or --min-steps (or use --protocol auto)",
+            )
     if movement_budget is not None and movement_budget < UNDER_TRAINED_MOVEMENT:
-        add("too_few_steps", "warning",
+        add(
+            "too_few_steps",
+            "warning",
             f"with LARS this schedule lets the head move at most ~{movement_budget:.2g}x its initial norm "
             "(trust 0.001 x the sum of per-step lrs / (1 - momentum)): too few optimiser steps for this "
             "train set",
-            "use --protocol auto, or raise --epochs / --min-steps (or the lr) until the budget is >> 1")
+            "use --protocol auto, or raise --epochs / --min-steps (or the lr) until the budget is >> 1",
+        )
     elif movement is not None and movement < UNDER_TRAINED_MOVEMENT:
-        add("under_trained", "warning",
+        add(
+            "under_trained",
+            "warning",
             f"the chosen head's Linear moved only {movement:.2g}x its initial norm (|W - W0| / |W0|): it "
             "is close to its random initialisation",
-            "use --protocol auto, or raise --epochs / --min-steps or extend --lr-grid upward")
+            "use --protocol auto, or raise --epochs / --min-steps or extend --lr-grid upward",
+        )
     if train_top1 is not None and train_top1 - chance < NEAR_CHANCE:
-        add("train_near_chance", "warning",
+        add(
+            "train_near_chance",
+            "warning",
             f"training accuracy {100 * train_top1:.1f} % is at chance ({100 * chance:.1f} %): the head "
             "learnt nothing",
-            "check the cache (labels, tokens) and the lr grid; a random-init backbone can also cause this")
+            "check the cache (labels, tokens) and the lr grid; a random-init backbone can also cause this",
+        )
     if selected_on == "holdout" and selection_top1 is not None:
         gap = abs(selection_top1 - test_top1)
         if gap > max(0.05, _binomial_gap(test_top1, selection_rows, test_rows)):
-            add("holdout_test_gap", "warning",
+            add(
+                "holdout_test_gap",
+                "warning",
                 f"holdout top-1 {100 * selection_top1:.1f} % and test top-1 {100 * test_top1:.1f} % differ "
                 f"by more than sampling noise ({selection_rows} vs {test_rows} images): train and test "
                 "differ in distribution, or the holdout is unrepresentative",
-                "check that the test cache is the split you mean; a larger --holdout gives a steadier choice")
+                "check that the test cache is the split you mean; a larger --holdout gives a steadier choice",
+            )
         if selection_rows < MIN_HOLDOUT_ROWS:
-            add("small_holdout", "warning",
+            add(
+                "small_holdout",
+                "warning",
                 f"the holdout has only {selection_rows} images, so the lr / epoch choice is mostly noise",
-                "raise --holdout (e.g. 0.2 or 0.3)")
+                "raise --holdout (e.g. 0.2 or 0.3)",
+            )
     return checks
 
 

@@ -291,9 +291,9 @@ def learning_curves(results: R.ProbeResults | None) -> list[LearningCurve]:
     split = results.selection.split
     out = []
     for name, r in results.readouts.items():
-        if r.blr is None or f"{r.blr:g}" not in r.curves:
+        curve = r.curve()
+        if curve is None:
             continue  # logreg: no epochs
-        curve = r.curves[f"{r.blr:g}"]
 
         def series(key: str, curve: R.Curve = curve) -> list[float | None]:
             return [None if v is None else _pct(v) for v in curve.series.get(key, [])]
@@ -441,7 +441,8 @@ def _protocol_text(probe: R.ProbeResults) -> str:
     grid = c.lr_grid
     lrs = f"blr {grid[0]:g}" if len(grid) == 1 else f"{len(grid)} base lrs {min(grid):g}–{max(grid):g}"
     return (
-        f"{c.optimizer} (momentum {c.momentum:g}, wd {c.weight_decay:g}), {lrs}, batch {c.batch_size}, "
+        f"{c.optimizer} (momentum {c.momentum:g}, wd {', '.join(f'{w:g}' for w in c.weight_decay)}), {lrs}, "
+        f"batch {c.batch_size}, "
         f">= {c.epochs} epochs, >= {c.min_steps} steps, warm-up {c.warmup_epochs:g} epochs"
         + (", final norm" if c.final_norm else "")
     )

@@ -2,16 +2,26 @@
 
 Block numbering is 0-based in every model (block 0 is the first transformer block), as in caches, probe
 results and heads. Version 1 of attention.json and frequency.json numbered blocks from 1; their models
-convert on reading and writing, so a reader never sees the difference. Version 2 is the 0-based form with
-the common header (docs/results-format.md, "Analyses").
+convert on reading and writing, so a reader never sees the difference. Version 2 (`schema_version` 2) is
+the 0-based form and adds the run's resolved `inputs` and the token `cache` it read (docs/results-format.md).
+Both versions carry the analyses' own header (`kind`, `schema_version`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from vitprobe.results.common import BackboneInfo, DataInfo, LoadRecord, ManifestModel, Provenance
+from vitprobe.results.common import (
+    BackboneInfo,
+    CacheModelRecord,
+    CacheProvenance,
+    DataInfo,
+    InputsRecord,
+    LoadRecord,
+    ManifestModel,
+    Provenance,
+)
 from vitprobe.results.schema import Model, Versioned, opt
 
 model = dataclass(frozen=True, kw_only=True)
@@ -29,6 +39,8 @@ class MapsInfo(Model):
     keys: list[str]
     grid: list[int]
     n_images: int
+    sha256: str | None = None  # version 2: the maps file's sha256
+    block: int | None = None  # version 2: the block of the [cls] maps (the last)
 
 
 @model
@@ -40,13 +52,15 @@ class AttentionResults(Versioned):
     FILE = "attention.json"
     VERSIONS = (1, 2)
     CURRENT = 2
-    LEGACY = {1: "schema_version"}
+    LEGACY = {1: "schema_version", 2: "schema_version"}
 
     label: str
-    model: LoadRecord
+    model: LoadRecord | CacheModelRecord
     random_init: bool
     backbone: BackboneInfo
     data: DataInfo
+    inputs: InputsRecord | None = None  # version 2
+    cache: CacheProvenance | None = None  # version 2: the token cache the run's inputs came from
     config: dict[str, Any]
     device: str
     dtype: str
@@ -85,18 +99,21 @@ class FrequencyResults(Versioned):
     FILE = "frequency.json"
     VERSIONS = (1, 2)
     CURRENT = 2
-    LEGACY = {1: "schema_version"}
+    LEGACY = {1: "schema_version", 2: "schema_version"}
 
     label: str
-    model: LoadRecord
+    model: LoadRecord | CacheModelRecord  # the backbone's load record, or the cache's model (tokens read)
     random_init: bool
     backbone: BackboneInfo
     data: DataInfo
+    inputs: InputsRecord | None = None  # version 2
+    cache: CacheProvenance | None = None  # version 2
     config: dict[str, Any]
     device: str
     dtype: str
     versions: dict[str, str]
     definitions: dict[str, Any]
+    source: str | None = None  # version 2: "cache" (the cache's tokens) or "backbone" (an image pass)
     layers: list[str]  # labels: "patch_embed", then one per block
     blocks: list[int | None]
     n_images: int
@@ -106,6 +123,7 @@ class FrequencyResults(Versioned):
     headline: list[float]  # per layer: delta at the highest frequency
     high_freq_energy_ratio: list[float]  # per layer
     log_amplitude_2d: list[list[list[float]]]
+    notes: list[str] = field(default_factory=list)  # version 2
     figures: list[str]
     provenance: Provenance | None = opt()
 
@@ -131,7 +149,7 @@ class FrequencyResults(Versioned):
 
 @model
 class MapScore(Model):
-    """MaxBoxAccV2 of one map source, all in percent (vitprobe.localization.MaxBoxAccResult)."""
+    """MaxBoxAccV2 of one map source, all in percent (vitprobe.analysis.maxboxacc.MaxBoxAccResult)."""
 
     max_box_acc_v2: float
     max_box_acc: dict[str, float]  # IoU threshold δ ("30", "50", "70") -> MaxBoxAcc
@@ -139,14 +157,29 @@ class MapScore(Model):
     box_acc: list[list[float]]  # δ x τ
     thresholds: list[float]
     num_images: int
+    block: int | None = None  # version 2: the block of the tokens the map comes from (None: not known)
 
 
 @model
 class Metric(Model):
     name: str
     thresholds: str
+    binarise: str | None = None  # version 2
+    quantize: bool | None = None  # version 2: 8-bit maps, as clovaai/wsolevaluation
+    constant_maps: str | None = None  # version 2
     iou_thresholds: list[int]
     boxes: str
+    blocks: str | None = None  # version 2
+
+
+@model
+class HeadRef(Model):
+    """A saved head whose maps a localisation run scored (version 2)."""
+
+    file: str
+    sha256: str
+    block: int
+    final_norm: bool
 
 
 @model
@@ -158,17 +191,20 @@ class LocalizationResults(Versioned):
     FILE = "localization.json"
     VERSIONS = (1, 2)
     CURRENT = 2
-    LEGACY = {1: "schema_version"}
+    LEGACY = {1: "schema_version", 2: "schema_version"}
 
     label: str
-    model: LoadRecord | ManifestModel | None  # the backbone's load record, or the maps' cache's model block
+    model: LoadRecord | CacheModelRecord | ManifestModel | None  # load record, or the cache's model
     random_init: bool
     data: DataInfo
+    inputs: InputsRecord | None = None  # version 2
+    cache: CacheProvenance | None = None  # version 2
     config: dict[str, Any]
     versions: dict[str, str]
     metric: Metric
     map_sources: dict[str, str]
     maps: dict[str, MapScore]  # "cls_attention", "abmilp", "attentive"
+    heads: dict[str, HeadRef] | None = None  # version 2: by pool
     figures: list[str]
     notes: list[str]
     provenance: Provenance | None = opt()

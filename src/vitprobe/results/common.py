@@ -115,10 +115,10 @@ class ManifestModel(Model):
 class BackboneInfo(Model):
     """Token layout and size of the backbone an analysis ran (`analysis.backbone_info`)."""
 
-    class_: str = key("class")
+    class_: str | None = key("class")  # None when read from a cache's manifest (no model built)
     depth: int
     dim: int
-    num_heads: int
+    num_heads: int | None
     patch_size: int
     grid: list[int]
     img_size: list[int]
@@ -142,6 +142,31 @@ class DataInfo(Model):
     spec: str
     split: str
     fingerprint: str | None
-    size: int  # images in the split
+    size: int | None  # images in the split (None: read from a cache, the split was not opened)
     n_images: int | None = opt()  # images analysed (attention, frequency)
     selection: str | None = opt()  # "all" or "N evenly spaced indices"
+
+
+@model
+class CacheModelRecord(Model):
+    """An analysis's backbone as a cache's manifest names it (`analysis.runs.manifest_model`)."""
+
+    model: str
+    timm_name: str | None
+    source: str | None
+    checkpoint_id: str | None
+    random_init: bool
+    from_cache: str
+
+
+@model
+class InputsRecord(Model):
+    """What an analysis ran on, resolved from its flags and its token cache (`PassInputs.record()`)."""
+
+    model: str
+    checkpoint: str | None
+    random_init: bool
+    seed: int
+    data: str
+    split: str
+    cache: str | None

@@ -34,12 +34,13 @@ class Curve(Model):
     diverged: bool
     epoch: list[int]
     series: dict[str, list[float | None]]
+    weight_decay: float | None = None
 
     @classmethod
     def from_dict(cls, data: Any, *, where: str = "") -> Curve:
         if not isinstance(data, dict):
             raise ResultsError(f"{where}: expected a JSON object", "re-run `vitprobe probe`")
-        head = {k: data[k] for k in ("blr", "lr", "diverged", "epoch") if k in data}
+        head = {k: data[k] for k in ("blr", "lr", "weight_decay", "diverged", "epoch") if k in data}
         rest = {k: v for k, v in data.items() if k not in head}
         values = cls._parse_fields({**head, "series": rest}, where)
         for name, series in values["series"].items():
@@ -51,9 +52,15 @@ class Curve(Model):
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
+        wd = (
+            {"weight_decay": self.weight_decay}
+            if self.present is None or "weight_decay" in self.present
+            else {}
+        )
         return {
             "blr": self.blr,
             "lr": self.lr,
+            **wd,
             "diverged": self.diverged,
             "epoch": list(self.epoch),
             **{k: list(v) for k, v in self.series.items()},
@@ -68,6 +75,7 @@ class Readout(Model):
     options: dict[str, Any]
     blr: float | None
     lr: float | None
+    weight_decay: float | None = None  # the chosen weight decay (gradient protocols)
     epoch: int | None  # chosen epoch, 1-based
     C: float | None  # logreg: chosen L2 strength
     selection_top1: float | None
@@ -82,8 +90,18 @@ class Readout(Model):
     test_top1_before_refit: float | None
     refit: bool
     head: str
-    curves: dict[str, Curve]
+    curves: dict[str, Curve]  # per grid head: key the blr as %g, plus ",wd=%g" when several decays train
     sweep: list[dict[str, Any]] | None
+    top1_std: float | None = None  # low-shot: std of the test top-1 over seeds
+    seeds: list[dict[str, Any]] | None = None  # low-shot: each seed's test top-1 and choices
+
+    def curve(self) -> Curve | None:
+        """The curves of the chosen head (None for logreg, which has no epochs)."""
+        if self.blr is None:
+            return None
+        if f"{self.blr:g}" in self.curves:
+            return self.curves[f"{self.blr:g}"]
+        return self.curves.get(f"{self.blr:g},wd={self.weight_decay or 0.0:g}")
 
     @property
     def flagged(self) -> bool:
@@ -105,6 +123,7 @@ class Selection(Model):
     test_rows: int
     batch_size: int | None
     refit: bool
+    lowshot: dict[str, Any] | None = None  # low-shot runs: the seeds' subsets
 
 
 @model
@@ -147,7 +166,7 @@ class ProbeConfigRecord(Model):
     queries: int
     optimizer: str
     momentum: float
-    weight_decay: float
+    weight_decay: list[float]  # trained side by side with the lr grid
     decay_vectors: bool
     lr_grid: list[float]
     batch_size: int
@@ -158,6 +177,9 @@ class ProbeConfigRecord(Model):
     holdout: float
     refit: bool
     eval_every: int
+    shots: int | None = None
+    train_fraction: float | None = None
+    seeds: int = 1
     c_grid: list[float]
     max_iter: int
     seed: int
@@ -197,6 +219,7 @@ class ProbeResults(Versioned):
     test_cache: CacheRef
     timing: dict[str, Any]
     provenance: Provenance | None = opt()
+    heads_sha256: str | None = None  # digest of heads/ (vitprobe.probe.rundir)
 
 
 @model

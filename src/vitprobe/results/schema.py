@@ -46,6 +46,9 @@ class Model:
     """Base of every typed result model."""
 
     extra: dict[str, Any] = field(default_factory=dict, repr=False)  # keys this model does not declare
+    # keys with a default that the parsed file held (None: built in code); `to_dict` writes exactly those,
+    # so a key one version of a writer leaves out stays out, and one it writes as null stays null
+    present: frozenset[str] | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def from_dict(cls: type[M], data: Any, *, where: str = "") -> M:
@@ -75,6 +78,7 @@ class Model:
         values["extra"] = {
             k: check_json(v, f"{where}.{k}" if where else k) for k, v in data.items() if k not in seen
         }
+        values["present"] = frozenset(k for k in data if k in seen)
         return values
 
     def to_dict(self) -> dict[str, Any]:
@@ -83,10 +87,16 @@ class Model:
 
     def _dump_fields(self, skip: tuple[str, ...] = ()) -> dict[str, Any]:
         out: dict[str, Any] = {}
+        has_default = dataclasses.MISSING
         for f, _ in _fields(type(self)):
             name = f.metadata.get("json_name", f.name)
             value = getattr(self, f.name)
-            if name in skip or (f.metadata.get("optional") and value is None):
+            if name in skip:
+                continue
+            defaulted = f.default is not has_default or f.default_factory is not has_default
+            if self.present is not None and defaulted and name not in self.present:
+                continue  # the file did not have this key
+            if self.present is None and f.metadata.get("optional") and value is None:
                 continue
             out[name] = dump_value(value)
         out.update(self.extra)
@@ -99,7 +109,9 @@ _FIELD_CACHE: dict[type, list[tuple[dataclasses.Field, Any]]] = {}
 def _fields(cls: type) -> list[tuple[dataclasses.Field, Any]]:
     if cls not in _FIELD_CACHE:
         hints = typing.get_type_hints(cls)
-        _FIELD_CACHE[cls] = [(f, hints[f.name]) for f in dataclasses.fields(cls) if f.name != "extra"]
+        _FIELD_CACHE[cls] = [
+            (f, hints[f.name]) for f in dataclasses.fields(cls) if f.name not in ("extra", "present")
+        ]
     return _FIELD_CACHE[cls]
 
 

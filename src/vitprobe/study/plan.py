@@ -1,7 +1,7 @@
 """A study's plan: its steps in run order, each with the config it runs and an identity of its inputs.
 
 Steps: `data` (generated needles), then per model and dataset `extract` (train, test), `probe`, `knn`,
-`attention`, `frequency`, `predict` (the head's maps), `localization`; then one `report`. A step's
+`attention`, `frequency`, `localization`; then one `report`. A step's
 identity hashes its resolved config and the identities of the steps it reads, so editing the study
 reruns what changed and everything downstream of it, and nothing else.
 """
@@ -54,9 +54,9 @@ def plan(study: Study) -> list[Step]:
     """Every step of `study`, in the order they run (a model's steps together, so one load serves them)."""
     from vitprobe.analysis.attention import AttentionConfig
     from vitprobe.analysis.frequency import FrequencyConfig
+    from vitprobe.analysis.localization import LocalizationConfig
     from vitprobe.extract import ExtractConfig
     from vitprobe.knn import KnnConfig
-    from vitprobe.localization import LocalizationConfig
     from vitprobe.probe.protocols import ProbeConfig
 
     if not study.steps:
@@ -175,6 +175,7 @@ def plan(study: Study) -> list[Step]:
                 "random_init": m.random_init,
                 "device": study.device,
                 "seed": study.seed,
+                "overwrite": True,  # the step is not done: an earlier result in the run is stale
             }
             for kind, cls, table in (
                 ("attention", AttentionConfig, study.attention),
@@ -196,42 +197,18 @@ def plan(study: Study) -> list[Step]:
                         )
                     )
             if study.localization is not None:
-                maps = run_dir / f"{head}_maps.safetensors" if head else None
-                predict_id = None
-                if head is not None:
-                    predict_id = identity("predict", {"head": head}, probe_id or "", ids[1])
-                    inputs_p = {"head": run_dir / "heads" / f"{head}.safetensors", "test": caches[d.test]}
-                    steps.append(
-                        Step(
-                            f"predict:{m.name}:{d.name}",
-                            "predict",
-                            f"{head} maps {tag}",
-                            maps,
-                            {"head": head},
-                            predict_id,
-                            m,
-                            d,
-                            inputs=inputs_p,
-                        )
-                    )
                 options = {
                     k: v for k, v in _limit(study.localization).items() if k not in ("head", "cls_attention")
                 }
                 with_cls = bool(study.localization.get("cls_attention", True))
-                cfg = LocalizationConfig(
-                    data=spec,
-                    split=d.test,
-                    out=str(run_dir),
-                    model=m.model if with_cls else None,
-                    checkpoint=m.checkpoint,
-                    random_init=m.random_init,
-                    abmilp_maps=str(maps) if maps else None,
-                    cache=str(caches[d.test]) if maps else None,
-                    device=study.device,
-                    seed=study.seed,
-                    **options,
-                )
-                if cfg.model is None and cfg.abmilp_maps is None:
+                head_file = run_dir / "heads" / f"{head}.safetensors" if head else None
+                cfg = LocalizationConfig(  # a head's maps are computed from the test cache's tokens
+                    out=str(run_dir), model=m.model if with_cls else None, data=spec, split=d.test,
+                    cache=str(caches[d.test]) if head_file else None, checkpoint=m.checkpoint,
+                    random_init=m.random_init, device=study.device, seed=study.seed, overwrite=True,
+                    cls_attention=with_cls, heads=(str(head_file),) if head_file else (), **options,
+                )  # fmt: skip
+                if not cfg.cls_attention and not cfg.heads:
                     raise StudyError(
                         "[localization] scores nothing: cls_attention = false and no head",
                         "set cls_attention = true, or add a [probe] with abmilp",
@@ -243,7 +220,7 @@ def plan(study: Study) -> list[Step]:
                         f"localization {tag}",
                         run_dir / "localization.json",
                         cfg,
-                        identity("localization", cfg, data_ids[d.name], predict_id or "", extra=load),
+                        identity("localization", cfg, data_ids[d.name], probe_id or "", ids[1], extra=load),
                         m,
                         d,
                         needs_backbone=with_cls,
@@ -276,12 +253,21 @@ def _limit(table: dict[str, Any]) -> dict[str, Any]:
 
 
 def _tuples(table: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
-    return {k: tuple(v) if k in keys and isinstance(v, list) else v for k, v in table.items()}
+    """TOML lists of `keys` as tuples (a single number as a 1-tuple), as the configs take them."""
+    out = {}
+    for k, v in table.items():
+        if k in keys and isinstance(v, list):
+            v = tuple(v)
+        elif k in keys and isinstance(v, (int, float)) and not isinstance(v, bool):
+            v = (v,)
+        out[k] = v
+    return out
 
 
 def _probe_config(study: Study, cls: Any, dataset: DatasetEntry) -> Any:
     """[probe] with the dataset's `probe` options on top, resolved from its protocol."""
-    options = _tuples({**(study.probe or {}), **dataset.probe}, ("pools", "lr_grid", "c_grid"))
+    tuples = ("pools", "lr_grid", "c_grid", "weight_decay")
+    options = _tuples({**(study.probe or {}), **dataset.probe}, tuples)
     protocol = options.pop("protocol", "auto")
     options.setdefault("seed", study.seed)
     return cls.from_protocol(protocol, device=study.device, **options)

@@ -181,7 +181,7 @@ def run_study(
     study.out.mkdir(parents=True, exist_ok=True)
     state = State(study)
     backbones = Backbones(study)
-    run_kinds = ("probe", "knn", "attention", "frequency", "localization")
+    run_kinds = ("probe", "knn", "attention", "frequency", "localization")  # the steps that write a run
     runs = sorted({s.output.parent for s in steps if s.kind in run_kinds})
     result = StudyResult(study, state.path, None, runs)
     if study.random_init and not dry_run:
@@ -264,18 +264,9 @@ def _run_step(step: Step, study: Study, backbones: Backbones, console: Any) -> s
         from vitprobe.analysis.frequency import run_frequency
 
         run_frequency(cfg, backbone=backbone)
-    elif kind == "predict":
-        from vitprobe.probe import predict
-
-        predict(
-            step.inputs["head"],
-            step.inputs["test"],
-            out_dir=step.output.parent / "predict",
-            export_maps=step.output,
-        )
     elif kind == "localization":
+        from vitprobe.analysis.localization import run_localization
         from vitprobe.data import open_dataset
-        from vitprobe.localization import run_localization
 
         if open_dataset(cfg.data, cfg.split).boxes is None:
             return f"skipped: {cfg.data} ({cfg.split}) has no boxes to score maps against"
