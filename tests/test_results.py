@@ -72,24 +72,22 @@ def test_health_and_numbers_are_typed(real: RealRuns) -> None:
     assert results.layer == 5  # test_vit's last block, 0-based (6 blocks)
 
 
-def test_analyses_blocks_are_zero_based_in_the_model(real: RealRuns) -> None:
+def test_analyses_blocks_are_zero_based_and_version_1_files_convert(real: RealRuns) -> None:
     run = real.runs["ckpt-a"]
-    attention = R.load(run / "attention.json", kind="attention")
     written = json.loads((run / "attention.json").read_text())
-    assert written["schema_version"] == 1 and written["blocks"] == [1, 2, 3, 4, 5, 6]  # today's writer
+    assert written["schema_version"] == 2 and written["blocks"] == [0, 1, 2, 3, 4, 5]  # the writer, today
+    attention = R.load(run / "attention.json", kind="attention")
     assert attention.blocks == [0, 1, 2, 3, 4, 5]
-    # the same result written as version 2: common header, 0-based blocks, read back to the same model
-    v2 = dataclasses.replace(attention, version=2).to_dict()
-    assert (v2["format"], v2["version"], v2["kind"]) == ("vitprobe-attention", 2, "attention")
-    assert "schema_version" not in v2 and v2["blocks"] == [0, 1, 2, 3, 4, 5]
-    assert R.parse(v2) == dataclasses.replace(attention, version=2)
+    # the same result as an earlier vitprobe wrote it (version 1: blocks from 1): read back 0-based
+    v1 = dataclasses.replace(attention, version=1).to_dict()
+    assert v1["schema_version"] == 1 and v1["blocks"] == [1, 2, 3, 4, 5, 6]
+    assert R.parse(v1).blocks == [0, 1, 2, 3, 4, 5]
 
     frequency = R.load(run / "frequency.json", kind="frequency")
-    assert json.loads((run / "frequency.json").read_text())["depth"] == [0, 1, 2, 3, 4, 5, 6]
     assert frequency.blocks == [None, 0, 1, 2, 3, 4, 5]  # None: the patch embedding
-    v2 = dataclasses.replace(frequency, version=2).to_dict()
-    assert "depth" not in v2 and v2["blocks"] == [None, 0, 1, 2, 3, 4, 5]
-    assert R.parse(v2).blocks == frequency.blocks
+    v1 = dataclasses.replace(frequency, version=1).to_dict()
+    assert "blocks" not in v1 and v1["depth"] == [0, 1, 2, 3, 4, 5, 6]
+    assert R.parse(v1).blocks == frequency.blocks
 
 
 def test_unknown_versions_are_refused_saying_who_is_out_of_date(real: RealRuns) -> None:
@@ -102,8 +100,9 @@ def test_unknown_versions_are_refused_saying_who_is_out_of_date(real: RealRuns) 
         R.parse({**results, "version": 1}, where="results.json")
     assert "re-run" in (older.value.hint or "")
     attention = json.loads((real.runs["ckpt-a"] / "attention.json").read_text())
-    with pytest.raises(R.ResultsError, match="spelt"):  # version 2 must carry the common header
-        R.parse({**attention, "schema_version": 2})
+    header = {k: v for k, v in attention.items() if k not in ("kind", "schema_version")}
+    with pytest.raises(R.ResultsError, match="spelt"):  # version 2 of the analyses: kind + schema_version
+        R.parse({**header, "format": "vitprobe-attention", "version": 2, "kind": "attention"})
 
 
 @pytest.mark.parametrize(

@@ -401,7 +401,7 @@ def provenance(run: Run) -> RunProvenance:
         checkpoint = getattr(loc_model, "checkpoint_id", None) or getattr(loc_model, "checkpoint", None)
     random_init = any(bool(getattr(d, "random_init", False)) for d in run.files.values())
     files = [b.checkpoint.file for b in blocks if b.checkpoint and b.checkpoint.file]
-    if not files and load is not None and not load.random_init:
+    if not files and load is not None and not load.random_init and load.source:
         files = [Path(load.source).name]
     data = att.data if att else (freq.data if freq else (loc.data if loc else None))
     versions = (probe or knn or att or freq or loc).versions  # type: ignore[union-attr]

@@ -41,6 +41,7 @@ class ManifestDataset(Model):
     num_classes: int
     num_images: int
     limit: int | None
+    selection: str | None = None  # "stratified" when --limit kept a class-stratified subset
 
 
 @model

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from vitprobe.results.schema import Model, key, opt
@@ -97,6 +97,7 @@ class LoadRecord(Model):
     layout: str | None
     branch: str | None
     arch_overrides: dict[str, Any]
+    data_overrides: dict[str, Any] = field(default_factory=dict)  # image size, mean, std, crop, interpolation
     checkpoint_id: str
 
 
