@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -28,6 +30,8 @@ from vitprobe.cache import (
     write_shard,
 )
 from vitprobe.errors import CacheError
+from vitprobe.files import sha256_file
+from vitprobe.verified import VERIFIED_FILE, HashRecord
 
 GRID, DIM, LAYERS = (2, 3), 4, [5, 3]
 
@@ -190,46 +194,214 @@ def test_open_cache_checks_shard_ranges(tmp_path: Path) -> None:
         open_cache(tmp_path)
 
 
-def test_lock_refuses_a_second_writer_and_names_stale_locks(tmp_path: Path) -> None:
+def test_lock_refuses_a_live_writer_and_takes_over_a_dead_ones(tmp_path: Path) -> None:
     with lock_cache(tmp_path) as lock:
         assert json.loads(lock.read_text())["pid"] == os.getpid()
-        with pytest.raises(CacheError, match=f"being written by pid {os.getpid()}"):
+        with pytest.raises(CacheError, match=f"being written by pid {os.getpid()}") as info:
             with lock_cache(tmp_path):
                 pass
+        assert "--break-lock" in info.value.hint
     assert not (tmp_path / LOCK_FILE).exists()
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True, check=True)
-    import socket
-
     (tmp_path / LOCK_FILE).write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname()}))
-    with pytest.raises(CacheError, match="stale lock") as info:
+    notes: list[str] = []
+    with lock_cache(tmp_path, say=notes.append) as lock:
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+    assert notes == [f"took over the stale lock {tmp_path / LOCK_FILE}: pid {int(dead.stdout)} on "
+                     f"{socket.gethostname()} (started ?) is no longer running"]
+    assert not (tmp_path / LOCK_FILE).exists()
+
+
+def test_a_reused_pid_is_a_stale_lock_and_a_foreign_host_needs_break_lock(tmp_path: Path) -> None:
+    lock = tmp_path / LOCK_FILE
+    # this process's pid, but recorded with another start time: the pid was reused after the owner died
+    record = {"pid": os.getpid(), "host": socket.gethostname(), "pid_start": -1}
+    lock.write_text(json.dumps(record))
+    notes: list[str] = []
+    with lock_cache(tmp_path, say=notes.append):
+        pass
+    assert len(notes) == 1 and "is no longer running" in notes[0]
+    lock.write_text(json.dumps({"pid": 1, "host": "elsewhere", "started": "2026-01-01T00:00:00Z"}))
+    with pytest.raises(CacheError, match="being written by pid 1 on elsewhere .* cannot tell") as info:
         with lock_cache(tmp_path):
             pass
-    assert f"delete {tmp_path / LOCK_FILE}" in info.value.hint
+    assert "--break-lock" in info.value.hint and lock.exists()
+    with lock_cache(tmp_path, break_lock=True, say=notes.append):
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+    assert notes[-1].startswith(f"broke the lock {lock} of pid 1 on elsewhere") and not lock.exists()
+    lock.write_text("")  # what an older vitprobe left when the disk filled while creating it
+    with pytest.raises(CacheError, match="empty or unreadable") as info:
+        with lock_cache(tmp_path):
+            pass
+    assert "--break-lock" in info.value.hint
+    with lock_cache(tmp_path, break_lock=True):
+        pass
+    assert not lock.exists()
+
+
+def test_a_broken_lock_is_not_removed_by_the_run_that_lost_it(tmp_path: Path) -> None:
+    lock = tmp_path / LOCK_FILE
+    with lock_cache(tmp_path):
+        lock.unlink()  # another run breaks the lock (--break-lock) and takes it
+        lock.write_text(json.dumps({"pid": 1, "host": "elsewhere", "nonce": "theirs"}))
+    assert json.loads(lock.read_text())["nonce"] == "theirs"
 
 
 def test_a_full_disk_or_unwritable_directory_is_a_cache_error_and_leaves_no_temp_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import vitprobe.cache as cache_mod
+    import vitprobe.lock as lock_mod
+    import vitprobe.shards as shards_mod
 
-    def disk_full(tensors, filename, metadata=None):  # noqa: ANN001, ANN202 - safetensors' signature
-        Path(filename).write_bytes(b"half a shard")
+    def disk_full(path, tensors, metadata=None):  # noqa: ANN001, ANN202 - write_safetensors' signature
+        Path(path).write_bytes(b"half a shard")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(cache_mod, "save_file", disk_full)
+    monkeypatch.setattr(shards_mod, "write_safetensors", disk_full)
     rows = {"labels": torch.zeros(2, dtype=torch.long), "indices": torch.arange(2)}
-    with pytest.raises(CacheError, match="cannot write .*shard-00000.safetensors: .*No space left") as info:
+    needs = r"no space left to write shard-00000.safetensors in .* \(it needs 32 B;"
+    with pytest.raises(CacheError, match=needs) as info:
         write_shard(tmp_path, 0, 0, rows)
-    assert "re-run the same command to resume" in info.value.hint
+    assert "re-run the same command: it resumes" in info.value.hint
     assert list(tmp_path.iterdir()) == []
     monkeypatch.undo()
 
     def read_only(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         raise OSError(30, "Read-only file system")
 
-    monkeypatch.setattr(cache_mod.os, "open", read_only)
+    monkeypatch.setattr(lock_mod, "open", read_only, raising=False)
     with pytest.raises(CacheError, match="cannot create .*extract.lock: .*Read-only") as info:
         with lock_cache(tmp_path):
             pass
     assert "writable --out" in info.value.hint
+
+    def no_space(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(lock_mod, "open", no_space, raising=False)
+    with pytest.raises(CacheError, match="no space left to create .*extract.lock"):
+        with lock_cache(tmp_path):
+            pass
+    assert list(tmp_path.iterdir()) == []  # no empty lock to block the next run
+
+
+def test_a_shard_is_hashed_once_then_trusted_while_its_size_mtime_and_inode_hold(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import vitprobe.cache as cache_mod
+
+    _write_cache(tmp_path)
+    time.sleep(0.05)  # past the clock tick of the writes: a record as old as a file proves nothing (racy)
+    record = json.loads((tmp_path / VERIFIED_FILE).read_text())
+    assert set(record["shards"]) == {"shard-00000.safetensors", "shard-00001.safetensors",
+                                     "shard-00002.safetensors"}
+    entry = record["shards"]["shard-00001.safetensors"]
+    assert entry["sha256"] == sha256_file(tmp_path / "shard-00001.safetensors")
+    assert entry["size"] == (tmp_path / "shard-00001.safetensors").stat().st_size
+    hashed: list[str] = []
+    real = cache_mod.sha256_file
+    monkeypatch.setattr(cache_mod, "sha256_file", lambda p: hashed.append(Path(p).name) or real(p))
+    # the writer recorded each shard as it wrote it: at most the racy ones (same clock tick) are re-hashed
+    for i in range(3):
+        open_cache(tmp_path).verify_shard(i)
+    for i in range(3):
+        open_cache(tmp_path).verify_shard(i)  # a second reader: nothing left to hash
+    assert len(hashed) <= 3 and len(set(hashed)) == len(hashed)
+    hashed.clear()
+    cache = open_cache(tmp_path)
+    for i in range(3):
+        cache.verify_shard(i)
+    assert hashed == []
+    # an edit changes mtime (and here the bytes): the shard is hashed again and refused
+    shard = tmp_path / "shard-00001.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CacheError, match="shard-00001.safetensors is corrupt"):
+        open_cache(tmp_path).verify_shard(1)
+    assert hashed == ["shard-00001.safetensors"]
+    hashed.clear()
+    with pytest.raises(CacheError, match="corrupt"):
+        open_cache(tmp_path, verify=True)  # an explicit verify re-hashes every shard
+    assert "shard-00000.safetensors" in hashed
+
+
+def test_a_change_within_the_clock_tick_of_the_record_is_not_trusted(tmp_path: Path) -> None:
+    """git's racy-clean rule: a file whose mtime is not older than the record is hashed again."""
+    _write_cache(tmp_path)
+    shard = tmp_path / "shard-00000.safetensors"
+    record = HashRecord.load(tmp_path)
+    entry = record.entries[shard.name]
+    st = shard.stat()
+    os.utime(shard, ns=(st.st_atime_ns, record.written_ns))  # as if written in the record's own tick
+    record = HashRecord.load(tmp_path)
+    record.entries[shard.name] = {**entry, "mtime_ns": shard.stat().st_mtime_ns,
+                                  "ctime_ns": shard.stat().st_ctime_ns}
+    assert not record.matches(shard, entry["sha256"])
+    record.written_ns = max(shard.stat().st_mtime_ns, shard.stat().st_ctime_ns) + 1
+    assert record.matches(shard, entry["sha256"])
+    assert not record.matches(shard, "0" * 64)
+
+
+def test_a_read_only_cache_is_verified_without_a_record(tmp_path: Path) -> None:
+    _write_cache(tmp_path)
+    (tmp_path / VERIFIED_FILE).unlink()
+    os.chmod(tmp_path, 0o555)
+    try:
+        cache = open_cache(tmp_path)
+        for i in range(3):
+            cache.verify_shard(i)  # hashed, the record cannot be written: no error
+    finally:
+        os.chmod(tmp_path, 0o755)
+
+
+@pytest.mark.parametrize("store", ["fp8", "int8"])
+def test_quantised_shards_store_codes_and_scales_and_read_back_as_floats(tmp_path: Path, store: str) -> None:
+    from vitprobe.quant import QUANTS, dequantise, quantise
+
+    common = dict(tokens="all", num_layers=2, grid=GRID, dim=DIM, has_cls=True, num_reg_tokens=1, views=0)
+    layout = shard_layout(store_dtype=store, **common)
+    assert layout["patches"].dtype == QUANTS[store].dtype and layout["patches"].scale == "patches_scale"
+    assert layout["patches_scale"].shape == (2, 6) and layout["patches_scale"].dtype == torch.float32
+    assert layout["cls_scale"].shape == (2,) and layout["reg_scale"].shape == (2, 1)
+    big = dict(common, grid=(14, 14), dim=768, num_layers=1, num_reg_tokens=0)
+    per_row = bytes_per_sample(shard_layout(store_dtype=store, **big))
+    assert per_row == 197 * 768 + 197 * 4 + 16  # 0.50x of fp16 at ViT-B/16 (codes + one fp32 scale per token)
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 2, 6, DIM, generator=g) * torch.logspace(-3, 3, 6).view(1, 1, 6, 1)  # (n, L, P, D)
+    x[0, 0, 0] = 0  # an all-zero token: scale 0, codes 0
+    codes, scale = quantise(x, store)
+    # the reference definition: s = max|x| / qmax per token, q = x / s on the store's grid, x' = q * s
+    qmax = QUANTS[store].qmax
+    s_ref = x.abs().amax(-1) / qmax
+    torch.testing.assert_close(scale, s_ref, rtol=0, atol=0)
+    y = x / torch.where(s_ref > 0, s_ref, 1).unsqueeze(-1)
+    q_ref = y.round().to(torch.int8) if store == "int8" else y.to(torch.float8_e4m3fn)
+    assert torch.equal(codes.view(torch.uint8), q_ref.view(torch.uint8))
+    back = dequantise(codes, scale)
+    assert torch.equal(back[0, 0, 0], torch.zeros(DIM))
+    err = (back - x).abs() / x.abs().amax(-1, keepdim=True).clamp_min(1e-30)
+    assert float(err.max()) <= (0.5 / 127 + 1e-6 if store == "int8" else 1 / 16 + 1e-6)  # half a step at most
+
+    rows = {"patches": x, "cls": x[:, :, 0], "reg": x[:, :, :1], "labels": torch.arange(5) % 3,
+            "indices": torch.arange(5)}
+    stored: dict[str, torch.Tensor] = {}
+    for key in ("patches", "cls", "reg"):
+        stored[key], stored[key + "_scale"] = quantise(rows[key], store)
+    stored.update(labels=rows["labels"], indices=rows["indices"])
+    info = write_shard(tmp_path, 0, 0, stored)
+    manifest = _manifest(5, [info], complete=True)
+    manifest["store_dtype"] = store
+    write_manifest(tmp_path, manifest)
+    cache = open_cache(tmp_path, verify=True)
+    assert cache.quantised and cache.keys == ["patches", "cls", "reg", "labels", "indices"]
+    part = cache.read_shard(0, ["patches", "labels"], rows=slice(1, 4))
+    assert set(part) == {"patches", "labels"} and part["patches"].dtype == torch.float32
+    torch.testing.assert_close(part["patches"], back[1:4], rtol=0, atol=0)
+    half = cache.read_shard(0, ["cls"], dtype=torch.float16)["cls"]
+    assert half.dtype == torch.float16
+    raw = cache.read_shard(0, ["patches"], dequantise=False)
+    assert set(raw) == {"patches", "patches_scale"} and raw["patches"].dtype == QUANTS[store].dtype
+    torch.testing.assert_close(dequantise(raw["patches"], raw["patches_scale"]), back, rtol=0, atol=0)

@@ -21,7 +21,7 @@ def test_choices_agree_with_the_library() -> None:
     assert choices.PROTOCOLS == tuple(protocols.PROTOCOLS) and choices.SELECT_ONS == protocols.SELECT_ON
     assert choices.LOAD_MODES == protocols.LOAD_MODES and choices.AMP_MODES == protocols.AMP_MODES
     assert choices.LOGREG_POOLS == protocols.LOGREG_POOLS and choices.KNN_POOLS == KNN_POOLS
-    assert choices.DATASET_KINDS == KINDS and choices.TOKEN_MODES == TOKEN_MODES
+    assert choices.DATASET_KINDS == tuple(KINDS) and choices.TOKEN_MODES == TOKEN_MODES
     assert choices.STORE_DTYPES == tuple(STORE_DTYPES) and set(choices.COMPUTE_DTYPES) == {"auto", *DTYPES}
 
 

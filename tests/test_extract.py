@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,10 +23,11 @@ from timm.models import register_model
 from typer.testing import CliRunner
 
 import vitprobe.extract as extract_mod
+import vitprobe.rows as rows_mod
 from vitprobe.cache import LOCK_FILE, MANIFEST_FILE, open_cache
 from vitprobe.cli import app
 from vitprobe.data import open_dataset, stratified_subset
-from vitprobe.errors import CacheError
+from vitprobe.errors import CacheError, VitprobeError
 from vitprobe.extract import ExtractConfig, build_backbone, extract, view_seed, view_transform
 from vitprobe.files import sha256_file
 
@@ -265,6 +267,8 @@ def test_no_resume_restarts_an_incomplete_cache(
         extract(config)
     monkeypatch.undo()
     assert open_cache(config.out, require_complete=False).num_written == 0
+    with pytest.raises(CacheError, match="different extraction"):  # --no-resume never wipes another cache
+        extract(replace(config, resume=False, seed=1))
     assert extract(replace(config, resume=False)).new_samples == 4
 
 
@@ -300,7 +304,7 @@ def test_default_shard_size_and_disk_check(
     class Tiny:
         free = 1000
 
-    monkeypatch.setattr(extract_mod.shutil, "disk_usage", lambda path: Tiny)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: Tiny)
     small = replace(config, out=tmp_path / "d")
     with pytest.raises(CacheError, match="only 1.0 kB is free") as info:
         extract(small)
@@ -406,7 +410,7 @@ def _dying_workers(monkeypatch: pytest.MonkeyPatch, *, sigint: bool, message: st
     """Row `at_row` plays the race of Ctrl-C with DataLoader workers > 0, without real signals: SIGINT reaches
     the handler in place (its KeyboardInterrupt lost, as when raised inside the loader's cleanup), then the
     loader reports its dead workers as a RuntimeError."""
-    real_getitem = extract_mod.CacheRows.__getitem__
+    real_getitem = rows_mod.CacheRows.__getitem__
 
     def getitem(self, row: int):
         if row == at_row:
@@ -416,7 +420,7 @@ def _dying_workers(monkeypatch: pytest.MonkeyPatch, *, sigint: bool, message: st
             raise RuntimeError(message)
         return real_getitem(self, row)
 
-    monkeypatch.setattr(extract_mod.CacheRows, "__getitem__", getitem)
+    monkeypatch.setattr(rows_mod.CacheRows, "__getitem__", getitem)
 
 
 WORKERS_EXITED = "DataLoader worker (pid(s) 4242) exited unexpectedly"
@@ -496,8 +500,131 @@ def test_tokens_that_overflow_the_store_dtype_are_refused_not_written_as_inf(
 
     monkeypatch.setattr(extract_mod, "split_tokens", huge)
     config = _config(data_spec, tmp_path / "c", store="fp16", limit=4)
-    with pytest.raises(CacheError, match="not finite once stored as fp16") as info:
+    overflow = "finite in its fp32 forward pass but not once stored as fp16"
+    with pytest.raises(CacheError, match=overflow) as info:
         extract(config)
     assert "--store bf16" in info.value.hint
     assert not list(config.out.glob("shard-*")) and not (config.out / LOCK_FILE).exists()
     assert extract(replace(config, store="fp32", overwrite=True)).num_samples == 4  # fp32 holds them
+
+
+@pytest.mark.parametrize("store", ["fp8", "int8"])
+def test_fp8_and_int8_stores_are_the_fp32_tokens_quantised_per_token(
+    data_spec: str, tmp_path: Path, store: str
+) -> None:
+    from vitprobe.quant import dequantise, quantise
+
+    exact = _config(data_spec, tmp_path / "fp32", store="fp32", limit=5)
+    extract(exact)
+    small = replace(exact, out=tmp_path / store, store=store)
+    extract(small)
+    a, q = open_cache(exact.out), open_cache(small.out, verify=True)
+    assert q.store_dtype == store and q.manifest["keys"]["patches"]["scale"] == "patches_scale"
+    assert q.manifest["keys"]["patches_scale"] == {"shape": ["n", 100], "dtype": "float32"}
+    for x, y in zip(a.iter_shards(["patches", "cls"]), q.iter_shards(["patches", "cls"]), strict=True):
+        for key in ("patches", "cls"):
+            torch.testing.assert_close(y[key], dequantise(*quantise(x[key], store)), rtol=0, atol=0)
+    size = {d: sum(f.stat().st_size for f in d.glob("shard-*")) for d in (exact.out, small.out)}
+    assert size[small.out] < 0.3 * size[exact.out]  # 1 byte + 4/64 per value, against 4
+
+
+def test_decode_on_the_device_is_close_to_pil_and_recorded_in_the_manifest(tmp_path: Path) -> None:
+    """--decode gpu on a CPU device runs the same code path: torchvision decodes the JPEGs in a batch, the
+    resize / crop / normalisation are tensor ops; tokens stay close to PIL's."""
+    rng = np.random.default_rng(3)
+    for i in range(4):
+        (tmp_path / "jpg" / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        small = rng.integers(0, 256, (9, 12, 3), dtype=np.uint8)
+        Image.fromarray(small).resize((120 + 8 * i, 90), Image.BILINEAR).save(
+            tmp_path / "jpg" / f"c{i % 2}" / f"{i}.jpg", quality=95)
+    Image.fromarray(rng.integers(0, 256, (70, 50, 3), dtype=np.uint8)).save(tmp_path / "jpg" / "c0" / "p.png")
+    spec = f"imagefolder:{tmp_path / 'jpg'}"
+    cpu = _config(spec, tmp_path / "cpu", split="all", workers=0)
+    gpu = replace(cpu, out=tmp_path / "gpu", decode="gpu", workers=2)
+    extract(cpu)
+    extract(gpu)
+    a, b = open_cache(cpu.out), open_cache(gpu.out)
+    assert b.manifest["transform"]["decode"] == "gpu" and "decode" not in a.manifest["transform"]
+    x = torch.cat([s["patches"] for s in a.iter_shards(["patches"])])  # (5, P, D)
+    y = torch.cat([s["patches"] for s in b.iter_shards(["patches"])])
+    rel = (x - y).norm(dim=-1) / x.norm(dim=-1)  # (5, P)
+    assert float(rel.mean()) < 0.05, float(rel.mean())
+    with pytest.raises(CacheError, match="different extraction .*transform"):
+        extract(replace(gpu, out=cpu.out))
+    with pytest.raises(VitprobeError, match="--decode gpu with --views"):
+        extract(replace(gpu, views=2))
+
+
+def test_device_transform_matches_timm_eval_transform_on_pixels() -> None:
+    from torchvision.io import decode_jpeg
+
+    from vitprobe.gpudecode import DeviceTransform
+    from vitprobe.models import load_backbone
+
+    backbone = load_backbone("timm:test_vit", random_init=True)
+    rng = np.random.default_rng(0)
+    small = rng.integers(0, 256, (12, 9, 3), dtype=np.uint8)
+    image = Image.fromarray(small).resize((90, 130), Image.BILINEAR)
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=95)
+    pixels = decode_jpeg(torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8))  # (3, H, W)
+    ours = DeviceTransform(backbone.data_config(), device=torch.device("cpu"))([pixels])[0]
+    theirs = backbone.transform()(Image.fromarray(pixels.permute(1, 2, 0).numpy()))
+    assert ours.shape == theirs.shape == (3, 160, 160)
+    assert float((ours - theirs).abs().mean()) < 0.02  # antialiased bicubic vs PIL's bicubic, in std units
+
+
+def test_compiled_forward_writes_the_same_tokens(data_spec: str, tmp_path: Path) -> None:
+    """--compile runs the forward pass through torch.compile (the eager backend here: no C++ toolchain
+    needed, the same graph capture) and stores the same tokens."""
+    plain = _config(data_spec, tmp_path / "plain", limit=4)
+    compiled = replace(plain, out=tmp_path / "compiled", compile=True, compile_backend="eager")
+    extract(plain)
+    result = extract(compiled)
+    assert result.first_batch_size == 4 and 0 < result.first_batch_seconds <= result.seconds
+    a, b = open_cache(plain.out), open_cache(compiled.out)
+    assert [s.sha256 for s in a.shards] == [s.sha256 for s in b.shards]
+
+
+def test_the_gpu_benchmark_runs_every_arm_on_the_cpu(tmp_path: Path) -> None:
+    """benchmarks/gpu_extract.py runs unchanged without a GPU: every arm gives a figure, in JSON."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_extract.py"
+    out = tmp_path / "gpu.json"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    args = [sys.executable, str(script), "--quick", "--model", "timm:test_vit", "--workers", "0",
+            "--compile-backend", "eager", "--json", str(out)]
+    result = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert report["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert report["errors"] == {} and report["skipped"] == []
+    arms = {"model", "model+compile", "extract cpu-decode", "extract cpu-decode+compile",
+            "extract gpu-decode", "extract gpu-decode+compile"}
+    assert set(report["arms"]) == arms and all(a["images_per_s"] > 0 for a in report["arms"].values())
+    assert report["arms"]["extract gpu-decode"]["images"] == 16
+    assert "extract gpu-decode / extract cpu-decode" in report["ratios"]
+
+
+def test_a_guarded_loader_raises_a_worker_error_as_itself() -> None:
+    """vitprobe.loaders: a VitprobeError in a DataLoader worker comes back with its class, message and hint
+    (PyTorch would re-raise its class with the worker's whole traceback as the message, and no hint)."""
+    from vitprobe.errors import DatasetError
+    from vitprobe.loaders import guarded_loader, iter_checked
+
+    class Items(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 8
+
+        def __getitem__(self, i: int) -> torch.Tensor:
+            if i == 5:
+                raise DatasetError("cannot read image /data/5.jpg", "replace or remove the corrupt file")
+            return torch.tensor(i)
+
+    batches = []
+    with pytest.raises(DatasetError) as info:
+        for batch in iter_checked(guarded_loader(Items(), batch_size=2, num_workers=2)):
+            batches.append(batch.tolist())
+    assert str(info.value) == "cannot read image /data/5.jpg (replace or remove the corrupt file)"
+    assert batches == [[0, 1], [2, 3]]

@@ -459,7 +459,7 @@ def test_testing_on_the_training_images_is_flagged(tmp_path: Path, command: str)
 def test_ctrl_c_during_probe_says_nothing_was_written(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import vitprobe.probe.train as train_mod
+    import vitprobe.probe.gradient as train_mod
 
     def interrupted(*args: Any, **kwargs: Any) -> None:
         raise KeyboardInterrupt

@@ -332,10 +332,11 @@ def test_load_decision_keeps_caches_on_the_gpu_when_they_fit_and_pins_host_memor
     cfg = small_cfg()
     cuda = torch.device("cuda")
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10**12, 10**12))
-    assert load_decision(cfg, [source], ["cls"], cuda) == (True, cuda, False)
+    assert load_decision(cfg, [source], ["cls"], cuda)[:3] == (True, cuda, False)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10, 10**12))
-    assert load_decision(cfg, [source], ["cls"], cuda) == (True, torch.device("cpu"), True)
-    assert load_decision(small_cfg(load="stream"), [source], ["cls"], cuda) == (
+    in_memory, store, pin, why = load_decision(cfg, [source], ["cls"], cuda)
+    assert (in_memory, store, pin) == (True, torch.device("cpu"), True) and "pinned host memory" in why
+    assert load_decision(small_cfg(load="stream"), [source], ["cls"], cuda)[:3] == (
         False,
         torch.device("cpu"),
         False,

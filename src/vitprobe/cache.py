@@ -6,153 +6,67 @@ A cache is a directory::
     final_norm.safetensors        the backbone's final-norm parameters (absent if it has none)
     shard-00000.safetensors       samples [0, shard_size)
     shard-00001.safetensors       samples [shard_size, 2 * shard_size) ...
+    verified.json                 which shard files were hashed, and the size / mtime / inode they had then
 
 The format is a public contract, described in docs/cache-format.md. Readers (`open_cache`) validate the
-manifest and stream shards memory-mapped; writers (`vitprobe.extract`) use `write_shard`, `write_manifest`
-and `lock_cache` so that a shard exists only when it is complete and a crash never corrupts a cache.
+manifest and stream shards memory-mapped; writers (`vitprobe.extract`) use `write_shard` (vitprobe.shards),
+`write_manifest` and `lock_cache` (vitprobe.lock) so that a shard exists only when it is complete and
+durable, and a crash or a full disk never corrupts a cache.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import socket
+import re
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from vitprobe.errors import CacheError
-from vitprobe.files import atomic_path, read_json, sha256_file
+from vitprobe.files import TEMP_SUFFIX, atomic_path, disk_errors, read_json, sha256_file
+from vitprobe.lock import LOCK_FILE, lock_cache  # noqa: F401 - the cache API: writers take the lock
+from vitprobe.quant import QUANTS, SCALE_SUFFIX
+from vitprobe.quant import dequantise as _dequantise
+from vitprobe.shards import (  # noqa: F401 - the cache API: shard layout and writing live in vitprobe.shards
+    FINAL_NORM_FILE,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    INDEX_DTYPE,
+    RESUME,
+    STORE_DTYPES,
+    TOKEN_MODES,
+    KeySpec,
+    ShardInfo,
+    bytes_per_sample,
+    layout_from_manifest,
+    read_shard_metadata,
+    shard_file,
+    shard_layout,
+    shard_problem,
+    write_final_norm,
+    write_shard,
+)
+from vitprobe.verified import VERIFIED_FILE, HashRecord
 
-FORMAT_NAME = "vitprobe-token-cache"
-FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
-FINAL_NORM_FILE = "final_norm.safetensors"
-LOCK_FILE = "extract.lock"
-TOKEN_MODES = ("all", "cls", "pooled")
-
-# store dtype name -> (torch dtype, safetensors header dtype, bytes per element)
-STORE_DTYPES: dict[str, tuple[torch.dtype, str, int]] = {
-    "fp16": (torch.float16, "F16", 2),
-    "bf16": (torch.bfloat16, "BF16", 2),
-    "fp32": (torch.float32, "F32", 4),
-}
-INDEX_DTYPE = (torch.int64, "I64", 8)
 
 REQUIRED_FIELDS = (
     "format", "format_version", "model", "layers", "grid", "dim", "num_prefix_tokens", "has_cls",
     "num_reg_tokens", "tokens", "store_dtype", "views", "dataset", "num_samples", "shard_size", "shards",
     "final_norm", "complete",
 )
+SHARD_FIELDS = {"file": str, "start": int, "stop": int, "sha256": str}
 
 
-def shard_file(index: int) -> str:
-    """File name of shard `index` inside a cache directory."""
-    return f"shard-{index:05d}.safetensors"
-
-
-@dataclass(frozen=True)
-class ShardInfo:
-    """One complete shard: the file and the half-open range [start, stop) of cache rows it holds."""
-
-    file: str
-    start: int
-    stop: int
-    sha256: str
-
-    @property
-    def num_samples(self) -> int:
-        return self.stop - self.start
-
-
-@dataclass(frozen=True)
-class KeySpec:
-    """A tensor stored in every shard: its shape after the leading sample axis, and its dtype."""
-
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    st_dtype: str  # safetensors header name (F16, BF16, F32, I64)
-    itemsize: int
-
-    @property
-    def bytes_per_sample(self) -> int:
-        n = self.itemsize
-        for s in self.shape:
-            n *= s
-        return n
-
-
-def shard_layout(
-    *,
-    tokens: str,
-    num_layers: int,
-    grid: Sequence[int],
-    dim: int,
-    has_cls: bool,
-    num_reg_tokens: int,
-    store_dtype: str,
-    views: int,
-) -> dict[str, KeySpec]:
-    """The tensors every shard holds, keyed by name, with shapes excluding the sample axis.
-
-    Several layers add a layer axis after the sample axis: `patches` (n, L, P, D) instead of (n, P, D).
-    """
-    if tokens not in TOKEN_MODES:
-        raise CacheError(f"unknown token mode {tokens!r}", f"use one of {', '.join(TOKEN_MODES)}")
-    if store_dtype not in STORE_DTYPES:
-        raise CacheError(f"unknown store dtype {store_dtype!r}", f"use one of {', '.join(STORE_DTYPES)}")
-    dtype, st_dtype, itemsize = STORE_DTYPES[store_dtype]
-    lead = (num_layers,) if num_layers > 1 else ()
-    num_patches = int(grid[0]) * int(grid[1])
-
-    def token_spec(*shape: int) -> KeySpec:
-        return KeySpec(lead + shape, dtype, st_dtype, itemsize)
-
-    layout: dict[str, KeySpec] = {}
-    if tokens == "all":
-        layout["patches"] = token_spec(num_patches, dim)
-        if has_cls:
-            layout["cls"] = token_spec(dim)
-        if num_reg_tokens:
-            layout["reg"] = token_spec(num_reg_tokens, dim)
-    elif tokens == "cls":
-        if not has_cls:
-            raise CacheError(
-                "--tokens cls asks for the [cls] token but this model has none",
-                "use --tokens pooled (mean of patch tokens) or --tokens all",
-            )
-        layout["cls"] = token_spec(dim)
-    else:  # pooled
-        if has_cls:
-            layout["cls"] = token_spec(dim)
-        layout["mean"] = token_spec(dim)
-    index_spec = KeySpec((), *INDEX_DTYPE)
-    layout["labels"] = index_spec
-    layout["indices"] = index_spec
-    if views:
-        layout["views"] = index_spec
-    return layout
-
-
-def layout_from_manifest(manifest: dict[str, Any]) -> dict[str, KeySpec]:
-    """`shard_layout` for the cache a manifest describes."""
-    return shard_layout(
-        tokens=manifest["tokens"], num_layers=len(manifest["layers"]), grid=manifest["grid"],
-        dim=manifest["dim"], has_cls=manifest["has_cls"], num_reg_tokens=manifest["num_reg_tokens"],
-        store_dtype=manifest["store_dtype"], views=manifest["views"],
-    )
-
-
-def bytes_per_sample(layout: dict[str, KeySpec]) -> int:
-    """Stored bytes of one cache row (all keys), excluding file headers."""
-    return sum(spec.bytes_per_sample for spec in layout.values())
+class ManifestUnreadable(CacheError):
+    """manifest.json exists but cannot be parsed (empty after a power loss, truncated, overwritten)."""
 
 
 def _manifest_field(key: str, convert: Callable[[Any], Any], doc: str) -> Any:
@@ -172,6 +86,8 @@ class TokenCache:
         self._shards = [ShardInfo(**s) for s in manifest["shards"]]
         self._layout = layout_from_manifest(manifest)
         self._verified: set[int] = set()  # shards whose sha256 was checked (verify_shard)
+        self._record: HashRecord | None = None  # verified.json, read on first use
+        self._record_lock = threading.Lock()  # a token feed may verify shards from a reader thread
 
     def __repr__(self) -> str:
         state = "complete" if self.complete else f"incomplete, {self.num_written}/{self.num_samples} rows"
@@ -227,34 +143,59 @@ class TokenCache:
 
     @property
     def keys(self) -> list[str]:
-        """Tensor names every shard holds."""
-        return list(self._layout)
+        """Names `read_shard` returns: tokens (dequantised for fp8 / int8 stores) and index columns."""
+        return [k for k in self._layout if not k.endswith(SCALE_SUFFIX)]
 
     @property
     def layout(self) -> dict[str, KeySpec]:
-        """Per-key shape (after the sample axis) and dtype."""
+        """Per stored tensor: shape (after the sample axis) and dtype; quantised stores add `k_scale` keys."""
         return dict(self._layout)
 
-    def verify_shard(self, i: int) -> None:
-        """Re-hash shard `i` once per TokenCache and compare with the manifest (reads every byte of it).
+    @property
+    def quantised(self) -> bool:
+        """Whether tokens are stored as fp8 / int8 codes with per-token scales (`read_shard` dequantises)."""
+        return self.store_dtype in QUANTS
+
+    def verify_shard(self, i: int, *, full: bool = False) -> None:
+        """Check that shard `i` holds the bytes the manifest's sha256 names, hashing each file state once.
+
+        A shard hashed before (by the extraction that wrote it, or by an earlier reader) is recorded in
+        `verified.json` with its size, mtime, ctime and inode; while those are unchanged the file is not read
+        again. Otherwise (or with `full`) every byte is hashed, and a match is recorded for the next reader
+        (when the directory is writable).
 
         Raises:
             CacheError: the shard's bytes changed since it was written (disk corruption, an edit).
         """
-        if i in self._verified:
+        if i in self._verified and not full:
             return
         info = self._shards[i]
-        if sha256_file(self.path / info.file) != info.sha256:
+        file = self.path / info.file
+        with self._record_lock:
+            if self._record is None:
+                self._record = HashRecord.load(self.path)
+            if not full and self._record.matches(file, info.sha256):
+                self._verified.add(i)
+                return
+        if sha256_file(file) != info.sha256:
             raise CacheError(
-                f"shard {self.path / info.file} is corrupt: its sha256 differs from the manifest",
+                f"shard {file} is corrupt: its sha256 differs from the manifest",
                 f"delete that file and re-run the `vitprobe extract` command that wrote {self.path}; it "
                 "rewrites the cache from that shard on",
             )
         self._verified.add(i)
+        with self._record_lock:
+            HashRecord.update(self.path, file, info.sha256)  # merged with what other readers recorded
 
     # --- reading -------------------------------------------------------------------------------------
     def read_shard(
-        self, i: int, keys: Sequence[str] | None = None, rows: slice | None = None
+        self,
+        i: int,
+        keys: Sequence[str] | None = None,
+        rows: slice | None = None,
+        *,
+        dequantise: bool = True,
+        dtype: torch.dtype = torch.float32,
     ) -> dict[str, torch.Tensor]:
         """Tensors of shard `i` (only `keys`, only `rows` of the shard), read from the memory-mapped file.
 
@@ -263,23 +204,37 @@ class TokenCache:
             keys: tensor names to read (default: every key, see `keys`).
             rows: rows of this shard, e.g. slice(0, 128); the shard holds cache rows
                 [shards[i].start, shards[i].stop).
+            dequantise: for fp8 / int8 stores, return tokens as floats (codes * scales, in `dtype`); with
+                False, return the codes as stored plus `k_scale` (fp32) for every token key `k`, for a
+                reader that dequantises on its device (`vitprobe.quant.dequantise`).
+            dtype: dtype of dequantised tokens (fp16, fp32 and bf16 stores are returned as stored).
         """
         if not 0 <= i < len(self._shards):
             raise CacheError(
                 f"shard {i} does not exist in {self.path} ({len(self._shards)} complete shards)",
                 f"use a shard number in [0, {len(self._shards) - 1}]",
             )
-        names = list(self._layout) if keys is None else list(keys)
+        names = self.keys if keys is None else list(keys)
         unknown = [k for k in names if k not in self._layout]
         if unknown:
             raise CacheError(
                 f"{self.path} has no tensor {', '.join(map(repr, unknown))} (tokens={self.tokens})",
-                f"use one of {', '.join(self._layout)}; extract with --tokens all for patch tokens",
+                f"use one of {', '.join(self.keys)}; extract with --tokens all for patch tokens",
             )
         out: dict[str, torch.Tensor] = {}
         with safe_open(self.path / self._shards[i].file, framework="pt", device="cpu") as f:
+
+            def get(key: str) -> torch.Tensor:
+                return f.get_slice(key)[rows] if rows is not None else f.get_tensor(key)
+
             for key in names:
-                out[key] = f.get_slice(key)[rows] if rows is not None else f.get_tensor(key)
+                scale_key = self._layout[key].scale
+                if scale_key is None or key.endswith(SCALE_SUFFIX):
+                    out[key] = get(key)
+                elif dequantise:
+                    out[key] = _dequantise(get(key), get(scale_key), dtype)
+                else:
+                    out[key], out[scale_key] = get(key), get(scale_key)
         return out
 
     def iter_shards(
@@ -354,7 +309,8 @@ def open_cache(
     Args:
         path: the cache directory (`--out` of `vitprobe extract`).
         require_complete: refuse a cache whose extraction has not finished.
-        verify: also re-hash every shard and compare with the manifest's sha256 (reads every byte).
+        verify: also re-hash every shard and compare with the manifest's sha256 (reads every byte, whatever
+            verified.json says).
 
     Raises:
         CacheError: missing, incomplete, corrupt or from another format version.
@@ -403,8 +359,22 @@ def check_manifest(manifest: Any, *, where: Path | str) -> None:
     missing = [k for k in REQUIRED_FIELDS if k not in manifest]
     if missing:
         raise CacheError(f"{where} lacks fields {', '.join(missing)}", "re-extract the cache (--overwrite)")
+    if not isinstance(manifest["shards"], list):
+        raise ManifestUnreadable(
+            f"{where}: `shards` is not a list", "re-run the `vitprobe extract` command that wrote it: it "
+            "rebuilds the manifest from the intact shards",
+        )
     expected_start = 0
-    for s in manifest["shards"]:
+    for n, s in enumerate(manifest["shards"]):
+        bad = [k for k, kind in SHARD_FIELDS.items()
+               if not isinstance(s, dict) or not isinstance(s.get(k), kind)]
+        if bad:
+            raise ManifestUnreadable(
+                f"{where}: shard entry {n} lacks a valid {', '.join(bad)} (each entry is "
+                "{file, start, stop, sha256})",
+                "re-run the `vitprobe extract` command that wrote it: it rebuilds the manifest from the "
+                "shards (or pass --overwrite)",
+            )
         if s["start"] != expected_start or s["stop"] <= s["start"]:
             raise CacheError(
                 f"{where}: shard {s['file']} covers rows [{s['start']}, {s['stop']}) but rows start at "
@@ -425,87 +395,39 @@ def _check_files(cache: TokenCache, *, verify: bool) -> None:
         if problem is not None:
             raise CacheError(problem, "delete that file and re-run `vitprobe extract` to resume")
         if verify:
-            cache.verify_shard(i)
+            cache.verify_shard(i, full=True)  # an explicit verify reads every byte
     norm = cache.manifest["final_norm"]
     if norm.get("file") and not (cache.path / norm["file"]).is_file():
         raise CacheError(f"{cache.path / norm['file']} is missing", "re-extract the cache (--overwrite)")
 
 
-def shard_problem(directory: Path, info: ShardInfo, layout: dict[str, KeySpec]) -> str | None:
-    """Why the file of a recorded shard cannot be used (missing, unreadable header, wrong tensors), or None.
-
-    Reads the safetensors header only; `TokenCache.verify_shard` checks the bytes.
-    """
-    file = Path(directory) / info.file
-    if not file.is_file():
-        return f"shard {file} listed in the manifest is missing"
-    try:
-        with safe_open(file, framework="pt", device="cpu") as f:
-            slices = {key: f.get_slice(key) for key in f.keys()}
-            found = {key: (s.get_shape(), s.get_dtype()) for key, s in slices.items()}
-    except Exception as exc:  # safetensors raises its own error types for corrupt headers
-        return f"cannot read shard {file}: {exc}"
-    expected = {key: ([info.num_samples, *spec.shape], spec.st_dtype) for key, spec in layout.items()}
-    if found != expected:
-        return f"shard {file} does not match the manifest: found {found}, expected {expected}"
-    return None
-
-
-# --- writing (used by vitprobe.extract) ----------------------------------------------------------------
-def write_shard(directory: Path, index: int, start: int, tensors: dict[str, torch.Tensor]) -> ShardInfo:
-    """Write shard `index` (rows [start, start + n)) atomically and return its manifest entry.
-
-    The file appears under its final name only once fully written; the bytes depend only on the tensors
-    and their row range, so a resumed run writes the same file as an uninterrupted one.
-    """
-    n = int(tensors["indices"].shape[0])
-    name = shard_file(index)
-    metadata = _metadata(start=start, stop=start + n)
-    try:
-        with atomic_path(directory / name) as tmp:
-            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-            digest = sha256_file(tmp)
-    except OSError as exc:  # disk full, quota, permissions: the temp file is gone, earlier shards are intact
-        raise CacheError(
-            f"cannot write {directory / name}: {exc}",
-            "free disk space or fix the permissions, then re-run the same command to resume",
-        ) from exc
-    return ShardInfo(file=name, start=start, stop=start + n, sha256=digest)
-
-
-def write_final_norm(directory: Path, norm: torch.nn.Module) -> dict[str, Any]:
-    """Save a final-norm module's parameters (fp32) and return the manifest's `final_norm` entry."""
-    state = {k: v.detach().float().cpu().contiguous() for k, v in norm.state_dict().items()}
-    info: dict[str, Any] = {"file": None, "type": type(norm).__name__, "eps": getattr(norm, "eps", None)}
-    if state:
-        with atomic_path(directory / FINAL_NORM_FILE) as tmp:
-            save_file(state, str(tmp), metadata=_metadata(type=info["type"]))
-            info["file"] = FINAL_NORM_FILE
-    return info
-
-
-def _metadata(**fields: Any) -> dict[str, str]:
-    """safetensors header metadata as ONE key: the library writes several keys in random order, which
-    would make the bytes (and sha256) of identical shards differ between runs."""
-    return {FORMAT_NAME: json.dumps({"format_version": FORMAT_VERSION, **fields}, sort_keys=True)}
-
-
 def write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
-    """Replace manifest.json atomically (readers see the old or the new one, never a mix)."""
+    """Replace manifest.json atomically and durably (readers see the old or the new one, never a mix)."""
     text = json.dumps({**manifest, "updated": utc_now()}, indent=2) + "\n"
-    with atomic_path(Path(directory) / MANIFEST_FILE) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+    path = Path(directory) / MANIFEST_FILE
+    with disk_errors(path, len(text.encode()), error=CacheError, then=RESUME):
+        with atomic_path(path, durable=True) as tmp:
+            tmp.write_text(text, encoding="utf-8")
 
 
 def read_manifest(directory: Path) -> dict[str, Any] | None:
-    """The parsed manifest of `directory`, or None when there is none."""
+    """The parsed manifest of `directory`, or None when there is none.
+
+    Raises:
+        CacheError: it is empty, not JSON, or not a valid manifest (`ManifestUnreadable` when it cannot be
+            parsed at all, which `vitprobe extract` answers by rebuilding it from the shards).
+    """
     path = Path(directory) / MANIFEST_FILE
     if not path.is_file():
         return None
     try:
         manifest = read_json(path)
     except (OSError, ValueError) as exc:
-        raise CacheError(f"cannot read {path}: {exc}", "pass --overwrite to start the cache again") from exc
+        what = "is empty" if path.stat().st_size == 0 else f"is not valid JSON ({exc})"
+        raise ManifestUnreadable(
+            f"{path} {what}", "re-run the `vitprobe extract` command that wrote it: it rebuilds the manifest "
+            "from the intact shards",
+        ) from exc
     check_manifest(manifest, where=path)
     return manifest
 
@@ -519,17 +441,25 @@ def shard_entries(shards: Sequence[ShardInfo]) -> list[dict[str, Any]]:
 
 
 def remove_cache_files(directory: Path) -> None:
-    """Delete a cache's manifest, shards and final norm (for --overwrite); other files are left alone."""
+    """Delete a cache's manifest, shards, final norm and hash record (for --overwrite); other files stay."""
     directory = Path(directory)
     shards = sorted(directory.glob("shard-*.safetensors"))
-    for file in [directory / MANIFEST_FILE, directory / FINAL_NORM_FILE, *shards]:
+    for file in [directory / MANIFEST_FILE, directory / FINAL_NORM_FILE, directory / VERIFIED_FILE, *shards]:
         file.unlink(missing_ok=True)
 
 
+# temp files of atomic_path (`.NAME.XXXXXXXX.tmp`) and of safetensors >= 0.6 (`.tmpXXXXXX`), which earlier
+# vitprobe versions left behind when killed while saving a shard
+_TEMP_NAMES = re.compile(
+    rf"^\.(({re.escape(MANIFEST_FILE)}|{re.escape(FINAL_NORM_FILE)}|{re.escape(VERIFIED_FILE)}|"
+    rf"{re.escape(LOCK_FILE)}|shard-\d+\.safetensors)\..+{re.escape(TEMP_SUFFIX)}|tmp[A-Za-z0-9]{{6}})$"
+)
+
+
 def remove_temp_files(directory: Path) -> list[Path]:
-    """Delete the temp files a killed writer left behind (`.shard-*.tmp`, ...); call with the lock held."""
-    names = (f".{MANIFEST_FILE}.", f".{FINAL_NORM_FILE}.", ".shard-")
-    stale = [f for f in Path(directory).glob(".*.tmp") if f.name.startswith(names)]
+    """Delete the temp files a killed writer left behind (`.shard-*.tmp`, `.tmpXXXXXX`, ...); call with the
+    lock held."""
+    stale = sorted(f for f in Path(directory).glob(".*") if _TEMP_NAMES.match(f.name) and f.is_file())
     for file in stale:
         file.unlink(missing_ok=True)
     return stale
@@ -537,58 +467,3 @@ def remove_temp_files(directory: Path) -> list[Path]:
 
 def utc_now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-
-
-@contextmanager
-def lock_cache(directory: Path) -> Iterator[Path]:
-    """Hold `directory/extract.lock` (created with O_EXCL, holding pid and host) for the block.
-
-    Raises:
-        CacheError: another run holds the lock, or a crashed run left it behind (stale lock).
-    """
-    directory = Path(directory)
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise CacheError(f"cannot create cache directory {directory}: {exc}", "choose another --out") from exc
-    lock = directory / LOCK_FILE
-    info = {"pid": os.getpid(), "host": socket.gethostname(), "started": utc_now()}
-    try:
-        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    except FileExistsError:
-        raise _locked_error(lock) from None
-    except OSError as exc:  # read-only file system, no permission
-        raise CacheError(f"cannot create {lock}: {exc}", "choose a writable --out") from exc
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(info, f)
-    try:
-        yield lock
-    finally:
-        lock.unlink(missing_ok=True)
-
-
-def _locked_error(lock: Path) -> CacheError:
-    try:
-        owner = json.loads(lock.read_text(encoding="utf-8"))
-        pid, host, started = int(owner["pid"]), str(owner["host"]), owner.get("started", "?")
-    except (OSError, ValueError, KeyError, TypeError):
-        return CacheError(f"{lock} exists but is unreadable", f"if no extraction is running, delete {lock}")
-    if host == socket.gethostname() and not _pid_alive(pid):
-        return CacheError(
-            f"stale lock {lock}: pid {pid} on {host} (started {started}) is no longer running",
-            f"delete {lock} and re-run; the extraction resumes from its last complete shard",
-        )
-    return CacheError(
-        f"{lock.parent} is being written by pid {pid} on {host} (started {started})",
-        "wait for that run to finish or use another --out",
-    )
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

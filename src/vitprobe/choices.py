@@ -50,6 +50,9 @@ POOL = Choice(
         "cls+mean": "[cls] and the patch mean, concatenated",
         "abmilp": "attention-based MIL pooling of the patch tokens (Beyond [cls])",
         "attentive": "learnable queries cross-attending to the patch tokens (efficient probing)",
+        "cls-cat": "the [cls] tokens of the last stored blocks, concatenated (DINOv2's n_last_blocks)",
+        "cls-cat+mean": "cls-cat and the last block's patch mean (DINOv2's avgpool)",
+        "fusion": "softmax-weighted sum of the stored blocks' [cls] tokens (MFF)",
     },
 )
 ABMILP_ACT = Choice("--abmilp-act", {"tanh": "tanh (the reference default)", "relu": "ReLU"})
@@ -103,6 +106,17 @@ DATASET_KIND = Choice(
         "cub": "CUB-200-2011 (images.txt, train_test_split.txt, bounding_boxes.txt)",
         "csv": "a CSV of path,label[,x,y,w,h] rows",
         "synthetic": "the generated needles dataset",
+        "flowers102": "Oxford Flowers-102 (jpg/, imagelabels.mat, setid.mat)",
+        "pets": "Oxford-IIIT Pet (images/, annotations/)",
+        "dtd": "Describable Textures (images/, labels/; ?partition=1..10)",
+        "cars": "Stanford Cars (devkit/, cars_train/, cars_test/)",
+        "aircraft": "FGVC-Aircraft 2013b (data/images/, variants)",
+        "food101": "Food-101 (images/, meta/)",
+        "caltech101": "Caltech-101 (101_ObjectCategories/, Annotations/)",
+        "sun397": "SUN397 (class folders, optional Partitions/)",
+        "cifar10": "CIFAR-10 python batches",
+        "cifar100": "CIFAR-100 python files",
+        "stl10": "STL-10 binary files",
     },
 )
 TOKENS = Choice(
@@ -113,7 +127,16 @@ TOKENS = Choice(
         "pooled": "[cls] + the patch mean",
     },
 )
-STORE = Choice("--store", {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"})
+STORE = Choice(
+    "--store",
+    {
+        "fp16": "float16",
+        "bf16": "bfloat16",
+        "fp32": "float32",
+        "fp8": "float8 e4m3 codes, one fp32 scale per token (half of fp16)",
+        "int8": "int8 codes, one fp32 scale per token (half of fp16)",
+    },
+)
 DTYPE = Choice(
     "--dtype",
     {

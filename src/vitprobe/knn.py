@@ -1,13 +1,15 @@
 """Weighted k-NN classification of cached features, as in DINO (Caron et al., 2021, §4.1 / `eval_knn.py`).
 
-Features are L2-normalised; each test sample takes its k most cosine-similar train samples, weights each by
-exp(sim / T), and sums the weights per class; the top-scoring classes are its top-1 / top-5. Test rows are
-processed in batches and the train bank in chunks, so memory stays at batch × chunk similarities.
+Features are read once and L2-normalised on the device; each test sample takes its k most cosine-similar
+train samples (a chunked matmul and top-k, one search for every k), weights each by exp(sim / T), and sums
+the weights per class with a scatter-add; the top-scoring classes, ranked as DINO ranks them, are its top-1
+/ top-5. Test rows go in batches sized so that batch × chunk similarities fit in memory.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -16,9 +18,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from vitprobe.errors import ProbeError
+from vitprobe.errors import CacheError, ProbeError
 
 KNN_POOLS = ("cls", "mean")
+
+
+FEATURE_BATCH_BYTES = 64 << 20  # stored tokens converted at once when reading features (patches: few rows)
+SIMILARITY_BYTES = 256 << 20  # test batch × train chunk similarities at once (CPU; GPUs: 1/8 of free)
 
 
 @dataclass(frozen=True)
@@ -30,7 +36,7 @@ class KnnConfig:
     pool: str = "cls"  # feature per image: the [cls] token or the mean of patch tokens
     layer: int | None = None  # block to use when the cache holds several; None = the deepest stored
     final_norm: bool = False  # apply the backbone's final LayerNorm to tokens first (DINO uses normed [cls])
-    batch_size: int = 256  # test rows per similarity batch
+    batch_size: int = 0  # test rows per similarity batch; 0 = as many as SIMILARITY_BYTES allows
     train_chunk: int = 65536  # train rows per similarity chunk (memory = batch_size × train_chunk floats)
     device: str = "auto"  # auto = CUDA when available
 
@@ -41,6 +47,42 @@ class KnnConfig:
             raise ProbeError(f"--k {self.ks} must be positive integers", "use e.g. --k 10,20,100,200")
         if self.temperature <= 0:
             raise ProbeError(f"--temperature {self.temperature} must be > 0", "use e.g. 0.07")
+        if self.batch_size < 0:
+            raise ProbeError(f"--batch-size {self.batch_size} must be >= 0", "use 0 (sized to memory)")
+
+
+@torch.no_grad()
+def neighbours(
+    train_feats: torch.Tensor,
+    test_feats: torch.Tensor,
+    k: int,
+    *,
+    train_chunk: int = 65536,
+    buffer: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k most similar train rows of each test row: similarities (B, k), sorted high to low, and their
+    train indices (B, k). One matmul and top-k per train chunk; chunks are merged by another top-k.
+
+    `buffer` (at least B × min(N, train_chunk) floats) takes the similarities, so a search over many test
+    batches does not page in fresh memory for each one."""
+    k = min(k, len(train_feats))
+    best_sim, best_idx = None, None
+    for start in range(0, len(train_feats), train_chunk):
+        chunk = train_feats[start : start + train_chunk]
+        out = None if buffer is None else buffer.view(-1)[: len(test_feats) * len(chunk)]
+        if out is None:
+            sims = test_feats @ chunk.T  # (B, n_chunk)
+        else:
+            sims = torch.mm(test_feats, chunk.T, out=out.view(len(test_feats), len(chunk)))
+        sim, idx = sims.topk(min(k, sims.shape[1]), dim=1)  # (B, k')
+        idx += start
+        if best_sim is not None:
+            sim, idx = torch.cat([best_sim, sim], dim=1), torch.cat([best_idx, idx], dim=1)  # (B, 2k)
+            sim, order = sim.topk(min(k, sim.shape[1]), dim=1)  # (B, k)
+            idx = idx.gather(1, order)
+        best_sim, best_idx = sim, idx
+    assert best_sim is not None and best_idx is not None
+    return best_sim, best_idx
 
 
 @torch.no_grad()
@@ -54,7 +96,8 @@ def knn_scores(
     temperature: float,
     train_chunk: int = 65536,
 ) -> dict[int, torch.Tensor]:
-    """Class scores (B, C) of a batch of test features for each k.
+    """Class scores (B, C) of a batch of test features for each k: the summed exp(sim / T) weights of the
+    k nearest train rows per class, all k from one top-max(k) search and one scatter-add vote.
 
     Args:
         train_feats: (N, D) L2-normalised train features.
@@ -65,24 +108,40 @@ def knn_scores(
         temperature: T in exp(sim / T).
         train_chunk: train rows compared at once; the top-k is merged across chunks.
     """
-    k_max = min(max(ks), len(train_feats))
-    best_sim, best_idx = None, None
-    for start in range(0, len(train_feats), train_chunk):
-        sims = test_feats @ train_feats[start : start + train_chunk].T  # (B, n_chunk)
-        sim, idx = sims.topk(min(k_max, sims.shape[1]), dim=1)  # (B, k')
-        idx = idx + start
-        if best_sim is not None:
-            sim, idx = torch.cat([best_sim, sim], dim=1), torch.cat([best_idx, idx], dim=1)  # (B, 2k)
-            sim, order = sim.topk(min(k_max, sim.shape[1]), dim=1)  # (B, k)
-            idx = idx.gather(1, order)
-        best_sim, best_idx = sim, idx
-    weights = (best_sim / temperature).exp()  # (B, k), sorted by similarity
-    votes = F.one_hot(train_labels[best_idx], num_classes).to(weights.dtype)  # (B, k, C)
-    scores = {}
+    return dict(_votes(train_feats, train_labels, test_feats, num_classes, ks, temperature, train_chunk))
+
+
+def _votes(
+    train_feats: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_feats: torch.Tensor,
+    num_classes: int,
+    ks: Sequence[int],
+    temperature: float,
+    train_chunk: int,
+    buffer: torch.Tensor | None = None,
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """(k, scores (B, C)) for each k in `ks`, summing the neighbours' weights in rank order as DINO does."""
+    sims, idx = neighbours(train_feats, test_feats, max(ks), train_chunk=train_chunk, buffer=buffer)
+    weights = sims.div(temperature).exp()  # (B, k), DINO's distances.div_(T).exp_()
+    voters = train_labels[idx]  # (B, k)
+    scores = torch.zeros(len(test_feats), num_classes, dtype=weights.dtype, device=weights.device)
+    done, out = 0, {}
+    for k in sorted({min(k, len(train_feats)) for k in ks}):
+        scores.scatter_add_(1, voters[:, done:k], weights[:, done:k])  # (B, C) += the next ranks' votes
+        done = k
+        out[k] = scores.clone()
     for k in ks:
-        kk = min(k, k_max)
-        scores[k] = (votes[:, :kk] * weights[:, :kk, None]).sum(dim=1)  # (B, C)
-    return scores
+        yield k, out[min(k, len(train_feats))]
+
+
+def batch_rows(num_train: int, train_chunk: int, device: torch.device) -> int:
+    """Test rows per batch so that batch × chunk fp32 similarities fit the similarity budget."""
+    budget = SIMILARITY_BYTES
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = max(budget, free // 8)
+    return max(1, budget // (4 * max(1, min(num_train, train_chunk))))
 
 
 @torch.no_grad()
@@ -95,33 +154,35 @@ def knn_evaluate(
     num_classes: int,
     ks: Sequence[int],
     temperature: float,
-    batch_size: int = 256,
+    batch_size: int = 0,
     train_chunk: int = 65536,
 ) -> dict[int, dict[str, float]]:
-    """Top-1 / top-5 accuracy (in [0, 1]) per k, and `k_used`: k clipped to the train rows (a k beyond
-    them votes with every train sample); features are L2-normalised here."""
+    """Top-1 / top-5 accuracy (in [0, 1]) per k, exactly as DINO's `knn_classifier` counts them, and
+    `k_used`: k clipped to the train rows (a k beyond them votes with every train sample).
+
+    Features are L2-normalised here, once, on their device. Predictions are the classes in the order
+    `torch.sort(scores, descending=True)` gives, as in DINO, so classes with equal scores (those no
+    neighbour voted for) are ranked the same way DINO ranks them; top-5 counts the first min(5, k) of them.
+    """
     device = train_feats.device
     train_feats = F.normalize(train_feats.float(), dim=1)
     train_labels = train_labels.to(device).long()
-    k5 = min(5, num_classes)
+    test_labels = test_labels.to(device).long()
+    batch_size = batch_size or batch_rows(len(train_feats), train_chunk, device)
+    chunk_rows = min(len(train_feats), train_chunk)
+    buffer = torch.empty(min(batch_size, len(test_feats)) * chunk_rows, device=device)  # similarities
     top1 = {k: 0 for k in ks}
     top5 = {k: 0 for k in ks}
     for start in range(0, len(test_feats), batch_size):
         feats = F.normalize(test_feats[start : start + batch_size].to(device).float(), dim=1)  # (B, D)
-        labels = test_labels[start : start + batch_size].to(device).long()
-        scores = knn_scores(
-            train_feats,
-            train_labels,
-            feats,
-            num_classes=num_classes,
-            ks=ks,
-            temperature=temperature,
-            train_chunk=train_chunk,
-        )
-        for k, s in scores.items():
-            pred = s.topk(k5, dim=1).indices  # (B, k5)
-            top1[k] += int((pred[:, 0] == labels).sum())
-            top5[k] += int((pred == labels[:, None]).any(dim=1).sum())
+        labels = test_labels[start : start + batch_size]
+        votes = _votes(train_feats, train_labels, feats, num_classes, ks, temperature, train_chunk, buffer)
+        for k, s in votes:
+            width = min(5, k, num_classes)
+            predictions = s.sort(dim=1, descending=True).indices[:, :width]  # (B, width), DINO's order
+            correct = predictions == labels[:, None]
+            top1[k] += int(correct[:, 0].sum())
+            top5[k] += int(correct.any(dim=1).sum())
     n = max(len(test_feats), 1)
     used = {k: min(k, len(train_feats)) for k in ks}
     return {k: {"top1": top1[k] / n, "top5": top5[k] / n, "k_used": used[k]} for k in ks}
@@ -163,13 +224,34 @@ def cache_features(
         )
     norm = final_norm_state(cache, device) if final_norm else None
     source = CacheSource(cache, layer)
-    split = Split("knn", source, torch.arange(source.num_rows))
-    feats, labels = [], []
-    for batch in iter_batches(split, [key], 4096):
+    rows = Split("knn", source, torch.arange(source.num_rows)).epoch_rows(None)
+    split = Split("knn", source, rows)
+    feats = torch.empty(len(rows), source.dim, device=device)  # (n, D), filled batch by batch
+    done = 0
+    batch_rows_ = max(1, min(4096, FEATURE_BATCH_BYTES // source.row_bytes([key])))
+    for batch in iter_batches(split, [key], batch_rows_):
         tokens: Tokens = to_tokens(batch, device, norm)
-        feats.append(tokens.cls if pool == "cls" else tokens.patch_mean())  # (B, D)
-        labels.append(batch["labels"].long())
-    return torch.cat(feats), torch.cat(labels).to(device)
+        f = tokens.cls if pool == "cls" else tokens.patch_mean()  # (B, D)
+        feats[done : done + len(f)] = f
+        done += len(f)
+    check_finite(feats, rows, source.indices, where=f"cache {cache.path} (block {layer}, --pool {pool})")
+    return feats, source.labels[rows].to(device)
+
+
+def check_finite(feats: torch.Tensor, rows: torch.Tensor, indices: torch.Tensor, *, where: str) -> None:
+    """Refuse features with NaN or Inf, naming the cache rows (and dataset indices) that hold them: one such
+    row would silently take part in every neighbour search."""
+    bad = (~torch.isfinite(feats).all(dim=1)).nonzero().flatten().cpu()
+    if len(bad) == 0:
+        return
+    shown = bad[:10]
+    more = f" and {len(bad) - len(shown)} more" if len(bad) > len(shown) else ""
+    raise CacheError(
+        f"{where}: {len(bad)} of {len(feats)} feature rows are not finite (NaN or Inf): cache rows "
+        f"{rows[shown].tolist()}{more} (dataset indices {indices[rows[shown]].tolist()})",
+        "re-extract those images (an fp16 overflow becomes Inf: try `vitprobe extract --store bf16` or "
+        "fp32), or drop them from the dataset",
+    )
 
 
 def run_knn(
@@ -192,8 +274,10 @@ def run_knn(
     check_pair(train_cache, test_cache, layer)
     device = resolve_device(cfg.device)
     common = {"pool": cfg.pool, "layer": layer, "final_norm": cfg.final_norm, "device": device}
+    start = time.perf_counter()
     train_feats, train_labels = cache_features(train_cache, **common)
     test_feats, test_labels = cache_features(test_cache, **common)
+    read = time.perf_counter() - start
     metrics = knn_evaluate(
         train_feats,
         train_labels,
@@ -222,6 +306,12 @@ def run_knn(
         "config": asdict(cfg),
         "train_cache": {"path": str(train_cache.path), "provenance": train_cache.provenance()},
         "test_cache": {"path": str(test_cache.path), "provenance": test_cache.provenance()},
+        "timing": {
+            "read_seconds": read,
+            "search_seconds": time.perf_counter() - start - read,
+            "device": str(device),
+            "batch_size": cfg.batch_size or batch_rows(len(train_feats), cfg.train_chunk, device),
+        },
         "provenance": provenance(device=device, checkpoint=checkpoint_from_manifest(train_cache.manifest),
                                  dataset=test_cache.manifest["dataset"]),  # fmt: skip
     }

@@ -1,25 +1,30 @@
-"""The token feed: cached tokens as `Tokens` batches, from a cache (shard by shard) or from memory.
+"""The token feed: cached tokens as `Tokens` batches, from a cache (memory-mapped shards) or from memory.
 
-A `TokenSource` is rows of tokens for one block; a `Split` is the rows used for one purpose (train, holdout,
-test); `iter_batches` yields batches of a split, shuffled by a seeded generator. Nothing here trains a head
-or runs a backbone.
+A `TokenSource` is rows of tokens for one block (or several); a `Split` is the rows used for one purpose
+(train, holdout, test); `iter_batches` yields batches of a split, shuffled by a seeded generator, streamed
+window by window (`vitprobe.stream`) or served from memory. Tokens stay in the stored dtype until
+`to_tokens` converts them on the device. Nothing here trains a head or runs a backbone.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+import os
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
-from vitprobe.errors import ProbeError
+from vitprobe.errors import CacheError, ProbeError
 
 if TYPE_CHECKING:
     from vitprobe.cache import TokenCache
+
+WINDOW_BYTES = 32 << 20  # rows read at once by load_whole / pooled_source (and the stream's largest window)
+RESIDENT_BYTES = 256 << 20  # an evaluation split read a second time is kept in memory when this small
 
 
 @dataclass
@@ -93,8 +98,32 @@ def apply_final_norm(tokens: Tokens, weight: torch.Tensor, bias: torch.Tensor, e
 # ------------------------------------------------------------------------------------------ token sources
 
 
+class BlockView:
+    """One block's tensors for some keys, read lazily: `rows(a, b)` gives views of block rows [a, b).
+
+    Args:
+        get: (a, b) -> {key: (b - a, ...) tensor}, views of the block where the storage allows.
+        num_rows: rows in the block.
+        page_in: block-local rows (sorted) -> None; reads them ahead of use (memory maps), or None.
+        read: block-local rows (sorted) -> {key: (m, ...) tensor} read into fresh memory without mapping
+            (for sparse rows), or None where `get` costs nothing (tensors in memory).
+    """
+
+    def __init__(
+        self,
+        get: Callable[[int, int], dict[str, torch.Tensor]],
+        num_rows: int,
+        page_in: Callable[[torch.Tensor], None] | None = None,
+        read: Callable[[torch.Tensor], dict[str, torch.Tensor]] | None = None,
+    ) -> None:
+        self.get, self.num_rows, self.page_in, self.read = get, num_rows, page_in, read
+
+    def rows(self, a: int, b: int) -> dict[str, torch.Tensor]:
+        return self.get(a, b)
+
+
 class TokenSource:
-    """Rows of tokens for one block, grouped in blocks (cache shards) that are read one at a time.
+    """Rows of tokens for one block (or several), grouped in blocks (cache shards) read a window at a time.
 
     Attributes:
         labels: (N,) int64 class of each row, in source order.
@@ -114,15 +143,31 @@ class TokenSource:
     blocks: list[tuple[int, int]]
     keys: frozenset[str]  # token keys present: cls, patches, reg, mean
 
-    def read_block(self, i: int, keys: Sequence[str]) -> dict[str, torch.Tensor]:
-        """Block i's tensors for `keys` (plus "labels"), each (n, ...) with the layer already picked."""
+    def open_block(self, i: int, keys: Sequence[str]) -> BlockView:
+        """Block i's tensors for `keys`, the layer(s) already picked, as a lazy view (nothing read yet).
+        Call `verify_block(i)` before trusting what it reads."""
         raise NotImplementedError
 
+    def verify_block(self, i: int) -> None:
+        """Check block i's bytes against their recorded hash (a no-op where nothing is recorded).
+
+        Raises:
+            CacheError: the block was corrupted since it was written.
+        """
+
+    def read_block(self, i: int, keys: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Block i's tensors for `keys` (plus "labels"), each (n, ...) with the layer already picked."""
+        start, stop = self.blocks[i]
+        self.verify_block(i)
+        out = dict(self.open_block(i, keys).rows(0, stop - start))
+        out["labels"] = self.labels[start:stop].clone()
+        return out
+
     def row_bytes(self, keys: Sequence[str]) -> int:
-        """Bytes one row of `keys` takes in memory."""
-        first = self.read_block(0, keys)
-        n = self.blocks[0][1] - self.blocks[0][0]
-        return sum(t.element_size() * t.numel() for t in first.values()) // max(n, 1)
+        """Bytes one row of `keys` and its label take in memory."""
+        start, stop = self.blocks[0]
+        first = self.open_block(0, keys).rows(0, min(1, stop - start))
+        return 8 + sum(t.element_size() * t[0].numel() for t in first.values() if len(t))
 
 
 class MemorySource(TokenSource):
@@ -154,25 +199,40 @@ class MemorySource(TokenSource):
         size = block_size or self.num_rows
         self.blocks = [(s, min(s + size, self.num_rows)) for s in range(0, self.num_rows, size)]
 
-    def read_block(self, i: int, keys: Sequence[str]) -> dict[str, torch.Tensor]:
+    def open_block(self, i: int, keys: Sequence[str]) -> BlockView:
         start, stop = self.blocks[i]
-        return {k: self.tensors[k][start:stop] for k in (*keys, "labels")}
+        return BlockView(
+            lambda a, b: {k: self.tensors[k][start + a : start + b] for k in keys}, stop - start
+        )
 
 
 class CacheSource(TokenSource):
-    """A token cache (vitprobe.cache) read shard by shard at one layer.
+    """A token cache (vitprobe.cache) read through memory-mapped shards at one block or several.
 
-    With `verify` (the default), each shard's sha256 is checked against the manifest the first time it is
-    read, so a corrupted shard stops the run with a CacheError instead of feeding garbage to the heads; this
-    reads each shard once more in full.
+    `layer` is one block (tensors (n, ...)) or a sequence of blocks (tensors (n, L, ...), in the order
+    given), each one the cache stores. With `verify` (the default), `verify_block(i)` runs
+    `cache.verify_shard(i)`, so a corrupted shard stops the run with a CacheError: readers call it before
+    using a shard, the stream on a background thread while the shard is consumed (vitprobe.stream).
     """
 
-    def __init__(self, cache: TokenCache, layer: int, *, verify: bool = True) -> None:
+    def __init__(self, cache: TokenCache, layer: int | Sequence[int], *, verify: bool = True) -> None:
         self.cache = cache
         self.verify = verify
         self.layer = layer
-        self.layer_pos = list(cache.layers).index(layer)
-        self.multi_layer = len(cache.layers) > 1
+        wanted = [layer] if isinstance(layer, int) else [int(b) for b in layer]
+        stored = list(cache.layers)
+        missing = [b for b in wanted if b not in stored]
+        if missing or not wanted:
+            raise CacheError(
+                f"block(s) {missing or wanted} are not in the cache {cache.path} (it holds blocks {stored})",
+                f"pick blocks among {stored}, or extract them with `vitprobe extract --layers`",
+            )
+        self.layer_pos: int | list[int] = (
+            stored.index(layer) if isinstance(layer, int) else [stored.index(b) for b in wanted]
+        )
+        self._positions = [stored.index(b) for b in wanted]
+        self._stored = len(stored)
+        self.multi_layer = len(stored) > 1
         self.num_rows = cache.num_samples
         self.dim = cache.dim
         self.grid = tuple(cache.grid)
@@ -184,14 +244,66 @@ class CacheSource(TokenSource):
         self.keys = frozenset(cache_token_keys(cache))
         self.views = cache.view_ids().long() if cache.views > 1 else None
 
-    def read_block(self, i: int, keys: Sequence[str]) -> dict[str, torch.Tensor]:
+    def _pick(self, t: torch.Tensor) -> torch.Tensor:
+        """The wanted block(s) of stored rows: (n, ...) for one block, (n, L, ...) for several; a view
+        unless the blocks asked for are irregularly spaced in the cache."""
+        pos = self._positions
+        if not self.multi_layer:
+            return t if isinstance(self.layer, int) else t[:, None]  # (n, ...) -> (n, 1, ...)
+        if isinstance(self.layer, int):
+            return t[:, pos[0]]  # (n, L, ...) -> (n, ...)
+        steps = {b - a for a, b in zip(pos, pos[1:], strict=False)}
+        if len(steps) <= 1 and (not steps or next(iter(steps)) > 0):
+            step = next(iter(steps), 1)
+            return t[:, pos[0] : pos[-1] + 1 : step]  # (n, L', ...)
+        return t[:, pos]  # (n, L', ...), a copy of these rows
+
+    def _part(self, row: int) -> tuple[int, int] | None:
+        """(byte offset, length) of the wanted blocks inside one stored row, when they are contiguous."""
+        if not self.multi_layer:
+            return None
+        pos = self._positions
+        if pos != list(range(pos[0], pos[0] + len(pos))):
+            return None
+        per = row // self._stored
+        return pos[0] * per, len(pos) * per
+
+    def verify_block(self, i: int) -> None:
         if self.verify:
             self.cache.verify_shard(i)
-        out = dict(self.cache.read_shard(i, keys=[*keys, "labels"]))
-        if self.multi_layer:
-            for k in keys:
-                out[k] = out[k][:, self.layer_pos]  # (n, L, ...) -> (n, ...)
-        return out
+
+    def open_block(self, i: int, keys: Sequence[str]) -> BlockView:
+        from vitprobe.mapped import MappedFile
+
+        mapped = MappedFile(self.cache.path / self.cache.shards[i].file)
+        full = {k: mapped.tensor(k) for k in keys}  # views of the file, (n, [L,] ...)
+
+        def get(a: int, b: int) -> dict[str, torch.Tensor]:
+            return {k: self._pick(t[a:b]) for k, t in full.items()}
+
+        def page_in(rows: torch.Tensor) -> None:
+            for k, t in full.items():
+                mapped.page_in(k, rows, self._part(t[0].numel() * t.element_size()))
+
+        def read(rows: torch.Tensor) -> dict[str, torch.Tensor]:
+            out = {}
+            for k, t in full.items():
+                part = self._part(t[0].numel() * t.element_size())
+                raw = mapped.read_rows(k, rows, part).view(t.dtype)  # (m, elements)
+                if part is None:
+                    out[k] = self._pick(raw.view(len(rows), *t.shape[1:]))
+                else:  # the wanted blocks only: (m, L', ...) or (m, ...) for one block
+                    blocks = raw.view(len(rows), len(self._positions), *t.shape[2:])
+                    out[k] = blocks[:, 0] if isinstance(self.layer, int) else blocks
+            return out
+
+        start, stop = self.blocks[i]
+        return BlockView(get, stop - start, page_in, read)
+
+    def row_bytes(self, keys: Sequence[str]) -> int:
+        layout = self.cache.layout
+        share = len(self._positions) / self._stored
+        return 8 + sum(int(layout[k].bytes_per_sample * share) for k in keys)
 
 
 def cache_token_keys(cache: TokenCache) -> set[str]:
@@ -208,12 +320,21 @@ def cache_token_keys(cache: TokenCache) -> set[str]:
 
 @dataclass
 class Split:
-    """The rows of a source used for one purpose (train, holdout, test)."""
+    """The rows of a source used for one purpose (train, holdout, test).
+
+    An evaluation split read a second time (the holdout and test splits, every evaluation epoch) is kept
+    in memory in its stored dtype when it takes at most RESIDENT_BYTES, so later passes read only its rows
+    and never the disk.
+    """
 
     name: str
     source: TokenSource
     rows: torch.Tensor  # (n,) sorted row positions in the source
     memory: dict[str, torch.Tensor] | None = None  # the whole source in memory, when it was loaded
+    passes: dict[tuple[str, ...], int] = field(default_factory=dict, repr=False, compare=False)
+    resident: dict[tuple[str, ...], dict[str, torch.Tensor]] = field(
+        default_factory=dict, repr=False, compare=False
+    )
 
     def epoch_rows(self, epoch: int | None) -> torch.Tensor:
         """Rows seen in a training epoch (one view per image: view epoch mod V) or in evaluation (view 0)."""
@@ -241,64 +362,64 @@ def iter_batches(
     generator: torch.Generator | None = None,
     drop_last: bool = False,
     shuffle_shards: int = 4,
+    buffer_mb: float | None = None,
+    pin: bool | None = None,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Batches of `keys` + "labels" over a split's rows; shuffled when a generator is given.
 
-    In memory: one permutation of all rows. Streaming: shards in shuffled order, `shuffle_shards` at a time
-    in a buffer that is shuffled again, so memory stays at a few shards whatever the cache size. With
-    `drop_last`, a trailing partial batch is dropped (as MAE's loader does) unless it would be the only one.
+    In memory: one permutation of all rows. Streaming (`vitprobe.stream`): windows of shards in shuffled
+    order, at least `shuffle_shards` of them mixed in a buffer of about `buffer_mb` MiB that is shuffled
+    again, so memory stays bounded whatever the shard and cache sizes. With `drop_last`, a trailing partial
+    batch is dropped (as MAE's loader does) unless it would be the only one.
+
+    Streamed token tensors may live in reused buffers (pinned when `pin`; default: when CUDA is
+    available): pass each batch through `to_tokens` before drawing the next one, or copy what you keep.
     """
+    from vitprobe.stream import STREAM_BUFFER_BYTES, memory_batches, stream_batches
+
     rows = split.epoch_rows(epoch)
     if split.memory is not None:
         order = rows[torch.randperm(len(rows), generator=generator)] if generator is not None else rows
         count = num_batches(len(order), batch_size, drop_last)
         store = next(iter(split.memory.values())).device
+        if keys and store.type == "cpu" and split.memory[keys[0]].is_pinned():
+            yield from memory_batches(split.memory, keys, order, batch_size, count)
+            return
         for b in range(count):
             take = order[b * batch_size : (b + 1) * batch_size].to(store)
             yield {k: split.memory[k][take] for k in (*keys, "labels")}
         return
+    stream = {
+        "shuffle_shards": shuffle_shards,
+        "buffer_bytes": int(buffer_mb * 2**20) if buffer_mb else STREAM_BUFFER_BYTES,
+        "pin": torch.cuda.is_available() if pin is None else pin,
+    }
+    if generator is None:
+        resident = _resident(split, tuple(keys), rows, stream)
+        if resident is not None:
+            count = num_batches(len(rows), batch_size, drop_last)
+            for b in range(count):
+                yield {k: v[b * batch_size : (b + 1) * batch_size] for k, v in resident.items()}
+            return
+    yield from stream_batches(
+        split.source, rows, keys, batch_size, generator=generator, drop_last=drop_last, **stream
+    )
 
-    member = torch.zeros(split.source.num_rows, dtype=torch.bool)
-    member[rows] = True
-    blocks = list(range(len(split.source.blocks)))
-    if generator is not None:
-        blocks = [blocks[i] for i in torch.randperm(len(blocks), generator=generator).tolist()]
-    groups = [blocks[g : g + shuffle_shards] for g in range(0, len(blocks), shuffle_shards)]
 
-    def read_group(group: list[int]) -> list[dict[str, torch.Tensor]]:
-        parts = []
-        for i in group:
-            start, stop = split.source.blocks[i]
-            keep = member[start:stop]
-            if keep.any():
-                parts.append({k: v[keep] for k, v in split.source.read_block(i, keys).items()})
-        return parts
+def _resident(
+    split: Split, keys: tuple[str, ...], rows: torch.Tensor, stream: dict[str, Any]
+) -> dict[str, torch.Tensor] | None:
+    """The split's evaluation rows in memory, gathered on its second pass when they fit RESIDENT_BYTES."""
+    from vitprobe.stream import stream_batches
 
-    carry: dict[str, torch.Tensor] | None = None
-    yielded = 0
-    # One reader thread loads the next group of shards while the current one is trained on; the order and
-    # the permutations are drawn here, in the caller's thread, so the batches do not depend on timing.
-    with ThreadPoolExecutor(max_workers=1) as reader:
-        pending = reader.submit(read_group, groups[0]) if groups else None
-        for g in range(len(groups)):
-            parts = pending.result()
-            pending = reader.submit(read_group, groups[g + 1]) if g + 1 < len(groups) else None
-            if carry is not None:
-                parts.insert(0, carry)
-            if not parts:
-                continue
-            buffer = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-            n = len(buffer["labels"])
-            if generator is not None:
-                perm = torch.randperm(n, generator=generator)
-                buffer = {k: v[perm] for k, v in buffer.items()}
-            full = n // batch_size
-            for b in range(full):
-                yield {k: v[b * batch_size : (b + 1) * batch_size] for k, v in buffer.items()}
-                yielded += 1
-            carry = {k: v[full * batch_size :] for k, v in buffer.items()} if n > full * batch_size else None
-    if carry is not None and (not drop_last or yielded == 0):
-        yield carry
+    if keys in split.resident:
+        return split.resident[keys]
+    split.passes[keys] = split.passes.get(keys, 0) + 1
+    if split.passes[keys] < 2 or len(rows) * split.source.row_bytes(keys) > RESIDENT_BYTES:
+        return None
+    batch = next(stream_batches(split.source, rows, keys, max(len(rows), 1), into_memory=True, **stream))
+    split.resident[keys] = dict(batch)
+    return split.resident[keys]
 
 
 def to_tokens(
@@ -308,20 +429,41 @@ def to_tokens(
     *,
     layer: int | None = None,
 ) -> Tokens:
-    """A batch dict as fp32 `Tokens` on `device`, with the final norm applied when asked.
+    """A batch dict as fp32 `Tokens` on `device` (the dtype conversion happens there), with the final norm
+    applied when asked. The tokens own their memory: the feed may reuse the batch's buffers afterwards.
 
     `layer` picks a position on the batch's block axis (batches of several blocks are (B, L, ...)); None
     when the batch holds one block.
     """
+    from vitprobe.stream import on_device, release, reused
+
+    shared = reused(batch)
 
     def part(key: str) -> torch.Tensor | None:
         t = batch.get(key)
-        return t if t is None or layer is None else t[:, layer]
+        if t is None:
+            return None
+        if layer is not None and device.type == "cuda":
+            t = on_device(batch, key, device)  # (B, L, ...) moved once for every block picked
+        t = t if layer is None else t[:, layer]
+        moved = t.to(device=device, dtype=torch.float32, non_blocking=True)
+        return moved.clone() if shared and moved.data_ptr() == t.data_ptr() else moved  # own the memory
 
-    tokens = Tokens(cls=part("cls"), patches=part("patches"), reg=part("reg"), mean=part("mean")).to(device)
+    tokens = Tokens(cls=part("cls"), patches=part("patches"), reg=part("reg"), mean=part("mean"))
+    release(batch, device)
     if norm is not None:
         tokens = apply_final_norm(tokens, norm["weight"], norm["bias"], norm["eps"])
     return tokens
+
+
+def _windows(source: TokenSource, keys: Sequence[str]) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+    """(first row, {key: rows}) for every window of about WINDOW_BYTES of the source, in source order."""
+    step = max(1, WINDOW_BYTES // source.row_bytes(keys))
+    for i, (start, stop) in enumerate(source.blocks):
+        source.verify_block(i)
+        view = source.open_block(i, keys)
+        for a in range(0, stop - start, step):
+            yield start + a, view.rows(a, min(a + step, stop - start))
 
 
 def load_whole(
@@ -332,16 +474,55 @@ def load_whole(
     pin: bool = False,
     dtype: torch.dtype | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Every row of `keys` + labels, concatenated in source order, on `device` (pinned host memory when
-    `pin`, so batches copy to a GPU asynchronously); token tensors converted to `dtype` when given (once,
-    instead of once per batch and epoch)."""
-    parts = [source.read_block(i, keys) for i in range(len(source.blocks))]
-    whole = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-    if dtype is not None:
-        whole = {k: v.to(dtype) if v.is_floating_point() else v for k, v in whole.items()}
-    if pin:
-        return {k: v.pin_memory() for k, v in whole.items()}
-    return {k: v.to(device) for k, v in whole.items()}
+    """Every row of `keys` + labels in source order, on `device` (pinned host memory when `pin`, so
+    batches copy to a GPU asynchronously); token tensors converted to `dtype` when given (once, instead of
+    once per batch and epoch). Each byte is copied once, window by window, into the final tensors."""
+    where = torch.device("cpu") if pin else device
+    out: dict[str, torch.Tensor] = {}
+    for first, part in _windows(source, keys):
+        for k, t in part.items():
+            if k not in out:
+                want = dtype if dtype is not None and t.is_floating_point() else t.dtype
+                shape = (source.num_rows, *t.shape[1:])
+                out[k] = torch.empty(shape, dtype=want, device=where, pin_memory=pin)
+            out[k][first : first + len(t)].copy_(t)
+    labels = source.labels.clone()
+    out["labels"] = labels.pin_memory() if pin else labels.to(device)
+    return out
+
+
+def available_memory() -> int | None:
+    """Bytes of host memory new allocations can take now: Linux MemAvailable, capped by a cgroup limit (a
+    container's); free pages elsewhere; None when unknown."""
+    found: list[int] = []
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            found += [int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")]
+    except (OSError, ValueError):
+        pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = Path("/sys/fs/cgroup/memory.current").read_text().strip()
+        if limit != "max":
+            found.append(int(limit) - int(used))
+    except (OSError, ValueError):
+        pass
+    if not found:
+        try:
+            found.append(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+        except (ValueError, OSError, AttributeError):
+            return None
+    return max(0, min(found))
+
+
+def memory_budget(preload_gb: float) -> tuple[int, str]:
+    """Bytes of tokens `--load auto` loads whole, and the limit in words: `preload_gb`, or half the host
+    memory available now when that is less (the rest of the run and the system need the other half)."""
+    cap = int(preload_gb * 2**30)
+    free = available_memory()
+    if free is None or cap <= free // 2:
+        return cap, f"preload_gb = {preload_gb:g} GiB"
+    return free // 2, f"half the {free / 1e9:.1f} GB of memory available"
 
 
 def final_norm_state(cache: TokenCache, device: torch.device | str = "cpu") -> dict[str, Any]:
@@ -369,17 +550,20 @@ def pooled_source(
     MemorySource on the CPU: pooled read-outs then read 2D numbers per row instead of the patch tokens.
 
     The features are fixed functions of the cached tokens, so computing them once gives the same batches
-    as computing them in every step."""
-    parts: dict[str, list[torch.Tensor]] = {}
-    for i in range(len(source.blocks)):
-        block = source.read_block(i, keys)
-        tokens = to_tokens(block, device, norm)
-        if tokens.cls is not None:
-            parts.setdefault("cls", []).append(tokens.cls.cpu())
+    as computing them in every step. Read window by window, so memory stays at a window of tokens."""
+    tensors: dict[str, torch.Tensor] = {}
+    for first, part in _windows(source, keys):
+        tokens = to_tokens(part, device, norm)
+        pooled = {"cls": tokens.cls}
         if tokens.patches is not None or tokens.mean is not None:
-            parts.setdefault("mean", []).append(tokens.patch_mean().cpu())
-        parts.setdefault("labels", []).append(block["labels"])
-    tensors = {k: torch.cat(v) for k, v in parts.items()}
+            pooled["mean"] = tokens.patch_mean()
+        for k, t in pooled.items():
+            if t is None:
+                continue
+            if k not in tensors:
+                tensors[k] = torch.empty((source.num_rows, t.shape[-1]), dtype=torch.float32)
+            tensors[k][first : first + len(t)].copy_(t)
+    tensors["labels"] = source.labels.clone()
     tensors["indices"] = source.indices
     if source.views is not None:
         tensors["views"] = source.views

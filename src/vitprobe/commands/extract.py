@@ -26,14 +26,20 @@ from vitprobe.commands.options import (
 from vitprobe.errors import VitprobeError
 
 Dtype = str_choices("Dtype", ("auto", "fp32", "bf16", "fp16"))
-Store = str_choices("Store", ("fp16", "bf16", "fp32"))
+Store = str_choices("Store", ("fp16", "bf16", "fp32", "fp8", "int8"))
+Decode = str_choices("Decode", ("cpu", "gpu"))
 Tokens = str_choices("Tokens", ("all", "cls", "pooled"))
 
 
 class Interrupted(VitprobeError):
-    """Ctrl-C (SIGINT) during an extraction; exit code 130 as for any process stopped by SIGINT."""
+    """Ctrl-C (SIGINT) or SIGTERM during an extraction; exit code 130 or 143, as a shell reports a process
+    stopped by those signals."""
 
     exit_code = 130
+
+    def __init__(self, message: str, hint: str | None = None, *, exit_code: int = 130) -> None:
+        super().__init__(message, hint)
+        self.exit_code = exit_code
 
 
 def _progress(out: Path) -> str:
@@ -72,7 +78,9 @@ def extract(
     device: DeviceOpt = "auto",
     dtype: Annotated[Dtype, typer.Option(
         "--dtype", help="Compute dtype; auto = bf16 autocast on CUDA, fp32 on CPU.")] = Dtype.auto,
-    store: Annotated[Store, typer.Option("--store", help="Dtype of the stored tokens.")] = Store.fp16,
+    store: Annotated[Store, typer.Option(
+        "--store", help="Stored tokens: fp16, bf16, fp32; fp8 / int8 = half of fp16, one fp32 scale per "
+        "token (read back as floats).")] = Store.fp16,
     tokens: Annotated[Tokens, typer.Option(
         "--tokens", help="all = [cls] + registers + patches; cls = [cls] only; pooled = [cls] + patch mean.")
     ] = Tokens.all,
@@ -90,6 +98,14 @@ def extract(
     overwrite: Annotated[bool, typer.Option(
         "--overwrite", help="Replace a finished or different cache.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Start even if the disk looks too small.")] = False,
+    decode: Annotated[Decode, typer.Option(
+        "--decode", help="cpu = PIL + timm transform in the workers; gpu = batched JPEG decoding and the "
+        "same resize/crop on the device (close to, not bit-equal with, cpu).")] = Decode.cpu,
+    compile_model: Annotated[bool, typer.Option(
+        "--compile", help="torch.compile the forward pass (pays off on a GPU for long runs).")] = False,
+    break_lock: Annotated[bool, typer.Option(
+        "--break-lock", help="Remove another run's extract.lock even if it may be alive (a dead run's lock "
+        "on this host is taken over without it).")] = False,
     img_size: ImgSizeOpt = None,
     mean: MeanOpt = None,
     std: StdOpt = None,
@@ -100,6 +116,8 @@ def extract(
 
     Tokens are the outputs of the chosen blocks **before** the final norm; the norm's parameters are saved
     too. Works under `torchrun --nproc_per_node N -m vitprobe extract ...` (one cache, split by rank).
+    Ctrl-C, SIGTERM and kills keep every complete shard: re-running the same command resumes, taking over
+    the lock of a run that is gone.
     """
     from rich.console import Console
 
@@ -110,16 +128,20 @@ def extract(
         model=model, data=data, split=split, out=out, checkpoint=checkpoint, random_init=random_init,
         layers=parse_layers(layers), batch_size=batch_size, workers=workers, device=device, dtype=dtype.value,
         store=store.value, tokens=tokens.value, views=views, seed=seed, limit=limit, shard_size=shard_size,
-        resume=resume, overwrite=overwrite, force=force,
-        **data_overrides(img_size, mean, std, crop_pct, interpolation),
+        resume=resume, overwrite=overwrite, force=force, decode=decode.value, compile=compile_model,
+        break_lock=break_lock, **data_overrides(img_size, mean, std, crop_pct, interpolation),
     )
     console = Console(stderr=True, highlight=False)
     try:
         result = run_extract(config, console=console)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        from vitprobe.signals import exit_code, signal_name
+
         raise Interrupted(
-            f"extraction into {out} interrupted ({_progress(out)}); the shards written so far are kept",
+            f"extraction into {out} interrupted ({_progress(out)}) by {signal_name(exc)}; the shards written "
+            "so far are kept and the lock is released",
             "re-run the same command to resume from the last complete shard",
+            exit_code=exit_code(exc),
         ) from None
     if not result.is_main:
         return

@@ -42,7 +42,10 @@ def knn(
     ] = KnnPool.cls,
     layer: LayerOpt = None,
     final_norm: FinalNormOpt = False,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Test rows per batch.")] = 256,
+    batch_size: Annotated[
+        int,
+        typer.Option("--batch-size", min=0, help="Test rows per similarity batch; 0 = sized to memory."),
+    ] = 0,
     device: DeviceOpt = "auto",
     out: Annotated[
         Path | None, typer.Option("--out", "-o", file_okay=False, help="Directory for knn.json.")

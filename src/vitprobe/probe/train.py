@@ -22,7 +22,7 @@ from vitprobe.probe.outcome import ProbeOutcome, ReadoutResult
 from vitprobe.probe.protocols import ProbeConfig, plan_schedule
 from vitprobe.probe.selection import stratified_holdout
 from vitprobe.probe.validate import check_labels, refuse_nonfinite
-from vitprobe.tokens import Split, TokenSource, load_whole, pooled_source
+from vitprobe.tokens import Split, TokenSource, load_whole, memory_budget, pooled_source
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -32,23 +32,29 @@ __all__ = ["ProbeOutcome", "ReadoutResult", "load_decision", "train_probes"]
 
 def load_decision(
     cfg: ProbeConfig, sources: Sequence[TokenSource], keys: Sequence[str], device: torch.device
-) -> tuple[bool, torch.device, bool]:
-    """Whether to load the sources whole, where, and whether to pin host memory (for a CUDA device).
+) -> tuple[bool, torch.device, bool, str]:
+    """Whether to load the sources whole, where, whether to pin host memory (for a CUDA device), and why
+    (recorded as results.json `timing.load`).
 
     Whole on the GPU when the rows fit in half its free memory; otherwise in host memory (pinned when the
-    heads train on CUDA, so batches copy asynchronously); streamed when they exceed `preload_gb` (auto).
+    heads train on CUDA, so batches copy asynchronously); with `auto`, streamed when they exceed
+    `preload_gb` or half the host memory available now.
     """
-    if cfg.load == "stream":
-        return False, torch.device("cpu"), False
+    cpu = torch.device("cpu")
     need = sum(s.row_bytes(keys) * s.num_rows for s in sources)
-    if cfg.load == "auto" and need > cfg.preload_gb * 2**30:
-        return False, torch.device("cpu"), False
+    if cfg.load == "stream":
+        return False, cpu, False, f"stream (--load stream; {need / 1e9:.2f} GB of tokens)"
+    if cfg.load == "auto":
+        budget, why = memory_budget(cfg.preload_gb)
+        if need > budget:
+            return False, cpu, False, f"stream (auto): {need / 1e9:.2f} GB of tokens exceed {why}"
+    chose = "memory (auto)" if cfg.load == "auto" else "memory (--load memory)"
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         if need < free // 2:
-            return True, device, False
-        return True, torch.device("cpu"), True
-    return True, torch.device("cpu"), False
+            return True, device, False, f"{chose} on {device}: {need / 1e9:.2f} GB, {free / 1e9:.1f} GB free"
+        return True, cpu, True, f"{chose}, pinned host memory: {need / 1e9:.2f} GB exceed half the GPU's free"
+    return True, cpu, False, f"{chose}: {need / 1e9:.2f} GB of tokens"
 
 
 def train_probes(
@@ -71,7 +77,7 @@ def train_probes(
     if pooled and cfg.load != "stream":  # [cls] / mean need 2D numbers per row, not the patch tokens
         train_src, test_src = (pooled_source(s, keys, norm, device) for s in (train_src, test_src))
         keys, norm = sorted({"cls", "mean"} & train_src.keys), None
-    in_memory, store, pin = load_decision(cfg, [train_src, test_src], keys, device)
+    in_memory, store, pin, load = load_decision(cfg, [train_src, test_src], keys, device)
     # On the CPU, convert fp16 / bf16 tokens to fp32 once when that still fits, not in every step.
     widen = (
         in_memory
@@ -120,6 +126,7 @@ def train_probes(
     outcome.timing.update(
         {
             "seconds": time.perf_counter() - start,
+            "load": load,
             "in_memory": in_memory,
             "store_device": str(store),
             "pinned": pin,

@@ -242,6 +242,14 @@ class KnnConfigRecord(Model):
 
 
 @model
+class KnnTiming(Model):
+    read_seconds: float  # reading (and pooling) the features of both caches
+    search_seconds: float  # the similarity search and the vote
+    device: str
+    batch_size: int  # test rows per similarity batch actually used
+
+
+@model
 class KnnResults(Versioned):
     """RUN_DIR/knn.json (`vitprobe knn`)."""
 
@@ -261,6 +269,7 @@ class KnnResults(Versioned):
     config: KnnConfigRecord
     train_cache: CacheRef
     test_cache: CacheRef
+    timing: KnnTiming | None = opt()  # absent in knn.json written before the memory-mapped feed
     provenance: Provenance | None = opt()
 
 

@@ -1,0 +1,382 @@
+"""The token stream: a split's rows read window by window, shuffled by index, gathered into reused buffers.
+
+A window is up to WINDOW_BYTES of consecutive split rows inside one block (shard). Each epoch shuffles the
+order of all windows; consecutive windows form a group of about half the buffer, whose rows are permuted
+(by index: nothing is copied to shuffle) and gathered straight from the memory-mapped shards into reused
+batch buffers, one copy per byte. A reader thread opens and pages in the next group (and verifies its
+shards) while the current one is consumed, so reading overlaps compute and memory stays at about the
+buffer plus a few batches, whatever the shard or cache size. Every permutation is drawn in the caller's
+thread from its generator, so the batches depend on the seed and epoch only, never on timing.
+
+Shards are verified (`TokenSource.verify_block`: sha256 the first time) on background threads while they
+are consumed; the stream waits for every verification before its last batch, so a corrupt shard stops the
+pass with a CacheError before any result is computed from it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from vitprobe.tokens import WINDOW_BYTES
+
+if TYPE_CHECKING:
+    from vitprobe.tokens import TokenSource
+
+STREAM_BUFFER_BYTES = 512 << 20  # default feed memory: the group being consumed plus the one read ahead
+RING = 3  # batch buffers kept for reuse (CUDA copies from one while the next two are filled)
+VERIFIERS = max(1, min(4, (os.cpu_count() or 2) - 1))  # shards hashed at once (hashlib frees the GIL)
+
+
+class Batch(dict):
+    """A streamed batch (keys -> tensors) whose token tensors live in a reused buffer, `slot`."""
+
+    slot: _Slot | None = None
+    moved: dict[tuple[str, str], torch.Tensor] | None = None  # whole (B, L, ...) tensors copied to a GPU
+
+
+def on_device(batch: dict[str, torch.Tensor], key: str, device: torch.device) -> torch.Tensor:
+    """`batch[key]` on `device` in its stored dtype, copied once per batch (several blocks are then picked
+    on the device instead of each one copied from a strided host view)."""
+    t = batch[key]
+    if not isinstance(batch, Batch) or t.device == device:
+        return t
+    if batch.moved is None:
+        batch.moved = {}
+    if (key, str(device)) not in batch.moved:
+        batch.moved[(key, str(device))] = t.to(device, non_blocking=True)
+    return batch.moved[(key, str(device))]
+
+
+def reused(batch: dict[str, torch.Tensor]) -> bool:
+    """Whether the batch's token tensors live in a buffer the feed reuses (copy them to keep them)."""
+    return isinstance(batch, Batch) and batch.slot is not None
+
+
+def release(batch: dict[str, torch.Tensor], device: torch.device) -> None:
+    """Give a batch's buffer back to the feed once its tensors were copied out (on `device`'s stream)."""
+    if isinstance(batch, Batch) and batch.slot is not None:
+        batch.slot.release(device)
+
+
+class _Slot:
+    """One batch buffer per key; back in its ring's free list once released."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], free: deque[_Slot]) -> None:
+        self.tensors, self.free, self.event, self.available = tensors, free, None, False
+
+    def release(self, device: torch.device) -> None:
+        if device.type == "cuda":  # the copy out of this pinned buffer may still run: wait for it on reuse
+            self.event = torch.cuda.Event()
+            self.event.record(torch.cuda.current_stream(device))
+        if not self.available:
+            self.available = True
+            self.free.append(self)
+
+    def claim(self) -> dict[str, torch.Tensor]:
+        if self.event is not None:
+            self.event.synchronize()
+            self.event = None
+        self.available = False
+        return self.tensors
+
+
+class _Ring:
+    """Batch buffers shaped like `like` (pinned when `pin`), reused once `to_tokens` released them; a batch
+    that is never released keeps its buffer, and the ring makes a new one."""
+
+    def __init__(self, like: dict[str, torch.Tensor], batch_size: int, pin: bool) -> None:
+        self.specs = {k: (tuple(v.shape[1:]), v.dtype) for k, v in like.items()}
+        self.batch_size, self.pin = batch_size, pin
+        self.free: deque[_Slot] = deque()
+        self.made = 0
+
+    def take(self, n: int) -> tuple[dict[str, torch.Tensor], _Slot]:
+        spare = 2 if self.pin else 1  # on CUDA, keep one buffer in flight while another is filled
+        if len(self.free) >= spare or (self.free and self.made >= RING):
+            slot = self.free.popleft()
+        else:
+            tensors = {
+                k: torch.empty((self.batch_size, *shape), dtype=dtype, pin_memory=self.pin)
+                for k, (shape, dtype) in self.specs.items()
+            }
+            slot = _Slot(tensors, self.free)
+            self.made += 1
+        return {k: v[:n] for k, v in slot.claim().items()}, slot
+
+
+@dataclass
+class Window:
+    """Split rows inside one block: block-local rows `local` (sorted), all within [start, stop)."""
+
+    block: int
+    start: int
+    stop: int
+    local: torch.Tensor  # (m,) block-local row numbers
+    rows: torch.Tensor  # (m,) source row numbers
+
+
+@dataclass
+class Piece:
+    """An opened window: its tensors (views of rows [start, stop)), the rows wanted in it, their labels."""
+
+    tensors: dict[str, torch.Tensor]
+    local: torch.Tensor  # (m,) positions in `tensors`
+    rows: torch.Tensor  # (m,) source row numbers
+
+    def subset(self, sel: torch.Tensor) -> Piece:
+        return Piece(self.tensors, self.local[sel], self.rows[sel])
+
+
+def memory_batches(
+    memory: dict[str, torch.Tensor],
+    keys: Sequence[str],
+    order: torch.Tensor,
+    batch_size: int,
+    count: int,
+    *,
+    pin: bool = True,
+) -> Iterator[Batch]:
+    """Batches of rows `order` of tensors in pinned host memory, gathered into pinned reused buffers so each
+    copies to the GPU asynchronously (an index into pinned memory would give pageable memory)."""
+    ring = _Ring({k: memory[k] for k in keys}, batch_size, pin=pin)
+    for b in range(count):
+        take = order[b * batch_size : (b + 1) * batch_size]
+        out, slot = ring.take(len(take))
+        with _one_thread():
+            for k in keys:
+                gather(memory[k], take, out[k])
+        batch = Batch(out)
+        batch.slot = slot
+        batch["labels"] = memory["labels"][take]
+        yield batch
+
+
+def plan_windows(source: TokenSource, rows: torch.Tensor, per_window: int) -> list[Window]:
+    """The split's rows (sorted) cut into windows of at most `per_window` rows, none across blocks."""
+    out = []
+    bounds = torch.tensor([b for block in source.blocks for b in block], dtype=rows.dtype)
+    cuts = torch.searchsorted(rows, bounds).view(-1, 2).tolist()  # (blocks, 2) positions in `rows`
+    for i, ((start, _), (lo, hi)) in enumerate(zip(source.blocks, cuts, strict=True)):
+        for a in range(lo, hi, per_window):
+            local = rows[a : min(a + per_window, hi)] - start
+            out.append(Window(i, int(local[0]), int(local[-1]) + 1, local, local + start))
+    return out
+
+
+def plan_groups(windows: Sequence[Window], row_bytes: int, group_bytes: int) -> list[list[Window]]:
+    """Consecutive windows gathered into groups of about `group_bytes` of wanted rows."""
+    groups: list[list[Window]] = []
+    size = group_bytes + 1
+    for w in windows:
+        if size >= group_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(w)
+        size += len(w.local) * row_bytes
+    return groups
+
+
+def open_group(source: TokenSource, keys: Sequence[str], group: Sequence[Window]) -> list[Piece]:
+    """Map a group's windows and page their wanted rows in, or read the rows of sparse windows (fewer
+    than half the rows they span) into memory (run on the reader thread)."""
+    views = {}
+    pieces = []
+    for w in group:
+        if w.block not in views:
+            views[w.block] = source.open_block(w.block, keys)
+        view = views[w.block]
+        if view.read is not None and 2 * len(w.local) < w.stop - w.start:
+            pieces.append(Piece(view.read(w.local), torch.arange(len(w.local)), w.rows))
+            continue
+        if view.page_in is not None:
+            view.page_in(w.local)
+        pieces.append(Piece(view.rows(w.start, w.stop), w.local - w.start, w.rows))
+    return pieces
+
+
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """Rows of `t` as (n, X) of the widest integer type their bytes allow (a view), for fast row copies;
+    `t` itself when its rows are not contiguous."""
+    try:
+        flat = t.view(len(t), -1).view(torch.uint8)  # (n, bytes)
+    except RuntimeError:
+        return t
+    for dtype in (torch.int64, torch.int32, torch.int16):
+        try:
+            return flat.view(dtype)
+        except RuntimeError:
+            continue
+    return flat
+
+
+def gather(src: torch.Tensor, index: torch.Tensor, out: torch.Tensor) -> None:
+    """out[j] = src[index[j]] for every j: one copy of each row, straight from `src` (a mapped file)."""
+    wide_src = _wide(src)
+    if wide_src is src:
+        torch.index_select(src, 0, index, out=out)
+        return
+    torch.index_select(wide_src, 0, index, out=out.view(len(out), -1).view(torch.uint8).view(wide_src.dtype))
+
+
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """Row copies on one thread: a copy is memory-bound, one core reaches memory speed, and a parallel copy
+    waits for its slowest thread (on a busy machine, for a thread that is not running)."""
+    threads = torch.get_num_threads()
+    if threads > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if threads > 1:
+            torch.set_num_threads(threads)
+
+
+def _assemble(
+    pool: Sequence[Piece],
+    offsets: torch.Tensor,
+    take: torch.Tensor,
+    keys: Sequence[str],
+    labels: torch.Tensor,
+    sink: _Ring | None,
+    views: bool,
+) -> Batch:
+    """The batch of pool positions `take`, grouped by piece; zero-copy views when it is one row run."""
+    with _one_thread():
+        piece = torch.searchsorted(offsets, take, right=True) - 1  # (B,) which piece each row is in
+        order = torch.argsort(piece, stable=True)
+        take, piece = take[order], piece[order]
+        counts = torch.bincount(piece, minlength=len(pool)).tolist()
+        used = [j for j, c in enumerate(counts) if c]
+        if views and len(used) == 1:
+            p = pool[used[0]]
+            sel = take - offsets[used[0]]
+            first = int(p.local[sel[0]])
+            if torch.equal(p.local[sel], torch.arange(first, first + len(sel))):
+                batch = Batch({k: p.tensors[k][first : first + len(sel)] for k in keys})
+                batch["labels"] = labels[p.rows[sel]]
+                return batch
+        if sink is None:  # the whole split into fresh memory (a resident copy)
+            like = pool[used[0]].tensors
+            out = {k: torch.empty((len(take), *like[k].shape[1:]), dtype=like[k].dtype) for k in keys}
+            slot = None
+        else:
+            out, slot = sink.take(len(take))
+        pos = 0
+        rows = []
+        for j in used:
+            c = counts[j]
+            sel = take[pos : pos + c] - offsets[j]
+            p = pool[j]
+            local = p.local[sel]
+            for k in keys:
+                gather(p.tensors[k], local, out[k][pos : pos + c])
+            rows.append(p.rows[sel])
+            pos += c
+        batch = Batch(out)
+        batch.slot = slot
+        batch["labels"] = labels[torch.cat(rows)]
+    return batch
+
+
+def _leftover(pool: Sequence[Piece], offsets: torch.Tensor, rest: torch.Tensor) -> list[Piece]:
+    """The rows at pool positions `rest` (fewer than a batch), copied out of their windows so that the
+    carry into the next group keeps no mapping of this one alive (memory stays at two groups)."""
+    if len(rest) == 0:
+        return []
+    with _one_thread():
+        piece = torch.searchsorted(offsets, rest, right=True) - 1
+        order = torch.argsort(piece, stable=True)
+        rest, piece = rest[order], piece[order]
+        parts = [pool[j].subset(rest[piece == j] - offsets[j]) for j in torch.unique(piece).tolist()]
+        like = parts[0].tensors
+        out = {k: torch.empty((len(rest), *v.shape[1:]), dtype=v.dtype) for k, v in like.items()}
+        pos = 0
+        for p in parts:
+            for k, v in p.tensors.items():
+                gather(v, p.local, out[k][pos : pos + len(p.local)])
+            pos += len(p.local)
+        rows = torch.cat([p.rows for p in parts])
+    return [Piece(out, torch.arange(len(rows)), rows)]
+
+
+def stream_batches(
+    source: TokenSource,
+    rows: torch.Tensor,
+    keys: Sequence[str],
+    batch_size: int,
+    *,
+    generator: torch.Generator | None = None,
+    drop_last: bool = False,
+    shuffle_shards: int = 4,
+    buffer_bytes: int = STREAM_BUFFER_BYTES,
+    pin: bool = False,
+    into_memory: bool = False,
+) -> Iterator[Batch]:
+    """Batches of `keys` + "labels" over `rows` (sorted source rows), streamed from `source`.
+
+    Args:
+        generator: shuffles window order and rows within each group; None reads in source order.
+        drop_last: drop a trailing partial batch unless it is the only one.
+        shuffle_shards: at least this many windows are mixed in a group (windows shrink to fit).
+        buffer_bytes: about the memory the stream holds: the group consumed and the group read ahead.
+        pin: batch buffers in pinned memory (for asynchronous copies to a GPU).
+        into_memory: every batch in fresh memory instead of reused buffers (used for resident copies).
+    """
+    keys = list(keys)
+    if len(rows) == 0:
+        return
+    row_bytes = max(1, source.row_bytes(keys))
+    group_bytes = max(buffer_bytes // 2, batch_size * row_bytes)
+    per_window = max(1, min(WINDOW_BYTES, group_bytes // max(shuffle_shards, 1)) // row_bytes)
+    windows = plan_windows(source, rows, per_window)
+    if generator is not None:
+        windows = [windows[i] for i in torch.randperm(len(windows), generator=generator).tolist()]
+    groups = plan_groups(windows, row_bytes, group_bytes)
+    blocks = list(dict.fromkeys(w.block for w in windows))  # in the order the pass first reads them
+    labels = source.labels
+    views = generator is None and not pin and not into_memory  # in order: batches can be file views
+    sink: _Ring | None = None
+    carry: list[Piece] = []
+    yielded = 0
+    reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vitprobe-reader")
+    verifier = ThreadPoolExecutor(max_workers=VERIFIERS, thread_name_prefix="vitprobe-verify")
+    try:
+        checks = [verifier.submit(source.verify_block, i) for i in blocks]
+        pending: Future[list[Piece]] = reader.submit(open_group, source, keys, groups[0])
+        for g in range(len(groups)):
+            for check in checks if g == len(groups) - 1 else [c for c in checks if c.done()]:
+                check.result()  # a corrupt shard's CacheError; before the last group, wait for all
+            pieces = pending.result()
+            if g + 1 < len(groups):
+                pending = reader.submit(open_group, source, keys, groups[g + 1])
+            pool = carry + pieces
+            sizes = torch.tensor([0] + [len(p.local) for p in pool])
+            offsets = sizes.cumsum(0)  # (P + 1,) first pool position of each piece
+            n = int(offsets[-1])
+            order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+            if sink is None and not into_memory:
+                sink = _Ring({k: pool[0].tensors[k] for k in keys}, batch_size, pin)
+            full = n // batch_size
+            for b in range(full):
+                take = order[b * batch_size : (b + 1) * batch_size]
+                yield _assemble(pool, offsets, take, keys, labels, sink, views)
+                yielded += 1
+            carry = _leftover(pool, offsets, order[full * batch_size :])
+            pool = pieces = []  # this group's maps go now, before the next one is read ahead
+    finally:  # also when the caller stops early: no shard is hashed for a pass that ended
+        reader.shutdown(wait=True, cancel_futures=True)
+        verifier.shutdown(wait=True, cancel_futures=True)
+    if carry and (not drop_last or yielded == 0):
+        sizes = torch.tensor([0] + [len(p.local) for p in carry])
+        offsets = sizes.cumsum(0)
+        take = torch.arange(int(offsets[-1]))
+        yield _assemble(carry, offsets, take, keys, labels, sink, views)
