@@ -442,6 +442,7 @@ def knn_accuracy(
     pool: str = "cls",
     device: str = "auto",
     out: str | Path | None = None,
+    overwrite: bool = False,
 ) -> KnnScores:
     """DINO's weighted k-NN (cosine similarity, exp(sim / T) votes) of test tokens against train tokens.
 
@@ -452,6 +453,7 @@ def knn_accuracy(
         pool: the feature per image: cls, or mean (of the patch tokens).
         device: where the similarities are computed.
         out: for caches, the folder knn.json goes to (None: not written).
+        overwrite: replace an earlier knn.json in `out` (refused otherwise).
     """
     from vitprobe.knn import KnnConfig, clipped_k_warnings, knn_evaluate, run_knn
     from vitprobe.tokens import MemorySource
@@ -460,7 +462,7 @@ def knn_accuracy(
     if not (isinstance(train, MemorySource) or isinstance(test, MemorySource)):
         from vitprobe import results as R
 
-        written = R.KnnResults.from_dict(run_knn(_path(train), _path(test), cfg, out))
+        written = R.KnnResults.from_dict(run_knn(_path(train), _path(test), cfg, out, overwrite=overwrite))
         entries = {int(k): e for k, e in written.knn.items()}
         return KnnScores(
             {k: e.top1 for k, e in entries.items()},

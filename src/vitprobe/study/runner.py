@@ -255,7 +255,7 @@ def _run_step(step: Step, study: Study, backbones: Backbones, console: Any) -> s
     elif kind == "knn":
         from vitprobe.knn import run_knn
 
-        run_knn(step.inputs["train"], step.inputs["test"], cfg, step.output.parent)
+        run_knn(step.inputs["train"], step.inputs["test"], cfg, step.output.parent, overwrite=True)
     elif kind == "attention":
         from vitprobe.analysis.attention import run_attention
 
