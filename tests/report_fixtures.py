@@ -8,11 +8,14 @@ directory with everything vitprobe writes: results.json + heads/, knn.json, atte
 frequency.json, localization.json (of [cls] attention and the AbMILP head's maps), the study's report,
 and predictions.json + maps of one head. The first
 `vitprobe run` is SIGKILLed once the first probe step is done; the second finishes the study. No result
-dict is written by hand: when a writer changes, these fixtures change with it.
+dict is written by hand: when a writer changes, these fixtures change with it. The one exception is the
+per-layer sweep (`make_sweep_run`), whose writer (`probe --layer all`) is not there yet: it is built from
+a real one-block results.json to the layout issue 13 specifies, and checked by the results model.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -22,9 +25,11 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 CHECKPOINTS = {"ckpt-a": 0, "ckpt-b": 1}  # run name -> seed of the weights saved as its checkpoint
 MODEL = "timm:test_vit"
+BLOCKS = (1, 3, 5)  # the blocks of the hand-built per-layer sweep (test_vit has blocks 0..5)
 KILL_AFTER = "probe:ckpt-a:needles"  # the first run is killed once this step is done
 STUDY = """\
 title = "test_vit: two checkpoints"
@@ -189,3 +194,45 @@ def every_file(runs: RealRuns) -> list[Path]:
     files += [run / "predict" / "predictions.json", *sorted((run / "heads").glob("*.json"))]
     files += [cache / "manifest.json" for cache in runs.caches[name].values()]
     return [*files, runs.out / "study.json"]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# A per-layer sweep (issue 13), until `vitprobe probe --layer all` writes one
+
+
+def sweep_results(one_block: dict[str, Any], blocks: tuple[int, ...] = BLOCKS) -> dict[str, Any]:
+    """results.json of a per-layer sweep as issue 13 specifies it, built from a real one-block results.json
+    (each block's read-outs copy the real ones with their top-1 shifted by depth) plus a multi-block
+    cls-cat read-out: `layers`, `layer` null, `{pool}@{block}` names with `layer`, `per_layer`."""
+    d = copy.deepcopy(one_block)
+    readouts: dict[str, Any] = {}
+    per_layer: dict[str, Any] = {}
+    for pool, r in one_block["readouts"].items():
+        top1s = []
+        for i, block in enumerate(blocks):
+            entry = copy.deepcopy(r)
+            entry["top1"] = round(min(1.0, r["top1"] * (0.5 + 0.5 * (i + 1) / len(blocks))), 6)
+            entry["layer"] = block
+            entry["head"] = f"heads/{pool}@{block}.safetensors"
+            readouts[f"{pool}@{block}"] = entry
+            top1s.append(entry["top1"])
+        per_layer[pool] = {"layers": list(blocks), "top1": top1s}
+    multi = copy.deepcopy(one_block["readouts"]["cls"])
+    multi.update(layer=None, head="heads/cls-cat.safetensors", top1=0.5)
+    readouts["cls-cat"] = multi
+    d.update(layer=None, layers=list(blocks), readouts=readouts, per_layer=per_layer)
+    d["health"] = {"ok": False, "flagged": [n for n, r in readouts.items() if r["verdict"] != "ok"]}
+    return d
+
+
+def make_sweep_run(real: RealRuns, name: str, dst: Path) -> Path:
+    """A run directory holding a sweep's results.json and the run's real attention and frequency files."""
+    from vitprobe import results as R
+
+    src = real.runs[name]
+    dst.mkdir(parents=True)
+    one_block = json.loads((src / "results.json").read_text())
+    (dst / "results.json").write_text(json.dumps(R.validate("probe", sweep_results(one_block)), indent=2))
+    for file in ("attention.json", "frequency.json"):
+        shutil.copy(src / file, dst / file)
+    return dst

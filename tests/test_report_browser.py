@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from report_fixtures import RealRuns, session_runs
+from report_fixtures import RealRuns, make_sweep_run, session_runs
 
 CHROMIUM = next(
     (p for p in (shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome")) if p), None
@@ -94,3 +94,24 @@ def test_study_report_names_both_runs_in_every_table_and_legend(real: RealRuns, 
     cross = [c for c in seen["captions"] if "ckpt-a" in c and "ckpt-b" in c]
     assert len(cross) >= 3  # attention per block, frequency per layer, spectra: one figure each, both runs
     assert seen["width"] <= 1300  # nothing overflows the page sideways
+
+
+def test_a_sweep_report_names_both_runs_in_its_depth_table_and_figure(real: RealRuns, tmp_path: Path) -> None:
+    from vitprobe.report import ReportConfig, write_report
+
+    runs = tuple(str(make_sweep_run(real, name, tmp_path / "runs" / name)) for name in ("ckpt-a", "ckpt-b"))
+    page = tmp_path / "sweep.html"
+    text = write_report(ReportConfig(runs=runs, out=str(page))).text
+    page.write_text(text.replace("</body>", PROBE + "</body>"), encoding="utf-8")
+    seen = _render_in_chromium(page, tmp_path)
+    assert seen["loaded"] == seen["images"] >= 4
+    depth = next(t for t in seen["tables"] if t["id"] == "depth")
+    assert depth["size"][1] > 0 and {row[0] for row in depth["rows"]} == {"ckpt-a", "ckpt-b"}
+    for table in seen["tables"]:
+        assert "ckpt-a" in table["text"] and "ckpt-b" in table["text"], table["id"]
+    assert "Accuracy vs depth: ckpt-a, ckpt-b" in seen["captions"]
+    import base64
+
+    (data,) = re.findall(r'<img src="data:image/svg\+xml;base64,([^"]+)" alt="Accuracy vs depth', text)
+    svg = base64.b64decode(data).decode()  # the figure's own legend names both runs (SVG text)
+    assert "ckpt-a" in svg and "ckpt-b" in svg and "block (0-based)" in svg

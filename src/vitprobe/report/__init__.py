@@ -17,12 +17,13 @@ from pathlib import Path
 from vitprobe.choices import PIVOT, REPORT_FORMAT
 from vitprobe.files import atomic_write
 from vitprobe.report.collect import ReportError, collect_report
-from vitprobe.report.document import RANDOM_INIT_WARNING, build_document
+from vitprobe.report.document import RANDOM_INIT_WARNING
 from vitprobe.report.figures import Figure, make_figures
 from vitprobe.report.model import REPORT_FORMAT as REPORT_FILE_FORMAT
 from vitprobe.report.model import REPORT_VERSION, Report
 from vitprobe.report.pivot import pivot, to_csv, to_latex
 from vitprobe.report.render import render_html, render_markdown
+from vitprobe.report.sections import build_document
 
 FORMATS = REPORT_FORMAT.names
 

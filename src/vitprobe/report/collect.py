@@ -18,18 +18,23 @@ from vitprobe.errors import VitprobeError
 from vitprobe.report import stats
 from vitprobe.report.model import (
     Curves,
-    Finding,
-    LearningCurve,
     MapScore,
     Report,
     RunProvenance,
     RunSummary,
-    Score,
     Spectrum,
     WhyRow,
 )
+from vitprobe.report.provenance import consistency_notes, provenance
+from vitprobe.report.scores import (
+    depth_curves,
+    knn_scores,
+    learning_curves,
+    probe_scores,
+    weakest_classes,
+    with_deltas,
+)
 
-WEAKEST_CLASSES = 5  # per read-out
 ATTENTION_STATS = ("cls_self", "cls_entropy", "patch_entropy", "attention_distance")
 FREQUENCY_STATS = ("high_freq_energy_ratio", "headline")
 REDRAWN_FIGURES = ("attention_curves", "frequency_spectrum", "frequency_headline")  # drawn by the report
@@ -180,16 +185,13 @@ def summarise(run: Run, label: str, dataset: str | None) -> RunSummary:
     prov = provenance(run)
     num_classes = run.probe.num_classes if run.probe else None
     trivial_top5 = num_classes is not None and num_classes <= 5
-    scores = probe_scores(run.probe, trivial_top5) + knn_scores(run.knn, trivial_top5)
-    cls = next((s for s in scores if s.readout == "cls"), None)
-    if cls is not None:
-        scores = [_with_delta(s, cls) for s in scores]
-    notes = list(run.notes) + _file_notes(run) + _consistency_notes(run)
+    scores = with_deltas(probe_scores(run.probe, trivial_top5) + knn_scores(run.knn, trivial_top5))
+    notes = list(run.notes) + _file_notes(run) + consistency_notes(run)
     if trivial_top5:
         notes.append(f"top-5 not shown: with {num_classes} classes (5 or fewer) top-5 is always 100 %")
     figures, missing = _figure_files(run)
     notes += missing
-    return RunSummary(
+    summary = RunSummary(
         label=label,
         group=label,
         dataset=dataset or _dataset_label(prov),
@@ -197,8 +199,9 @@ def summarise(run: Run, label: str, dataset: str | None) -> RunSummary:
         files=[R.KINDS[k].FILE or k for k in run.files],
         provenance=prov,
         scores=scores,
-        learning_curves=learning_curves(run.probe),
-        weakest_classes=weakest_classes(run.probe),
+        depth=depth_curves(run.probe, scores),
+        learning_curves=[],
+        weakest_classes={},
         attention=attention_curves(run.attention),
         frequency=frequency_curves(run.frequency),
         spectrum=spectrum(run.frequency),
@@ -207,112 +210,21 @@ def summarise(run: Run, label: str, dataset: str | None) -> RunSummary:
             for name, m in (run.localization.maps.items() if run.localization else ())
         },
         figure_files=figures,
-        notes=list(dict.fromkeys(notes)),
+        notes=[],
         num_classes=num_classes,
     )
-
-
-def _pct(x: float) -> float:
-    return 100.0 * x
-
-
-def probe_scores(results: R.ProbeResults | None, trivial_top5: bool) -> list[Score]:
-    if results is None:
-        return []
-    out = []
-    for name, r in results.readouts.items():
-        low, high = stats.wilson_interval(r.top1, r.num_test_samples)
-        out.append(
-            Score(
-                readout=name,
-                source="probe",
-                top1=_pct(r.top1),
-                ci=(_pct(low), _pct(high)),
-                n=r.num_test_samples,
-                top5=None if trivial_top5 else _pct(r.top5),
-                delta_vs_cls=None,
-                blr=r.blr,
-                lr=r.lr,
-                epoch=r.epoch,
-                C=r.C,
-                findings=tuple(Finding(c.code, c.severity, c.message, c.fix) for c in r.health),
-                optimistic=results.selection.optimistic,
-            )
+    swept = bool(summary.depth) or any(s.block is not None for s in scores)
+    if swept:
+        blocks = ", ".join(map(str, prov.layers)) or "several"
+        notes.append(
+            f"per-layer sweep over blocks {blocks}: the pivot, learning curves and weakest classes show each "
+            "read-out at the last block; Accuracy vs depth shows every block"
         )
-    return out
-
-
-def knn_readout(pool: str, k: str) -> str:
-    return f"k-NN@{k}" if pool == "cls" else f"k-NN {pool}@{k}"
-
-
-def knn_scores(knn: R.KnnResults | None, trivial_top5: bool) -> list[Score]:
-    if knn is None:
-        return []
-    out = []
-    for k, entry in knn.knn.items():
-        findings = ()
-        if str(entry.k_used) != k:
-            findings = (
-                Finding(
-                    "k_clipped",
-                    "warning",
-                    f"k-NN: k = {k} is more than the {knn.num_train} train rows; k = {entry.k_used} voted",
-                    f"use a k of at most {knn.num_train}, or a larger train cache",
-                ),
-            )
-        low, high = stats.wilson_interval(entry.top1, knn.num_test)
-        out.append(
-            Score(
-                readout=knn_readout(knn.pool, k),
-                source="knn",
-                top1=_pct(entry.top1),
-                ci=(_pct(low), _pct(high)),
-                n=knn.num_test,
-                top5=None if trivial_top5 else _pct(entry.top5),
-                delta_vs_cls=None,
-                k_used=entry.k_used,
-                findings=findings,
-            )
-        )
-    return out
-
-
-def _with_delta(score: Score, cls: Score) -> Score:
-    from dataclasses import replace
-
-    return score if score is cls else replace(score, delta_vs_cls=score.top1 - cls.top1)
-
-
-def learning_curves(results: R.ProbeResults | None) -> list[LearningCurve]:
-    """Each read-out's selection and test top-1 per evaluated epoch, at the chosen base lr."""
-    if results is None:
-        return []
-    split = results.selection.split
-    out = []
-    for name, r in results.readouts.items():
-        curve = r.curve()
-        if curve is None:
-            continue  # logreg: no epochs
-
-        def series(key: str, curve: R.Curve = curve) -> list[float | None]:
-            return [None if v is None else _pct(v) for v in curve.series.get(key, [])]
-
-        out.append(
-            LearningCurve(name, r.blr, list(curve.epoch), series(f"{split}_top1"), series("test_top1"), split)
-        )
-    return out
-
-
-def weakest_classes(results: R.ProbeResults | None) -> dict[str, list[tuple[str, float]]]:
-    if results is None:
-        return {}
-    out = {}
-    for name, r in results.readouts.items():
-        scored = sorted(((c, _pct(a)) for c, a in r.per_class.items() if a is not None), key=lambda t: t[1])
-        if scored:
-            out[name] = scored[:WEAKEST_CLASSES]
-    return out
+    shown = {s.readout for s in summary.pivot_scores()} if swept else None
+    summary.learning_curves = learning_curves(run.probe, shown)
+    summary.weakest_classes = weakest_classes(run.probe, shown)
+    summary.notes = list(dict.fromkeys(notes))
+    return summary
 
 
 def attention_curves(doc: R.AttentionResults | None) -> Curves | None:
@@ -356,7 +268,7 @@ def spectrum(doc: R.FrequencyResults | None) -> Spectrum | None:
 
 def why_row(s: RunSummary) -> WhyRow | None:
     """The run's "why [cls] loses" row, or None when it has none of those numbers."""
-    cls, mean, abmilp = s.score("cls"), s.score("mean"), s.score("abmilp")
+    cls, mean, abmilp = s.score("cls"), s.score("mean"), s.score("abmilp")  # a sweep's: the last block
     att = s.attention.series if s.attention else {}
     refs = s.attention.references if s.attention else {}
     freq = s.frequency.series if s.frequency else {}
@@ -383,80 +295,6 @@ def why_row(s: RunSummary) -> WhyRow | None:
     return row if any(v is not None for v in useful) else None
 
 
-# ------------------------------------------------------------------------------------------------------------
-# Provenance and notes
-
-
-def provenance(run: Run) -> RunProvenance:
-    """What made the run, from whichever of its files say so (probe caches first, then analyses)."""
-    probe, knn, att, freq, loc = run.probe, run.knn, run.attention, run.frequency, run.localization
-    cache = (probe or knn).test_cache.provenance if (probe or knn) else None
-    load = att.model if att else (freq.model if freq else None)
-    loc_model = loc.model if loc else None
-    blocks = [d.provenance for d in run.files.values() if getattr(d, "provenance", None) is not None]
-    model = cache.model if cache else load.model if load else getattr(loc_model, "model", None)
-    model = model or getattr(loc_model, "spec", None) or run.path.name
-    checkpoint = cache.checkpoint if cache else (load.checkpoint_id if load else None)
-    if checkpoint is None and loc_model is not None:
-        checkpoint = getattr(loc_model, "checkpoint_id", None) or getattr(loc_model, "checkpoint", None)
-    random_init = any(bool(getattr(d, "random_init", False)) for d in run.files.values())
-    files = [b.checkpoint.file for b in blocks if b.checkpoint and b.checkpoint.file]
-    if not files and load is not None and not load.random_init and load.source:
-        files = [Path(load.source).name]
-    data = att.data if att else (freq.data if freq else (loc.data if loc else None))
-    versions = (probe or knn or att or freq or loc).versions  # type: ignore[union-attr]
-    commands = [b.command for b in blocks]
-    gits = [b.git.commit[:12] + ("+dirty" if b.git.dirty else "") for b in blocks if b.git]
-    devices = [f"{b.device.type}: {b.device.name}" for b in blocks if b.device]
-    if not devices:
-        devices = [d for d in (att.device if att else None, freq.device if freq else None) if d]
-    return RunProvenance(
-        model=str(model),
-        timm_name=cache.timm_name if cache else (load.timm_name if load else None),
-        checkpoint="random-init" if random_init else checkpoint,
-        checkpoint_file=files[0] if files else None,
-        random_init=random_init,
-        dataset=cache.dataset if cache else (data.spec if data else None),
-        split=cache.split if cache else (data.split if data else None),
-        fingerprint=cache.fingerprint if cache else (data.fingerprint if data else None),
-        layer=probe.layer if probe else (knn.layer if knn else None),
-        versions=dict(versions),
-        commands=list(dict.fromkeys(commands)),
-        git=list(dict.fromkeys(gits)),
-        hosts=list(dict.fromkeys(b.host for b in blocks)),
-        devices=list(dict.fromkeys(devices)),
-        protocol=probe.protocol.name if probe else None,
-        protocol_overrides=list(probe.protocol.overrides) if probe else [],
-        protocol_text=_protocol_text(probe) if probe else None,
-        schedule=_schedule_text(probe) if probe else None,
-        selection=probe.selection.rule if probe else None,
-        optimistic=bool(probe and probe.selection.optimistic),
-    )
-
-
-def _protocol_text(probe: R.ProbeResults) -> str:
-    c = probe.config
-    if c.protocol == "logreg":
-        return f"L-BFGS logistic regression, {len(c.c_grid)} C values, max {c.max_iter} iterations"
-    grid = c.lr_grid
-    lrs = f"blr {grid[0]:g}" if len(grid) == 1 else f"{len(grid)} base lrs {min(grid):g}–{max(grid):g}"
-    return (
-        f"{c.optimizer} (momentum {c.momentum:g}, wd {', '.join(f'{w:g}' for w in c.weight_decay)}), {lrs}, "
-        f"batch {c.batch_size}, "
-        f">= {c.epochs} epochs, >= {c.min_steps} steps, warm-up {c.warmup_epochs:g} epochs"
-        + (", final norm" if c.final_norm else "")
-    )
-
-
-def _schedule_text(probe: R.ProbeResults) -> str | None:
-    s = probe.schedule
-    if s is None:
-        return None
-    return f"batch {s.batch_size}, {s.epochs} epochs × {s.steps_per_epoch} steps = {s.total_steps} steps" + (
-        " (epochs raised to reach the step budget)" if s.scaled else ""
-    )
-
-
 def _dataset_label(prov: RunProvenance) -> str:
     if not prov.dataset:
         return "—"
@@ -472,23 +310,6 @@ def _file_notes(run: Run) -> list[str]:
         for key in ("warnings", "notes"):
             out.extend(str(n) for n in getattr(doc, key, []) or [])
     return out
-
-
-def _consistency_notes(run: Run) -> list[str]:
-    """Files of one run that describe different weights: the report would compare unlike things."""
-    seen: dict[str, str] = {}
-    if run.probe:
-        seen["results.json"] = run.probe.test_cache.provenance.checkpoint
-    if run.knn:
-        seen["knn.json"] = run.knn.test_cache.provenance.checkpoint
-    for name, doc in (("attention.json", run.attention), ("frequency.json", run.frequency)):
-        if doc is not None:
-            seen[name] = doc.model.checkpoint_id
-    ids = set(seen.values())
-    if len(ids) <= 1:
-        return []
-    detail = ", ".join(f"{k}: {v[:12]}" for k, v in seen.items())
-    return [f"WARNING: the files of this run come from different weights ({detail}); they are not one model"]
 
 
 def _figure_files(run: Run) -> tuple[list[str], list[str]]:

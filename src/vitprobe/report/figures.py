@@ -17,6 +17,7 @@ from typing import Any
 
 from vitprobe.report.model import Report, RunSummary
 
+DEPTH_FIGURE = "accuracy_vs_depth.svg"  # shown in its own section, not with the other cross-run curves
 MAX_EMBED_PX = 800  # embedded PNGs wider than this are downscaled (sharp at the page's width, small)
 _RC = {
     "svg.fonttype": "none",  # text stays text: small files, searchable, selectable
@@ -56,7 +57,7 @@ def colours(report: Report) -> dict[str, Any]:
 def make_figures(report: Report) -> list[Figure]:
     """Every figure of the report, in page order."""
     out: list[Figure] = []
-    for maker in (attention_figure, frequency_figure, spectrum_figure):
+    for maker in (depth_figure, attention_figure, frequency_figure, spectrum_figure):
         fig = maker(report)
         if fig is not None:
             out.append(fig)
@@ -221,6 +222,68 @@ def spectrum_figure(report: Report) -> Figure | None:
         _svg(fig),
         legend=tuple(legend),
     )
+
+
+def depth_figure(report: Report) -> Figure | None:
+    """Per-layer sweeps: test top-1 per block, a panel per read-out (95 % intervals shaded, a hollow marker
+    where the block's read-out has a health warning), then the [cls] self-attention and high-frequency
+    energy of the same blocks where those runs have the analyses. One colour per run."""
+    runs = [r for r in report.runs if r.depth]
+    if not runs:
+        return None
+    pools = list(dict.fromkeys(c.pool for r in runs for c in r.depth))
+    swept = {b for r in runs for c in r.depth for b in c.blocks}
+    extra = [
+        (name, title, ylabel)
+        for name, title, ylabel, present in (
+            ("cls_self", "[cls] self-attention A[0,0]", "share of attention",
+             any(r.attention and "cls_self" in r.attention.series for r in runs)),
+            ("high_freq_energy_ratio", "high-frequency energy ratio", "ratio",
+             any(r.frequency for r in runs)),
+        )
+        if present
+    ]  # fmt: skip
+    panels = len(pools) + len(extra)
+    cols = min(panels, 3)
+    rows = (panels + cols - 1) // cols
+    fig, axes = _figure(3.2 * cols, 2.5 * rows + 0.5, rows, cols)
+    colour = colours(report)
+    for ax, pool in zip(axes, pools, strict=False):
+        for run in runs:
+            curve = next((c for c in run.depth if c.pool == pool), None)
+            if curve is None:
+                continue
+            c = colour[run.label]
+            ax.fill_between(curve.blocks, [lo for lo, _ in curve.ci], [hi for _, hi in curve.ci], color=c,
+                            alpha=0.15, linewidth=0)  # fmt: skip
+            ax.plot(curve.blocks, curve.top1, marker="o", markersize=3, color=c, label=run.label)
+            bad = [(b, t) for b, t, f in zip(curve.blocks, curve.top1, curve.flagged, strict=True) if f]
+            if bad:
+                ax.plot(*zip(*bad, strict=True), "o", markersize=6, markerfacecolor="white", color=c)
+        ax.set_title(f"{pool}: test top-1", fontsize=8)
+        ax.set_ylabel("top-1 (%)")
+        ax.set_ylim(0.0, 100.0)
+    for ax, (name, title, ylabel) in zip(axes[len(pools) :], extra, strict=False):
+        for run in runs:
+            curves = run.attention if name == "cls_self" else run.frequency
+            if curves is None or name not in curves.series:
+                continue
+            points = [(b, y) for b, y in zip(curves.blocks, curves.series[name], strict=True) if b in swept]
+            if points:
+                ax.plot(*zip(*points, strict=True), marker="o", markersize=3, color=colour[run.label],
+                        label=run.label)  # fmt: skip
+        ax.set_title(title, fontsize=8)
+        ax.set_ylabel(ylabel)
+        ax.set_ylim(0.0, 1.0)
+    for ax in axes[:panels]:
+        ax.set_xlim(min(swept) - 0.5, max(swept) + 0.5)
+        _block_axis(ax, [], "block (0-based)")
+    for ax in axes[panels:]:
+        ax.set_visible(False)
+    legend = [r.label for r in runs]
+    _run_legend(fig, axes[0], legend)
+    names = ", ".join(legend)
+    return Figure(DEPTH_FIGURE, f"Accuracy vs depth: {names}", _svg(fig), legend=tuple(legend))
 
 
 def learning_curve_figure(report: Report, run: RunSummary) -> Figure | None:

@@ -7,9 +7,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from vitprobe.choices import POOLS
+
 REPORT_FORMAT = "vitprobe-report"
-REPORT_VERSION = 2  # 2: runs named by label, pivot, confidence intervals, probe health, 0-based blocks
-READOUT_ORDER = ("cls", "mean", "cls+mean", "abmilp", "attentive")  # pivot columns, then k-NN@k
+REPORT_VERSION = 2  # 2: runs named by label, pivot, intervals, health, 0-based blocks (+ depth, low-shot)
+READOUT_ORDER = POOLS  # pivot columns in vitprobe.choices' order, then k-NN@k
 
 
 @dataclass(frozen=True)
@@ -23,10 +25,23 @@ class Finding:
 
 
 @dataclass(frozen=True)
+class SeedChoice:
+    """A low-shot seed's test top-1 (percent) and what its selection chose."""
+
+    seed: int
+    top1: float
+    blr: float | None
+    weight_decay: float | None
+    C: float | None
+    epoch: int | None
+    verdict: str
+
+
+@dataclass(frozen=True)
 class Score:
     """One top-1 the report shows: a probe read-out or a k-NN k, with how far to trust it."""
 
-    readout: str  # "cls", "mean", ..., or "k-NN@20"
+    readout: str  # "cls", "mean", ..., "abmilp@11" (a per-layer sweep's), or "k-NN@20"
     source: str  # "probe" or "knn"
     top1: float  # percent
     ci: tuple[float, float]  # Wilson 95 % interval over the test images, percent
@@ -40,6 +55,12 @@ class Score:
     k_used: int | None = None  # k-NN: the k that voted
     findings: tuple[Finding, ...] = ()
     optimistic: bool = False  # chosen on the test set
+    pool: str = ""  # the pivot column: the read-out without its block ("abmilp"), or the k-NN name
+    block: int | None = None  # per-layer sweeps: the 0-based block read (None: one block, or several)
+    weight_decay: float | None = None  # the chosen decay
+    wd_grid: bool = False  # several weight decays were trained: the chosen one is worth showing
+    std: float | None = None  # low-shot: std of the top-1 over seeds (percent)
+    seeds: tuple[SeedChoice, ...] = ()  # low-shot: each seed's top-1 and choices
 
     @property
     def flagged(self) -> bool:
@@ -51,6 +72,17 @@ class Score:
         if any(f.severity == "warning" for f in self.findings):
             return "warning"
         return "optimistic" if self.optimistic else "ok"
+
+
+@dataclass(frozen=True)
+class DepthCurve:
+    """A read-out's test top-1 per block of a per-layer sweep (percent), with 95 % Wilson intervals."""
+
+    pool: str
+    blocks: list[int]  # 0-based, increasing
+    top1: list[float]
+    ci: list[tuple[float, float]]
+    flagged: list[bool]  # the block's read-out carries a probe-health warning
 
 
 @dataclass(frozen=True)
@@ -98,7 +130,8 @@ class RunProvenance:
     dataset: str | None  # spec
     split: str | None
     fingerprint: str | None
-    layer: int | None  # 0-based block probed
+    layer: int | None  # 0-based block probed (None: a per-layer sweep, see `layers`)
+    layers: list[int]  # the blocks of a per-layer sweep ([] for a one-block run)
     versions: dict[str, str]
     commands: list[str]  # every command that wrote a file of the run
     git: list[str]  # commit(s) of vitprobe, "+dirty" when the checkout had changes
@@ -110,6 +143,7 @@ class RunProvenance:
     schedule: str | None  # "batch 64, 60 epochs x 28 steps = 1680 steps"
     selection: str | None  # the rule
     optimistic: bool
+    lowshot: str | None = None  # low-shot runs: the subsets, in words
 
 
 @dataclass
@@ -122,7 +156,8 @@ class RunSummary:
     path: str
     files: list[str]  # result files read
     provenance: RunProvenance
-    scores: list[Score]
+    scores: list[Score]  # every read-out (each block of a sweep) and k-NN k
+    depth: list[DepthCurve]  # per-layer sweeps: one per pool
     learning_curves: list[LearningCurve]
     weakest_classes: dict[str, list[tuple[str, float]]]  # read-out -> (class, top-1 %), lowest first
     attention: Curves | None
@@ -138,7 +173,17 @@ class RunSummary:
         return self.provenance.random_init
 
     def score(self, readout: str) -> Score | None:
-        return next((s for s in self.scores if s.readout == readout), None)
+        """The pivot's score of a column: the read-out of that name, or for a per-layer sweep the pool's
+        read-out at its last (deepest) block."""
+        exact = next((s for s in self.scores if s.readout == readout), None)
+        if exact is not None:
+            return exact
+        swept = [s for s in self.scores if s.pool == readout and s.block is not None]
+        return max(swept, key=lambda s: s.block or 0) if swept else None
+
+    def pivot_scores(self) -> list[Score]:
+        """The scores the pivot shows (a sweep's last block per pool, every other score)."""
+        return [s for s in self.scores if self.score(s.pool or s.readout) is s]
 
 
 @dataclass(frozen=True)
@@ -178,8 +223,8 @@ class Report:
         return list(dict.fromkeys(r.dataset for r in self.runs))
 
     def readouts(self) -> list[str]:
-        """Pivot columns: the probe read-outs in READOUT_ORDER, then k-NN by k, those any run has."""
-        present = {s.readout for r in self.runs for s in r.scores}
+        """Pivot columns: the probe read-outs in READOUT_ORDER (a sweep's by pool), then k-NN by k."""
+        present = {s.pool or s.readout for r in self.runs for s in r.scores}
         probe = [r for r in READOUT_ORDER if r in present]
         probe += sorted(r for r in present if r not in READOUT_ORDER and not r.startswith("k-NN@"))
         knn = sorted((r for r in present if r.startswith("k-NN@")), key=lambda r: int(r.split("@")[1]))

@@ -2,8 +2,9 @@
 
 As CLIP_benchmark's `build` turns result files into one table, `vitprobe report --format csv` turns runs
 into one row each: the run, its model and checkpoint, and for every read-out the test top-1 (%), its 95 %
-Wilson interval and the health verdict. `--pivot datasets --readout R` puts datasets across instead, one
-row per model (`--label`), for transfer studies.
+Wilson interval and the health verdict (low-shot: also the std over seeds; a per-layer sweep: the block,
+its last). `--pivot datasets --readout R` puts datasets across instead, one row per model (`--label`),
+for transfer studies.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import csv
 import io
 
 from vitprobe.report.collect import ReportError
-from vitprobe.report.document import _short_checkpoint
+from vitprobe.report.document import short_checkpoint
 from vitprobe.report.model import Report, Score
 
 
@@ -22,17 +23,18 @@ def pivot(
     """(columns, rows) of the pivot; every top-1 comes with its interval and verdict columns."""
     if by == "readouts":
         columns = report.readouts()
+        extras = _extras(columns, [(col, r.score(col)) for r in report.runs for col in columns])
         rows = []
         for run in report.runs:
             row: dict = {
                 "run": run.label,
                 "model": run.provenance.model,
-                "checkpoint": _short_checkpoint(run),
+                "checkpoint": short_checkpoint(run),
                 "dataset": run.dataset,
                 "random_init": run.random_init,
             }
             for col in columns:
-                row.update(_cells(col, run.score(col)))
+                row.update(_cells(col, run.score(col), extras[col]))
             rows.append(row)
         return columns, rows
     if by != "datasets":
@@ -46,6 +48,7 @@ def pivot(
             "e.g. --pivot datasets --readout abmilp",
         )
     columns = report.datasets
+    extras = _extras(columns, [(r.dataset, r.score(readout)) for r in report.runs])
     rows = []
     for group in dict.fromkeys(r.group for r in report.runs):
         mine = {r.dataset: r for r in report.runs if r.group == group}
@@ -53,25 +56,46 @@ def pivot(
         row = {
             "run": group,
             "model": first.provenance.model,
-            "checkpoint": _short_checkpoint(first),
+            "checkpoint": short_checkpoint(first),
             "readout": readout,
             "random_init": any(r.random_init for r in mine.values()),
         }
         for col in columns:
-            row.update(_cells(col, mine[col].score(readout) if col in mine else None))
+            row.update(_cells(col, mine[col].score(readout) if col in mine else None, extras[col]))
         rows.append(row)
     return columns, rows
 
 
-def _cells(column: str, score: Score | None) -> dict:
+def _extras(columns: list[str], scores: list[tuple[str, Score | None]]) -> dict[str, tuple[str, ...]]:
+    """Per column, the extra cells some of its scores have: `std` (low-shot), `block` (a sweep)."""
+    out: dict[str, tuple[str, ...]] = {}
+    for col in columns:
+        mine = [s for c, s in scores if c == col and s is not None]
+        out[col] = tuple(
+            name
+            for name, present in (("std", any(s.std is not None for s in mine)),
+                                  ("block", any(s.block is not None for s in mine)))
+            if present
+        )  # fmt: skip
+    return out
+
+
+def _cells(column: str, score: Score | None, extras: tuple[str, ...] = ()) -> dict:
+    cells = {column: None, f"{column} ci_low": None, f"{column} ci_high": None, f"{column} verdict": None}
+    cells.update({f"{column} {name}": None for name in extras})
     if score is None:
-        return {column: None, f"{column} ci_low": None, f"{column} ci_high": None, f"{column} verdict": None}
-    return {
+        return cells
+    cells.update({
         column: round(score.top1, 2),
         f"{column} ci_low": round(score.ci[0], 2),
         f"{column} ci_high": round(score.ci[1], 2),
         f"{column} verdict": score.verdict,
-    }
+    })  # fmt: skip
+    if "std" in extras:
+        cells[f"{column} std"] = None if score.std is None else round(score.std, 2)
+    if "block" in extras:
+        cells[f"{column} block"] = score.block
+    return cells
 
 
 def to_csv(report: Report, *, by: str = "readouts", readout: str | None = None) -> str:
@@ -115,7 +139,7 @@ def to_latex(report: Report, *, by: str = "readouts", readout: str | None = None
         " & ".join(["run", *(latex_escape(c) for c in columns)]) + " \\\\",
         "\\midrule",
     ]
-    flagged = False
+    flagged = spread = swept = False
     for row in rows:
         cells = [latex_escape(row["run"]) + (" (random weights)" if row["random_init"] else "")]
         for col in columns:
@@ -126,6 +150,12 @@ def to_latex(report: Report, *, by: str = "readouts", readout: str | None = None
             text = f"{value:.1f}"
             if value == best[col] and row[f"{col} verdict"] == "ok":
                 text = f"\\textbf{{{text}}}"
+            if row.get(f"{col} std") is not None:
+                text += f"\\,$\\pm$\\,{row[f'{col} std']:.1f}"
+                spread = True
+            if row.get(f"{col} block") is not None:
+                text += f"$_{{{row[f'{col} block']}}}$"
+                swept = True
             if row[f"{col} verdict"] != "ok":
                 text += "$^\\dagger$"
                 flagged = True
@@ -141,5 +171,7 @@ def to_latex(report: Report, *, by: str = "readouts", readout: str | None = None
             if flagged
             else ""
         )
+        + ("; ± std over low-shot seeds" if spread else "")
+        + ("; subscript: the block of a per-layer sweep (its last)" if swept else "")
     )
     return "\n".join(lines) + "\n"

@@ -1,4 +1,4 @@
-"""Models of what probing writes: results.json, knn.json, predictions.json and a saved head's JSON."""
+"""Models of what probing writes: results.json, predictions.json, a saved head's JSON (knn.json: knn.py)."""
 
 from __future__ import annotations
 
@@ -68,6 +68,60 @@ class Curve(Model):
         }
 
 
+def split_readout(name: str) -> tuple[str, int | None]:
+    """`"abmilp@11"` -> ("abmilp", 11), the pool and block of a per-layer sweep's read-out; `"cls"` ->
+    ("cls", None): a one-block run's read-out, or a multi-block one (cls-cat, fusion) of a sweep."""
+    pool, at, block = name.rpartition("@")
+    if at and block.isdigit():
+        return pool, int(block)
+    return name, None
+
+
+@model
+class SeedResult(Model):
+    """One low-shot seed's test accuracy and choices (vitprobe.probe.lowshot.combine)."""
+
+    seed: int
+    top1: float
+    top5: float
+    blr: float | None
+    weight_decay: float | None
+    C: float | None
+    epoch: int | None
+    selection_top1: float | None
+    verdict: str
+
+
+@model
+class LowShot(Model):
+    """`selection.lowshot`: the subsets a low-shot run trained on, one per seed."""
+
+    shots: int | None  # K images per class (--shots), or
+    train_fraction: float | None  # this fraction of each class (--train-fraction)
+    seeds: list[int]
+    train_rows: list[int]  # per seed
+    holdout_rows: list[int]  # per seed
+
+
+@model
+class PerLayer(Model):
+    """`per_layer.<pool>` of a per-layer sweep: test top-1 per backbone block, in block order."""
+
+    layers: list[int]  # 0-based blocks
+    top1: list[float]
+
+    @classmethod
+    def from_dict(cls, data: Any, *, where: str = "") -> PerLayer:
+        made = super().from_dict(data, where=where)
+        if len(made.layers) != len(made.top1) or made.layers != sorted(set(made.layers)):
+            raise ResultsError(
+                f"{where}: {len(made.top1)} top-1 values for the blocks {made.layers} (one per block, "
+                "blocks in increasing order)",
+                "re-run `vitprobe probe`",
+            )
+        return made
+
+
 @model
 class Readout(Model):
     """One read-out's entry of results.json: the reported head, how it was chosen, its health."""
@@ -93,7 +147,8 @@ class Readout(Model):
     curves: dict[str, Curve]  # per grid head: key the blr as %g, plus ",wd=%g" when several decays train
     sweep: list[dict[str, Any]] | None
     top1_std: float | None = None  # low-shot: std of the test top-1 over seeds
-    seeds: list[dict[str, Any]] | None = None  # low-shot: each seed's test top-1 and choices
+    seeds: list[SeedResult] | None = None  # low-shot: each seed's test top-1 and choices
+    layer: int | None = opt()  # per-layer sweeps: the block read; null for multi-block read-outs
 
     def curve(self) -> Curve | None:
         """The curves of the chosen head (None for logreg, which has no epochs)."""
@@ -123,7 +178,7 @@ class Selection(Model):
     test_rows: int
     batch_size: int | None
     refit: bool
-    lowshot: dict[str, Any] | None = None  # low-shot runs: the seeds' subsets
+    lowshot: LowShot | None = None  # low-shot runs: the seeds' subsets
 
 
 @model
@@ -158,7 +213,7 @@ class ProbeConfigRecord(Model):
     protocol: str
     overrides: list[str]
     pools: list[str]
-    layer: int | None
+    layer: int | list[int] | str | None  # a block (< 0: from the end), blocks of a sweep, "all"; None: last
     final_norm: bool
     abmilp_depth: int
     abmilp_act: str
@@ -207,7 +262,7 @@ class ProbeResults(Versioned):
     health: HealthSummary
     warnings: list[str]
     notes: list[str]
-    layer: int  # 0-based block index
+    layer: int | None  # 0-based block of a one-block run; null for a per-layer sweep (`layers`)
     final_norm: bool
     num_classes: int
     class_names: list[str]
@@ -220,57 +275,39 @@ class ProbeResults(Versioned):
     timing: dict[str, Any]
     provenance: Provenance | None = opt()
     heads_sha256: str | None = None  # digest of heads/ (vitprobe.probe.rundir)
+    layers: list[int] | None = opt()  # per-layer sweeps: the blocks probed (0-based, as the cache's)
+    per_layer: dict[str, PerLayer] | None = opt()  # per-layer sweeps: pool -> test top-1 per block
 
+    @classmethod
+    def from_dict(cls, data: Any, *, where: str = "") -> ProbeResults:
+        made = super().from_dict(data, where=where)
+        made.check_layers(where or cls.FILE or "results.json")
+        return made
 
-@model
-class KnnEntry(Model):
-    top1: float
-    top5: float
-    k_used: int
+    def check_layers(self, where: str) -> None:
+        """A sweep's read-out names, `layer` fields, `layers` and `per_layer` agree with one another."""
+        blocks = set(self.layers or ([] if self.layer is None else [self.layer]))
+        problems = []
+        for name, r in self.readouts.items():
+            _, block = split_readout(name)
+            if block is not None and (block not in blocks or r.layer not in (None, block)):
+                problems.append(f"readouts.{name}: block {block} is not one of the blocks {sorted(blocks)}")
+            elif block is not None and r.layer is None and "layer" in (r.present or ()):
+                problems.append(f"readouts.{name}: layer is null for a one-block read-out")
+        for pool, curve in (self.per_layer or {}).items():
+            if not set(curve.layers) <= blocks:
+                problems.append(f"per_layer.{pool}: blocks {curve.layers} are not all in {sorted(blocks)}")
+        if problems:
+            raise ResultsError(f"{where}: " + "; ".join(problems), "re-run `vitprobe probe`")
 
-
-@model
-class KnnConfigRecord(Model):
-    ks: list[int]
-    temperature: float
-    pool: str
-    layer: int | None
-    final_norm: bool
-    batch_size: int
-    train_chunk: int
-    device: str
-
-
-@model
-class KnnTiming(Model):
-    read_seconds: float  # reading (and pooling) the features of both caches
-    search_seconds: float  # the similarity search and the vote
-    device: str
-    batch_size: int  # test rows per similarity batch actually used
-
-
-@model
-class KnnResults(Versioned):
-    """RUN_DIR/knn.json (`vitprobe knn`)."""
-
-    FORMAT = "vitprobe-knn-results"
-    KIND = "knn"
-    FILE = "knn.json"
-
-    created: str
-    versions: dict[str, str]
-    random_init: bool
-    warnings: list[str]
-    layer: int  # 0-based block index
-    pool: str
-    num_train: int
-    num_test: int
-    knn: dict[str, KnnEntry]  # keyed by the k asked for
-    config: KnnConfigRecord
-    train_cache: CacheRef
-    test_cache: CacheRef
-    timing: KnnTiming | None = opt()  # absent in knn.json written before the memory-mapped feed
-    provenance: Provenance | None = opt()
+    def blocks_of(self, pool: str) -> dict[int, str]:
+        """Block -> read-out name of `pool` in a per-layer sweep ({} for a one-block run), in block order."""
+        found = {}
+        for name in self.readouts:
+            p, block = split_readout(name)
+            if p == pool and block is not None:
+                found[block] = name
+        return dict(sorted(found.items()))
 
 
 @model
@@ -345,9 +382,8 @@ __all__ = [
     "Curve",
     "HeadBackbone",
     "HeadMeta",
-    "KnnConfigRecord",
-    "KnnEntry",
-    "KnnResults",
+    "LowShot",
+    "PerLayer",
     "Prediction",
     "Predictions",
     "ProbeConfigRecord",
@@ -355,5 +391,7 @@ __all__ = [
     "ProtocolRecord",
     "Readout",
     "Schedule",
+    "SeedResult",
     "Selection",
+    "split_readout",
 ]
