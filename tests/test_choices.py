@@ -11,6 +11,7 @@ def test_choices_agree_with_the_library() -> None:
     from vitprobe.cache import STORE_DTYPES, TOKEN_MODES
     from vitprobe.data import KINDS
     from vitprobe.devices import DTYPES
+    from vitprobe.extract import DECODERS
     from vitprobe.heads import ABMILP_ACTS, ABMILP_CONTENTS, POOLS
     from vitprobe.knn import KNN_POOLS
     from vitprobe.probe import protocols
@@ -23,6 +24,7 @@ def test_choices_agree_with_the_library() -> None:
     assert choices.LOGREG_POOLS == protocols.LOGREG_POOLS and choices.KNN_POOLS == KNN_POOLS
     assert choices.DATASET_KINDS == tuple(KINDS) and choices.TOKEN_MODES == TOKEN_MODES
     assert choices.STORE_DTYPES == tuple(STORE_DTYPES) and set(choices.COMPUTE_DTYPES) == {"auto", *DTYPES}
+    assert choices.DECODERS == DECODERS
 
 
 def test_a_choice_refuses_unknown_values_naming_the_option() -> None:

@@ -24,16 +24,16 @@ __version__ = "0.1.0"
 _EXPORTS = {  # public name -> "module:attribute"
     "load": "vitprobe.api:load",
     "extract_tokens": "vitprobe.api:extract_tokens",
-    "fit_probes": "vitprobe.api:fit_probes",
-    "knn_accuracy": "vitprobe.api:knn_accuracy",
-    "attention_stats": "vitprobe.api:attention_stats",
-    "frequency_stats": "vitprobe.api:frequency_stats",
-    "localize": "vitprobe.api:localize",
-    "write_report": "vitprobe.api:write_report",
-    "run_study": "vitprobe.api:run_study",
-    "load_results": "vitprobe.api:load_results",
-    "ProbeRun": "vitprobe.api:ProbeRun",
-    "KnnScores": "vitprobe.api:KnnScores",
+    "fit_probes": "vitprobe.api_probing:fit_probes",
+    "knn_accuracy": "vitprobe.api_probing:knn_accuracy",
+    "attention_stats": "vitprobe.api_analyses:attention_stats",
+    "frequency_stats": "vitprobe.api_analyses:frequency_stats",
+    "localize": "vitprobe.api_analyses:localize",
+    "write_report": "vitprobe.api_analyses:write_report",
+    "run_study": "vitprobe.api_analyses:run_study",
+    "load_results": "vitprobe.api_analyses:load_results",
+    "ProbeRun": "vitprobe.api_probing:ProbeRun",
+    "KnnScores": "vitprobe.api_probing:KnnScores",
     "Backbone": "vitprobe.models:Backbone",
     "ProbeConfig": "vitprobe.probe.protocols:ProbeConfig",
     "PROTOCOLS": "vitprobe.probe.protocols:PROTOCOLS",
@@ -60,20 +60,16 @@ __all__ = [  # the names of _EXPORTS (tests/test_api.py checks), literal for too
 ]
 
 if TYPE_CHECKING:
-    from vitprobe.api import (
-        KnnScores,
-        ProbeRun,
+    from vitprobe.api import extract_tokens, load
+    from vitprobe.api_analyses import (
         attention_stats,
-        extract_tokens,
-        fit_probes,
         frequency_stats,
-        knn_accuracy,
-        load,
         load_results,
         localize,
         run_study,
         write_report,
     )
+    from vitprobe.api_probing import KnnScores, ProbeRun, fit_probes, knn_accuracy
     from vitprobe.errors import VitprobeError
     from vitprobe.models import Backbone
     from vitprobe.probe.protocols import PROTOCOLS, ProbeConfig

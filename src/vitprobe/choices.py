@@ -137,6 +137,13 @@ STORE = Choice(
         "int8": "int8 codes, one fp32 scale per token (half of fp16)",
     },
 )
+DECODE = Choice(
+    "--decode",
+    {
+        "cpu": "PIL + the timm transform in the loader workers",
+        "gpu": "batched JPEG decoding and the same resize/crop on the device",
+    },
+)
 DTYPE = Choice(
     "--dtype",
     {
@@ -196,6 +203,7 @@ DATASET_KINDS = DATASET_KIND.names
 TOKEN_MODES = TOKENS.names
 STORE_DTYPES = STORE.names
 COMPUTE_DTYPES = DTYPE.names
+DECODERS = DECODE.names
 REPORT_FORMATS = REPORT_FORMAT.names
 OUTPUT_FORMATS = OUTPUT_FORMAT.names
 STUDY_STEPS = STUDY_STEP.names

@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from vitprobe.choices import DECODE, DTYPE, STORE, TOKENS
 from vitprobe.commands.options import (
     CheckpointOpt,
     CropPctOpt,
@@ -24,14 +25,13 @@ from vitprobe.commands.options import (
     data_overrides,
     output,
     parse_number_list,
-    str_choices,
 )
 from vitprobe.errors import VitprobeError
 
-Dtype = str_choices("Dtype", ("auto", "fp32", "bf16", "fp16"))
-Store = str_choices("Store", ("fp16", "bf16", "fp32", "fp8", "int8"))
-Decode = str_choices("Decode", ("cpu", "gpu"))
-Tokens = str_choices("Tokens", ("all", "cls", "pooled"))
+Dtype = DTYPE.enum("Dtype")
+Store = STORE.enum("Store")
+Decode = DECODE.enum("Decode")
+Tokens = TOKENS.enum("Tokens")
 
 
 class Interrupted(VitprobeError):
