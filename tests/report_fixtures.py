@@ -8,14 +8,12 @@ directory with everything vitprobe writes: results.json + heads/, knn.json, atte
 frequency.json, localization.json (of [cls] attention and the AbMILP head's maps), the study's report,
 and predictions.json + maps of one head. The first
 `vitprobe run` is SIGKILLed once the first probe step is done; the second finishes the study. No result
-dict is written by hand: when a writer changes, these fixtures change with it. The one exception is the
-per-layer sweep (`make_sweep_run`), whose writer (`probe --layer all`) is not there yet: it is built from
-a real one-block results.json to the layout issue 13 specifies, and checked by the results model.
+dict is written by hand: when a writer changes, these fixtures change with it. `sweep_runs` adds a real
+per-layer sweep of each checkpoint (`extract --layers 1,3,5`, `probe --layer all`).
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import shutil
@@ -25,7 +23,6 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 CHECKPOINTS = {"ckpt-a": 0, "ckpt-b": 1}  # run name -> seed of the weights saved as its checkpoint
 MODEL = "timm:test_vit"
@@ -197,42 +194,48 @@ def every_file(runs: RealRuns) -> list[Path]:
 
 
 # ------------------------------------------------------------------------------------------------------------
-# A per-layer sweep (issue 13), until `vitprobe probe --layer all` writes one
+# Per-layer sweeps of both checkpoints: `vitprobe extract --layers 1,3,5`, `vitprobe probe --layer all`
 
 
-def sweep_results(one_block: dict[str, Any], blocks: tuple[int, ...] = BLOCKS) -> dict[str, Any]:
-    """results.json of a per-layer sweep as issue 13 specifies it, built from a real one-block results.json
-    (each block's read-outs copy the real ones with their top-1 shifted by depth) plus a multi-block
-    cls-cat read-out: `layers`, `layer` null, `{pool}@{block}` names with `layer`, `per_layer`."""
-    d = copy.deepcopy(one_block)
-    readouts: dict[str, Any] = {}
-    per_layer: dict[str, Any] = {}
-    for pool, r in one_block["readouts"].items():
-        top1s = []
-        for i, block in enumerate(blocks):
-            entry = copy.deepcopy(r)
-            entry["top1"] = round(min(1.0, r["top1"] * (0.5 + 0.5 * (i + 1) / len(blocks))), 6)
-            entry["layer"] = block
-            entry["head"] = f"heads/{pool}@{block}.safetensors"
-            readouts[f"{pool}@{block}"] = entry
-            top1s.append(entry["top1"])
-        per_layer[pool] = {"layers": list(blocks), "top1": top1s}
-    multi = copy.deepcopy(one_block["readouts"]["cls"])
-    multi.update(layer=None, head="heads/cls-cat.safetensors", top1=0.5)
-    readouts["cls-cat"] = multi
-    d.update(layer=None, layers=list(blocks), readouts=readouts, per_layer=per_layer)
-    d["health"] = {"ok": False, "flagged": [n for n, r in readouts.items() if r["verdict"] != "ok"]}
-    return d
+def sweep_runs(tmp_path_factory: object) -> dict[str, Path]:
+    """Run name -> a run directory holding a real per-layer sweep's results.json (blocks BLOCKS, read-outs
+    cls, mean, abmilp on each block and the multi-block fusion) beside that checkpoint's real attention.json
+    and frequency.json from the study; built once per session (shared by the xdist workers)."""
+    from filelock import FileLock
+
+    real = session_runs(tmp_path_factory)
+    root = real.root.parent / "vitprobe-sweeps"
+    with FileLock(str(real.root.parent / "vitprobe-sweeps.lock")):
+        if not (root / "done").is_file():
+            if root.exists():
+                shutil.rmtree(root)
+            _build_sweeps(real, root)
+            (root / "done").write_text("")
+    return {name: root / "runs" / name for name in CHECKPOINTS}
 
 
-def make_sweep_run(real: RealRuns, name: str, dst: Path) -> Path:
-    """A run directory holding a sweep's results.json and the run's real attention and frequency files."""
-    from vitprobe import results as R
+def _build_sweeps(real: RealRuns, root: Path) -> None:
+    from typer.testing import CliRunner
 
-    src = real.runs[name]
-    dst.mkdir(parents=True)
-    one_block = json.loads((src / "results.json").read_text())
-    (dst / "results.json").write_text(json.dumps(R.validate("probe", sweep_results(one_block)), indent=2))
-    for file in ("attention.json", "frequency.json"):
-        shutil.copy(src / file, dst / file)
-    return dst
+    from vitprobe.cli import app
+
+    runner = CliRunner()
+    layers = ",".join(map(str, BLOCKS))
+    for name in CHECKPOINTS:
+        caches = {}
+        for split in ("train", "test"):
+            caches[split] = root / "caches" / name / split
+            args = ["extract", "--model", MODEL, "--checkpoint", str(real.checkpoints[name]),
+                    "--data", real.data, "--split", split, "--layers", layers, "--batch-size", "16",
+                    "--workers", "0", "--device", "cpu", "--out", str(caches[split])]  # fmt: skip
+            done = runner.invoke(app, args)
+            assert done.exit_code == 0, done.output
+        run = root / "runs" / name
+        args = ["probe", "--train", str(caches["train"]), "--test", str(caches["test"]), "--out", str(run),
+                "--layer", "all", "--pool", "cls", "--pool", "mean", "--pool", "abmilp", "--pool", "fusion",
+                "--epochs", "3", "--min-steps", "0", "--batch-size", "8", "--lr-grid", "0.1,1",
+                "--device", "cpu"]  # fmt: skip
+        done = runner.invoke(app, args)
+        assert done.exit_code == 0, done.output
+        for file in ("attention.json", "frequency.json"):
+            shutil.copy(real.runs[name] / file, run / file)

@@ -20,6 +20,7 @@ def test_choices_agree_with_the_library() -> None:
     assert choices.POOLS == POOLS and choices.ABMILP_ACTS == ABMILP_ACTS
     assert choices.ABMILP_CONTENTS == ABMILP_CONTENTS and choices.OPTIMIZERS == OPTIMIZERS
     assert choices.PROTOCOLS == tuple(protocols.PROTOCOLS) and choices.SELECT_ONS == protocols.SELECT_ON
+    assert choices.SELECT_EPOCHS == protocols.SELECT_EPOCH
     assert choices.LOAD_MODES == protocols.LOAD_MODES and choices.AMP_MODES == protocols.AMP_MODES
     assert choices.LOGREG_POOLS == protocols.LOGREG_POOLS and choices.KNN_POOLS == KNN_POOLS
     assert choices.DATASET_KINDS == tuple(KINDS) and choices.TOKEN_MODES == TOKEN_MODES

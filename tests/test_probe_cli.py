@@ -43,8 +43,10 @@ def write_cache(
     shard_size: int = 16,
     extract_seed: int = 0,
     depth: int | None = None,
+    layer_noise: tuple[float, ...] | None = None,
 ) -> Path:
-    """A cache of Gaussian class blobs: every token = class mean + noise, so all read-outs can learn."""
+    """A cache of Gaussian class blobs: every token = class mean + noise, so all read-outs can learn;
+    `layer_noise` scales the noise of each stored block (a multi-block cache)."""
     g = torch.Generator().manual_seed(seed)
     means = torch.randn(len(class_names), DIM, generator=torch.Generator().manual_seed(7)) * 3
     labels = torch.arange(n) % len(class_names)
@@ -53,7 +55,10 @@ def write_cache(
 
     def noisy(*shape: int) -> torch.Tensor:
         base = means[labels].view(n, *([1] * (len(lead) + len(shape) - 1)), DIM)
-        return (base + torch.randn(n, *lead, *shape, generator=g)).half()
+        noise = torch.randn(n, *lead, *shape, generator=g)
+        if layer_noise is not None:
+            noise = noise * torch.tensor(layer_noise).view(1, -1, *([1] * len(shape)))  # per block
+        return (base + noise).half()
 
     rows: dict[str, torch.Tensor] = {}
     if tokens == "all":

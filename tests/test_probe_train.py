@@ -201,6 +201,21 @@ def test_selection_picks_best_holdout_epoch_and_refit_trains_on_everything() -> 
     assert on_test.selection["refit"] is False and not on_test.readouts["cls"].refit
 
 
+def test_selecting_the_last_epoch_compares_the_heads_at_the_end_of_their_schedule() -> None:
+    train, test = blobs(160, classes=6), blobs(60, classes=6, seed=1)
+    cfg = small_cfg(pools=("cls", "abmilp"), select_epoch="last", lr_grid=(0.05, 0.5, 5.0), epochs=6)
+    out = train_probes(train, test, cfg, specs_of(cfg), keys=["cls", "patches"])
+    assert "at the last epoch of each head" in out.selection["rule"]
+    for r in out.readouts.values():
+        assert r.epoch == 6
+        finals = {k: (c["holdout_top1"][-1], c["holdout_loss"][-1]) for k, c in r.curves.items()}
+        best = max(finals.values(), key=lambda v: (v[0], -v[1]))
+        assert (r.selection_top1, r.curves[f"{r.blr:g}"]["holdout_loss"][-1]) == pytest.approx(best)
+        assert r.test.top1 == pytest.approx(r.curves[f"{r.blr:g}"]["test_top1"][-1])
+    with pytest.raises(ProbeError, match="--select-epoch"):
+        small_cfg(select_epoch="middle")
+
+
 def test_refit_with_selection_on_test_is_refused() -> None:
     """Refit retrains with the lr and epoch chosen on a holdout; selecting on test leaves no holdout."""
     with pytest.raises(ProbeError, match="--refit with --select-on test") as info:

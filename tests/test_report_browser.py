@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from report_fixtures import RealRuns, make_sweep_run, session_runs
+from report_fixtures import RealRuns, session_runs, sweep_runs
 
 CHROMIUM = next(
     (p for p in (shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome")) if p), None
@@ -96,10 +96,12 @@ def test_study_report_names_both_runs_in_every_table_and_legend(real: RealRuns, 
     assert seen["width"] <= 1300  # nothing overflows the page sideways
 
 
-def test_a_sweep_report_names_both_runs_in_its_depth_table_and_figure(real: RealRuns, tmp_path: Path) -> None:
+def test_a_sweep_report_names_both_runs_in_its_depth_table_and_figure(
+    tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
+) -> None:
     from vitprobe.report import ReportConfig, write_report
 
-    runs = tuple(str(make_sweep_run(real, name, tmp_path / "runs" / name)) for name in ("ckpt-a", "ckpt-b"))
+    runs = tuple(str(p) for p in sweep_runs(tmp_path_factory).values())
     page = tmp_path / "sweep.html"
     text = write_report(ReportConfig(runs=runs, out=str(page))).text
     page.write_text(text.replace("</body>", PROBE + "</body>"), encoding="utf-8")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from report_fixtures import BLOCKS, RealRuns, make_sweep_run, session_runs, sweep_results
+from report_fixtures import BLOCKS, RealRuns, session_runs, sweep_runs
 from vitprobe import results as R
 from vitprobe.cli import app
 from vitprobe.report import ReportConfig, build_document, collect_report, make_figures, write_report
@@ -25,21 +25,26 @@ def real(tmp_path_factory: pytest.TempPathFactory) -> RealRuns:
     return session_runs(tmp_path_factory)
 
 
-def test_the_sweep_fields_are_typed_and_checked(real: RealRuns) -> None:
-    one_block = json.loads((real.runs["ckpt-a"] / "results.json").read_text())
-    sweep = sweep_results(one_block)
+@pytest.fixture(scope="module")
+def sweeps(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    return list(sweep_runs(tmp_path_factory).values())
+
+
+def test_the_sweep_fields_are_typed_and_checked(sweeps: list[Path]) -> None:
+    sweep = json.loads((sweeps[0] / "results.json").read_text())  # `vitprobe probe --layer all` wrote it
     parsed = R.parse(sweep)
     assert parsed.to_dict() == sweep and parsed.extra == {}  # every key declared, written back as read
+    assert all(r.extra == {} for r in parsed.readouts.values())
     assert parsed.layer is None and parsed.layers == list(BLOCKS)
-    assert parsed.readouts["abmilp@3"].layer == 3 and parsed.readouts["cls-cat"].layer is None
-    assert parsed.per_layer["mean"].layers == list(BLOCKS) and parsed.blocks_of("mean") == {
-        1: "mean@1", 3: "mean@3", 5: "mean@5"
-    }
-    assert R.split_readout("abmilp@11") == ("abmilp", 11) and R.split_readout("cls-cat+mean") == (
-        "cls-cat+mean", None
-    )
-    assert R.parse(one_block).readouts["cls"].layer is None and "layer" not in R.parse(one_block).to_dict()[
-        "readouts"]["cls"]  # a one-block file is read and written as before  # fmt: skip
+    singles = {f"{p}@{b}" for p in ("cls", "mean", "abmilp") for b in BLOCKS}
+    assert set(parsed.readouts) == singles | {"fusion"}
+    assert parsed.readouts["abmilp@3"].layer == 3 and parsed.readouts["fusion"].layer is None
+    assert parsed.readouts["fusion"].blocks == list(BLOCKS)
+    assert parsed.per_layer["mean"].layers == list(BLOCKS)
+    assert parsed.per_layer["mean"].top1 == [parsed.readouts[f"mean@{b}"].top1 for b in BLOCKS]
+    assert parsed.blocks_of("mean") == {1: "mean@1", 3: "mean@3", 5: "mean@5"}
+    assert R.split_readout("abmilp@11") == ("abmilp", 11)
+    assert R.split_readout("cls-cat+mean") == ("cls-cat+mean", None)
     bad = copy.deepcopy(sweep)
     bad["readouts"]["cls@4"] = bad["readouts"].pop("cls@3")  # block 4 is not swept
     with pytest.raises(R.ResultsError, match=r"readouts.cls@4: block 4 is not one of the blocks \[1, 3, 5\]"):
@@ -50,38 +55,35 @@ def test_the_sweep_fields_are_typed_and_checked(real: RealRuns) -> None:
         R.parse(bad, where="results.json")
 
 
-@pytest.fixture(scope="module")
-def sweeps(real: RealRuns, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    root = tmp_path_factory.mktemp("sweeps")
-    return [make_sweep_run(real, name, root / name) for name in ("ckpt-a", "ckpt-b")]
-
-
-def test_the_pivot_shows_the_last_block_and_every_block_is_in_depth(sweeps: list[Path]) -> None:
+def test_the_pivot_shows_the_last_block_and_every_block_is_in_depth(
+    sweeps: list[Path], real: RealRuns
+) -> None:
     report = collect_report([str(p) for p in sweeps])
-    assert report.readouts() == ["cls", "mean", "abmilp", "cls-cat"]  # pools, not one column per block
+    assert report.readouts() == ["cls", "mean", "abmilp", "fusion"]  # pools, not one column per block
     written = json.loads((sweeps[0] / "results.json").read_text())
     a = report.runs[0]
     for pool in ("cls", "mean", "abmilp"):
         score = a.score(pool)
         assert score.readout == f"{pool}@5" and score.block == 5  # the last block, never the best one
         assert score.top1 == pytest.approx(100 * written["readouts"][f"{pool}@5"]["top1"])
-    assert a.score("cls-cat").block is None
+    assert a.score("fusion").block is None
     depth = {c.pool: c for c in a.depth}
     assert set(depth) == {"cls", "mean", "abmilp"} and depth["mean"].blocks == list(BLOCKS)
     assert depth["mean"].top1 == pytest.approx([100 * t for t in written["per_layer"]["mean"]["top1"]])
     low, high = wilson_interval(written["per_layer"]["mean"]["top1"][0], 24)
     assert depth["mean"].ci[0] == pytest.approx((100 * low, 100 * high))
+    assert depth["abmilp"].flagged == [written["readouts"][f"abmilp@{b}"]["verdict"] != "ok" for b in BLOCKS]
     assert a.provenance.layer is None and a.provenance.layers == list(BLOCKS)
     # the learning curves and weakest classes show the pivot's read-outs, not 3 blocks x 3 pools
-    assert {c.readout for c in a.learning_curves} == {"cls@5", "mean@5", "abmilp@5", "cls-cat"}
-    assert set(a.weakest_classes) <= {"cls@5", "mean@5", "abmilp@5", "cls-cat"}
+    assert {c.readout for c in a.learning_curves} == {"cls@5", "mean@5", "abmilp@5", "fusion"}
+    assert set(a.weakest_classes) <= {"cls@5", "mean@5", "abmilp@5", "fusion"}
     assert any("per-layer sweep over blocks 1, 3, 5" in n for n in a.notes)
     assert a.score("mean@3").delta_vs_cls == pytest.approx(a.score("mean@3").top1 - a.score("cls@3").top1)
 
     doc = build_document(report, make_figures(report))
     tables = {b.id: b for b in doc.blocks if isinstance(b, Table)}
     pivot = tables["pivot"]
-    assert pivot.header[3:] == ["cls", "mean", "abmilp", "cls-cat"]
+    assert pivot.header[3:] == ["cls", "mean", "abmilp", "fusion"]
     assert "block 5" in pivot.rows[0][3].sub and "last (deepest) block" in pivot.caption
     table = tables["depth"]
     assert table.header == ["run", "read-out", "block 1", "block 3", "block 5"]
@@ -90,6 +92,8 @@ def test_the_pivot_shows_the_last_block_and_every_block_is_in_depth(sweeps: list
     assert {r[0].text for r in table.rows} == {"ckpt-a", "ckpt-b"}
     readouts = tables["readouts"]
     assert "block" in readouts.header and {r[3].text for r in readouts.rows} == {"1", "3", "5", "—"}
+    one_block = collect_report([str(real.runs["ckpt-a"])])
+    assert one_block.runs[0].depth == [] and one_block.runs[0].provenance.layers == []  # not a sweep
 
 
 def test_the_depth_figure_names_both_runs_beside_the_analyses(sweeps: list[Path]) -> None:
@@ -113,7 +117,7 @@ def test_csv_and_latex_say_which_block(sweeps: list[Path], tmp_path: Path) -> No
     out = write_report(ReportConfig(runs=runs, out=str(tmp_path / "p.csv"), format="csv"))
     header, first, _ = out.text.splitlines()
     row = dict(zip(header.split(","), first.split(","), strict=True))
-    assert row["cls block"] == "5" and "cls-cat block" not in row
+    assert row["cls block"] == "5" and "fusion block" not in row
     latex = write_report(ReportConfig(runs=runs, out=str(tmp_path / "p.tex"), format="latex")).text
     assert "$_{5}$" in latex and "subscript: the block of a per-layer sweep (its last)" in latex
 

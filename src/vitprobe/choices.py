@@ -80,12 +80,21 @@ PROTOCOL = Choice(
         "logreg": "L-BFGS logistic regression on pooled features",
     },
 )
-LOGREG_POOL = Choice("--pool", {k: POOL.values[k] for k in ("cls", "mean", "cls+mean")})
+LOGREG_POOL = Choice(  # read-outs of pooled features (no trained pooling)
+    "--pool", {k: POOL.values[k] for k in ("cls", "mean", "cls+mean", "cls-cat", "cls-cat+mean")}
+)
 SELECT_ON = Choice(
     "--select-on",
     {
         "holdout": "lr and epoch chosen on a stratified holdout of the train cache",
         "test": "chosen on the test set (optimistic, as papers that report the best test epoch)",
+    },
+)
+SELECT_EPOCH = Choice(
+    "--select-epoch",
+    {
+        "best": "each head at its best epoch on the selection split (early stopping)",
+        "last": "each head at the end of its schedule",
     },
 )
 LOAD = Choice(
@@ -196,6 +205,7 @@ OPTIMIZERS = OPTIMIZER.names
 PROTOCOLS = PROTOCOL.names
 LOGREG_POOLS = LOGREG_POOL.names
 SELECT_ONS = SELECT_ON.names
+SELECT_EPOCHS = SELECT_EPOCH.names
 LOAD_MODES = LOAD.names
 AMP_MODES = AMP.names
 KNN_POOLS = KNN_POOL.names

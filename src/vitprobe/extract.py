@@ -81,7 +81,7 @@ class ExtractConfig:
     out: Path  # the cache directory (created; resumed when it holds the same extraction)
     checkpoint: str | None = None  # weights file or URL for the preset; None = the preset's own weights
     random_init: bool = False  # random weights (tests, offline demos), seeded by `seed`
-    layers: tuple[int, ...] = (-1,)  # blocks whose outputs are stored (before the final norm); -1 = last
+    layers: tuple[int, ...] | str = (-1,)  # blocks stored (before the final norm); -1 = last; "all" = every
     batch_size: int = 64  # images per forward pass; batches never cross a shard boundary
     workers: int = 4  # DataLoader worker processes decoding (or, with decode=gpu, reading) images
     device: str = "auto"  # auto = CUDA when available (the local rank's GPU under torchrun), else CPU

@@ -35,6 +35,7 @@ class HeadSpec:
     abmilp_content: str = "patch"  # "patch": patch tokens only (the paper's best); "all": [cls]/registers too
     queries: int = 4  # learnable queries of the attentive read-out
     n_last_blocks: int = 4  # cls-cat: [cls] of this many last stored blocks (DINOv2 linear eval uses 4)
+    block: int | None = None  # per-layer sweep: the backbone block this read-out reads (named pool@block)
 
     def __post_init__(self) -> None:
         if self.pool not in POOLS:
@@ -48,6 +49,11 @@ class HeadSpec:
                 f"unknown --abmilp-content {self.abmilp_content!r}",
                 f"use one of {', '.join(ABMILP_CONTENTS)}",
             )
+        if self.block is not None and self.pool in MULTI_BLOCK_POOLS:
+            raise ProbeError(
+                f"the {self.pool} read-out reads several blocks and cannot be pinned to block {self.block}",
+                "drop the block from this read-out",
+            )
         if self.abmilp_depth < 0 or self.queries < 1 or self.n_last_blocks < 1:
             raise ProbeError(
                 "--abmilp-depth must be >= 0, --queries and --n-last-blocks >= 1", "fix the value"
@@ -55,7 +61,9 @@ class HeadSpec:
 
     @property
     def name(self) -> str:
-        return self.pool
+        """`pool`, or `pool@block` for one block of a per-layer sweep (e.g. `cls@3`)."""
+        return self.pool if self.block is None else f"{self.pool}@{self.block}"
+
 
     @property
     def needs_patches(self) -> bool:

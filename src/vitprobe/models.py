@@ -151,8 +151,10 @@ class Backbone:
 
         return create_transform(**self.data_config(), is_training=train)
 
-    def layer_indices(self, layers: Sequence[int]) -> list[int]:
-        """Resolve negative block indices (-1 = last block) and check the range."""
+    def layer_indices(self, layers: Sequence[int] | str) -> list[int]:
+        """Resolve negative block indices (-1 = last block) and check the range; "all" = every block."""
+        if layers == "all":
+            return list(range(self.depth))
         out = []
         for layer in layers:
             idx = layer + self.depth if layer < 0 else layer

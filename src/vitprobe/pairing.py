@@ -33,6 +33,20 @@ def resolve_layer(cache: TokenCache, layer: int | None) -> int:
     )
 
 
+def resolve_layers(cache: TokenCache, layer: int | tuple[int, ...] | str | None) -> list[int]:
+    """The blocks `--layer` names, in the cache's order: one block (`resolve_layer`), every block of a
+    tuple (negatives count from the model's last block), or all the cache stores ("all")."""
+    if layer == "all":
+        return sorted(cache.layers)
+    if isinstance(layer, tuple):
+        blocks = [resolve_layer(cache, b) for b in layer]
+        if len(set(blocks)) != len(blocks):
+            raise ProbeError(f"--layer {','.join(map(str, layer))} names a block twice ({blocks})",
+                             "list each block once")
+        return sorted(blocks)
+    return [resolve_layer(cache, layer if isinstance(layer, int) else None)]
+
+
 def backbone_identity(manifest: dict[str, Any]) -> dict[str, Any]:
     """What identifies the backbone a cache came from: timm name, checkpoint id, random-init flag, and for
     random weights the seed that drew them (two random-init caches of one model differ unless it matches)."""

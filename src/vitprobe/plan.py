@@ -240,5 +240,5 @@ def _key_entry(spec: KeySpec) -> dict[str, Any]:
 def _config_dict(config: ExtractConfig) -> dict[str, Any]:
     d = asdict(config)
     d["out"] = str(config.out)
-    d["layers"] = list(config.layers)
+    d["layers"] = config.layers if isinstance(config.layers, str) else list(config.layers)
     return d

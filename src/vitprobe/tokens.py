@@ -561,7 +561,7 @@ def pooled_source(
             if t is None:
                 continue
             if k not in tensors:
-                tensors[k] = torch.empty((source.num_rows, t.shape[-1]), dtype=torch.float32)
+                tensors[k] = torch.empty((source.num_rows, *t.shape[1:]), dtype=torch.float32)  # (n, [L,] D)
             tensors[k][first : first + len(t)].copy_(t)
     tensors["labels"] = source.labels.clone()
     tensors["indices"] = source.indices

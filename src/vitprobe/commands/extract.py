@@ -60,9 +60,11 @@ def _progress(out: Path) -> str:
     return f"{len(manifest['shards'])} of {total} shards written"
 
 
-def parse_layers(text: str) -> tuple[int, ...]:
-    """`-1,-4` -> (-1, -4)."""
-    return parse_number_list(text, "--layers", kind=int, example="-1 or --layers=-1,-4,6")
+def parse_layers(text: str) -> tuple[int, ...] | str:
+    """`-1,-4` -> (-1, -4); `all` -> "all" (every block of the model)."""
+    if text.strip() == "all":
+        return "all"
+    return parse_number_list(text, "--layers", kind=int, example="-1 or --layers=-1,-4,6 or all")
 
 
 def extract(
@@ -74,7 +76,8 @@ def extract(
     checkpoint: CheckpointOpt = None,
     random_init: RandomInitOpt = False,
     layers: Annotated[str, typer.Option(
-        "--layers", help="Blocks to store, comma-separated; negative counts from the end (-1 = last).")
+        "--layers", help="Blocks to store, comma-separated; negative counts from the end (-1 = last); all = "
+        "every block (for per-layer probing: probe --layer all).")
     ] = "-1",
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")] = 64,
     workers: Annotated[int, typer.Option("--workers", min=0, help="DataLoader worker processes.")] = 4,

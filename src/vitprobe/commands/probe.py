@@ -14,7 +14,6 @@ from vitprobe.commands.extract import Interrupted
 from vitprobe.commands.options import (
     DeviceOpt,
     FinalNormOpt,
-    LayerOpt,
     OutputFormat,
     OutputFormatOpt,
     output,
@@ -26,11 +25,14 @@ from vitprobe.errors import ProbeError
 console = Console(highlight=False)
 
 
-Pool = str_choices("Pool", ("cls", "mean", "cls+mean", "abmilp", "attentive"))
+Pool = str_choices(
+    "Pool", ("cls", "mean", "cls+mean", "abmilp", "attentive", "cls-cat", "cls-cat+mean", "fusion")
+)
 Optimizer = str_choices("Optimizer", ("lars", "sgd", "adamw"))
 Protocol = str_choices("Protocol", ("auto", "mae", "ep", "logreg"))
 Amp = str_choices("Amp", ("auto", "off", "bf16"))
 SelectOn = str_choices("SelectOn", ("holdout", "test"))
+SelectEpoch = str_choices("SelectEpoch", ("best", "last"))
 Act = str_choices("Act", ("tanh", "relu"))
 Content = str_choices("Content", ("patch", "all"))
 Load = str_choices("Load", ("auto", "memory", "stream"))
@@ -67,7 +69,21 @@ def probe(
         list[Pool] | None,
         typer.Option("--pool", help="Read-out to train; repeat for several (default: cls, mean, abmilp)."),
     ] = None,
-    layer: LayerOpt = None,
+    layer: Annotated[
+        str | None,
+        typer.Option(
+            "--layer",
+            help="Block(s) to probe: one (default: the deepest stored; negative counts from the model's last "
+            "block, -1 = last), a list (3,7,11) or all: a per-layer sweep trains every read-out on each "
+            "block in the same pass, named pool@block.",
+        ),
+    ] = None,
+    n_last_blocks: Annotated[
+        int,
+        typer.Option(
+            "--n-last-blocks", min=1, help="cls-cat read-outs: [cls] of the last n stored blocks (DINOv2: 4)."
+        ),
+    ] = 4,
     final_norm: FinalNormOpt = False,
     abmilp_depth: Annotated[
         int,
@@ -128,6 +144,14 @@ def probe(
         SelectOn,
         typer.Option("--select-on", help="Pick lr/epoch on a train holdout, or on test (optimistic)."),
     ] = SelectOn.holdout,
+    select_epoch: Annotated[
+        SelectEpoch | None,
+        typer.Option(
+            "--select-epoch",
+            help="Which epoch of each head counts: best (its best evaluation, early stopping; mae, ep) or "
+            "last (the end of its schedule; auto).",
+        ),
+    ] = None,
     holdout: Annotated[float, typer.Option("--holdout", help="Stratified holdout fraction.")] = 0.1,
     refit: Annotated[
         bool,
@@ -187,7 +211,8 @@ def probe(
     cfg = ProbeConfig.from_protocol(
         protocol.value,
         pools=tuple(p.value for p in pool) if pool else None,
-        layer=layer,
+        layer=parse_layer(layer),
+        n_last_blocks=n_last_blocks,
         final_norm=final_norm,
         abmilp_depth=abmilp_depth,
         abmilp_act=abmilp_act.value,
@@ -204,6 +229,7 @@ def probe(
         c_grid=parse_floats(c_grid, "--c-grid") if c_grid is not None else None,
         max_iter=max_iter,
         select_on=select_on.value,
+        select_epoch=select_epoch.value if select_epoch else None,
         holdout=holdout,
         refit=refit,
         eval_every=eval_every,
@@ -237,7 +263,9 @@ def print_results(results: dict[str, Any], console: Console = console) -> None:
     """A rich table of the read-outs' test accuracies and health, then the notes, warnings and fixes."""
     selection = results["selection"]
     protocol = results["protocol"]["name"]
-    title = f"probe ({protocol}), block {results['layer']}" + (
+    layers = results.get("layers") or [results["layer"]]
+    where = f"block {layers[0]}" if len(layers) == 1 else f"blocks {', '.join(map(str, layers))}"
+    title = f"probe ({protocol}), {where}" + (
         " + final norm" if results["final_norm"] else ""
     )
     title += f" — selected on {selection['split']}" + (" (optimistic)" if selection["optimistic"] else "")
@@ -263,6 +291,23 @@ def print_results(results: dict[str, Any], console: Console = console) -> None:
             f"[yellow]{escape(codes)}[/]" if flagged else "[green]ok[/]",
         )
     console.print(table)
+    per_layer = results.get("per_layer")
+    if per_layer:
+        depth = Table(title="test top-1 by block")
+        depth.add_column("read-out")
+        for block in layers:
+            depth.add_column(str(block), justify="right")
+        for pool, entry in per_layer.items():
+            by_block = dict(zip(entry["layers"], entry["top1"], strict=True))
+            best = max(by_block, key=lambda b: by_block[b])
+            depth.add_row(
+                pool,
+                *(
+                    f"[bold]{100 * by_block[b]:.2f}[/]" if b == best else f"{100 * by_block[b]:.2f}"
+                    for b in layers
+                ),
+            )
+        console.print(depth)
     if schedule:
         console.print(
             f"[dim]schedule: batch {schedule['batch_size']}, {schedule['epochs']} epochs × "
@@ -288,3 +333,9 @@ def print_results(results: dict[str, Any], console: Console = console) -> None:
             )
     for warning in results["warnings"]:
         console.print(f"[bold yellow]warning:[/] {escape(warning)}")
+def parse_layer(text: str | None) -> int | tuple[int, ...] | str | None:
+    """`--layer`: None, "all", one block ("-1") or a list of blocks ("3,7,11")."""
+    if text is None or text.strip() == "all":
+        return None if text is None else "all"
+    blocks = parse_number_list(text, "--layer", kind=int, example="-1, 3,7,11 or all")
+    return blocks[0] if len(blocks) == 1 else blocks

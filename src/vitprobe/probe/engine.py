@@ -77,6 +77,7 @@ class BankRun:
     wds: tuple[float, ...]  # each head's weight decay
     stop_epoch: int  # train up to and including this epoch (1-based)
     layer: int | None = None  # position on the batch's layer axis; None when the batch has one block
+    select_last: bool = False  # heads count at the end of their schedule, not at their best evaluation
     curves: dict[str, list[Any]] = field(default_factory=dict)  # "epoch": [...], other keys: [[K values]]
     best_score: torch.Tensor | None = None  # (K,) selection top-1 of each head's best state
     best_loss: torch.Tensor | None = None  # (K,)
@@ -112,6 +113,7 @@ def make_run(
     device: torch.device,
     layer: int | None = None,
     blocks: int = 1,
+    select_last: bool = False,
 ) -> BankRun:
     """A bank of len(blrs) heads for `spec` (head k: base lr blrs[k], lr lrs[k], weight decay wds[k]; all 0
     when None), all from the seed's initial head; `blocks` stored blocks for multi-block read-outs."""
@@ -128,6 +130,7 @@ def make_run(
         wds=wds,
         stop_epoch=stop_epoch,
         layer=layer,
+        select_last=select_last,
         best_score=torch.full((len(blrs),), -1.0),
         best_loss=torch.full((len(blrs),), float("inf")),
         best_epoch=[0] * len(blrs),
@@ -342,7 +345,10 @@ def _evaluate_and_select(
             continue
         top1 = torch.tensor([m.top1 for m in scores[select][i]])
         loss = torch.tensor([m.loss for m in scores[select][i]])
-        better = finite & ((top1 > r.best_score) | ((top1 == r.best_score) & (loss < r.best_loss)))
+        if r.select_last:  # the state at the end of the schedule, whatever the earlier evaluations said
+            better = finite & torch.tensor(done == r.stop_epoch)
+        else:
+            better = finite & ((top1 > r.best_score) | ((top1 == r.best_score) & (loss < r.best_loss)))
         for k in better.nonzero().flatten().tolist():
             r.best_score[k], r.best_loss[k], r.best_epoch[k] = top1[k], loss[k], done
             r.best_states[k] = r.bank.head_state(k)

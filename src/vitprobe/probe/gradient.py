@@ -37,9 +37,14 @@ def train_gradient(
     device: torch.device,
     norm: dict[str, Any] | None,
     num_classes: int,
+    positions: dict[str, int | None],
+    blocks: int,
 ) -> dict[str, ReadoutResult]:
     """Train one bank per read-out on `fit_split`, choose each read-out's head on `selection` (None: no
-    image to select on — the middle of the grid at the last epoch), refit on `full_split` if asked, test."""
+    image to select on — the middle of the grid at the last epoch), refit on `full_split` if asked, test.
+
+    `positions[name]`: the read-out's position on the batches' block axis (`train_probes`); `blocks`: the
+    length of that axis (1 without one)."""
     dim = fit_split.source.dim
     blrs = [blr for blr, _ in cfg.grid]  # head k of every bank: (base lr, weight decay) = cfg.grid[k]
     wds = [wd for _, wd in cfg.grid]
@@ -65,6 +70,9 @@ def train_gradient(
             optimizer=cfg.optimizer_spec,
             stop_epoch=schedule.epochs,
             device=device,
+            layer=positions.get(spec.name),
+            blocks=blocks,
+            select_last=cfg.select_epoch == "last",
         )
         for spec in specs
     ]
@@ -102,7 +110,7 @@ def train_gradient(
 
     finals: dict[str, ProbeHead] = {}
     for name, (r, k) in chosen.items():
-        finals[name] = build_head(r.spec, dim, num_classes)
+        finals[name] = build_head(r.spec, dim, num_classes, blocks=blocks)
         finals[name].load_state_dict(r.best_states[k])
     if cfg.refit:  # ProbeConfig refuses --refit with --select-on test
         refits = {
@@ -117,6 +125,8 @@ def train_gradient(
                 optimizer=cfg.optimizer_spec,
                 stop_epoch=r.best_epoch[k],
                 device=device,
+                layer=r.layer,
+                blocks=blocks,
             )
             for name, (r, k) in chosen.items()
         }
@@ -133,7 +143,10 @@ def train_gradient(
         for name, refit in refits.items():
             finals[name].load_state_dict(refit.best_states[0])
     banks = [
-        (load_heads(chosen[n][0].spec, [h.eval()], dim, num_classes).to(device), None)
+        (
+            load_heads(chosen[n][0].spec, [h.eval()], dim, num_classes, blocks=blocks).to(device),
+            chosen[n][0].layer,
+        )
         for n, h in finals.items()
     ]
     tested = evaluate(

@@ -4,7 +4,7 @@ As DINOv2's `eval/log_regression.py` and CLIP's linear-probe evaluation: multino
 with an L2 penalty, minimising C·Σ_i CE_i + ½‖W‖² (scikit-learn's objective; the intercept is not
 penalised) over a grid of C, warm-started from the previous C. Features are standardised with the fit
 rows' mean and variance, exactly what `BatchNorm1d(affine=False, eps=1e-6)` does in eval mode, so the
-fitted model is saved as an ordinary `ProbeHead` (BN statistics + Linear) that `--predict` can use.
+fitted model is saved as an ordinary `ProbeHead` (BN statistics + Linear) that `vitprobe predict` can use.
 Parity with scikit-learn's LogisticRegression: tests/test_probe_logreg.py.
 """
 
@@ -149,17 +149,16 @@ def pooled_features(
     device: torch.device,
     norm: dict[str, Any] | None,
     dtype: torch.dtype,
+    position: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The read-out vector (B, F) of every row of a split (view 0), and the labels."""
+    """The read-out vector (B, F) of every row of a split (view 0), and the labels: the parameter-free
+    read-out of `spec` itself (cls, mean, cls+mean, cls-cat), at block `position` of a batch with a block
+    axis (None: the batch has one block, or the read-out reads them all)."""
+    readout = build_head(spec, split.source.dim, 2).readout.to(device)
     feats, labels = [], []
     for batch in iter_batches(split, keys, 4096):
-        tokens = to_tokens(batch, device, norm)
-        if spec.pool == "cls":
-            f = tokens.cls
-        elif spec.pool == "mean":
-            f = tokens.patch_mean()
-        else:
-            f = torch.cat([tokens.cls, tokens.patch_mean()], dim=-1)  # (B, 2D)
+        tokens = to_tokens(batch, device, norm, layer=position)
+        f, _ = readout(tokens)  # (B, F)
         feats.append(f.to(dtype))
         labels.append(batch["labels"].to(device).long())
     return torch.cat(feats), torch.cat(labels)
@@ -179,6 +178,8 @@ def train_logreg(
     device: torch.device,
     norm: dict[str, Any] | None,
     num_classes: int,
+    positions: dict[str, int | None],
+    blocks: int,
 ) -> dict[str, ReadoutResult]:
     """`--protocol logreg`: sweep C per read-out, choose on `selection` (None: C nearest 1), refit, test.
 
@@ -192,6 +193,7 @@ def train_logreg(
     all_rows = torch.sort(torch.cat([fit_split.rows, selection.rows]) if held else fit_split.rows).values
     out: dict[str, ReadoutResult] = {}
     for spec in specs:
+        get["position"] = positions.get(spec.name)
         x_fit, y_fit = pooled_features(fit_split, spec, **get)
         x_test, y_test = pooled_features(test_split, spec, **get)
         x_sel, y_sel = pooled_features(selection, spec, **get) if selection is not None else (None, None)
@@ -227,9 +229,9 @@ def train_logreg(
                 init=(best.weight, best.bias),
             )
         head = to_head(spec, best, head_mean.float().cpu(), head_var.float().cpu(), dim)
-        bank = load_heads(spec, [head], dim, num_classes).to(device)
+        bank = load_heads(spec, [head], dim, num_classes, blocks=blocks).to(device)
         test = evaluate(
-            [(bank, None)],
+            [(bank, positions.get(spec.name))],
             test_split,
             keys,
             batch_size=4096,

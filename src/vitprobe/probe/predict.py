@@ -12,7 +12,7 @@ from vitprobe.errors import ProbeError
 from vitprobe.heads import HeadSpec
 from vitprobe.probe.protocols import ProbeConfig
 from vitprobe.probe.runs import needed_keys, resolve_specs
-from vitprobe.probe.saved import FORMAT_VERSION, check_head_matches_cache, load_head
+from vitprobe.probe.saved import FORMAT_VERSION, check_head_matches_cache, head_blocks, load_head
 from vitprobe.tokens import CacheSource, Split, cache_token_keys, final_norm_state, iter_batches, to_tokens
 
 
@@ -78,7 +78,8 @@ def predict(
     device = resolve_device(cfg.device)
     head = head.to(device)
     norm = final_norm_state(cache, device) if meta["final_norm"] else None
-    source = CacheSource(cache, int(meta["layer"]))
+    blocks = head_blocks(meta)
+    source = CacheSource(cache, blocks if meta.get("blocks") else blocks[0])
     split = Split("cache", source, torch.arange(source.num_rows))
     positions = split.epoch_rows(None)
     num_classes = int(meta["num_classes"])
@@ -104,6 +105,7 @@ def predict(
         "cache": str(cache.path),
         "pool": spec.pool,
         "layer": meta["layer"],
+        "blocks": meta.get("blocks"),
         "num_samples": len(labels),
         "top1": float(hit1.float().mean()),
         "top5": float((top == labels[:, None]).any(dim=1).float().mean()),

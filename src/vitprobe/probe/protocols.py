@@ -19,9 +19,10 @@ from vitprobe.probe.optim import OPTIMIZERS, OptimizerSpec
 from vitprobe.tokens import num_batches
 
 SELECT_ON = ("holdout", "test")
+SELECT_EPOCH = ("best", "last")
 LOAD_MODES = ("auto", "memory", "stream")
 AMP_MODES = ("auto", "off", "bf16")
-LOGREG_POOLS = ("cls", "mean", "cls+mean")
+LOGREG_POOLS = ("cls", "mean", "cls+mean", "cls-cat", "cls-cat+mean")
 # Base lrs (at batch 256) of the default grid: 13 values over four decades in 1-2-5 steps. DINOv2's linear
 # evaluation trains a 13-value grid side by side (dinov2/eval/linear.py: 1e-5 .. 0.1 on raw features); on
 # BatchNorm-standardised features the optimum sits higher (0.1 .. 10 on small real data: docs/probing.md).
@@ -121,7 +122,10 @@ class ProbeConfig:
     protocol: str = "auto"  # the named recipe the defaults came from (PROTOCOLS)
     overrides: tuple[str, ...] = ()  # fields the user set on top of the protocol
     pools: tuple[str, ...] = ("cls", "mean", "abmilp")  # read-outs (Beyond [cls] compares these three)
-    layer: int | None = None  # block to probe when the cache holds several; None = the deepest one stored
+    # block(s) to probe: one block (negative counts from the last), a tuple of blocks or "all" (a per-layer
+    # sweep: every read-out on every block, named pool@block); None = the deepest block stored
+    layer: int | tuple[int, ...] | str | None = None
+    n_last_blocks: int = 4  # cls-cat read-outs: [cls] of the last n stored blocks (DINOv2 linear eval: 4)
     final_norm: bool = False  # apply the backbone's final LayerNorm to tokens first (timm forward_features)
     abmilp_depth: int = 0  # extra Linear+act layers before the AbMILP score (0 = paper's D+1-param score)
     abmilp_act: str = "tanh"  # activation of those layers (the Beyond [cls] reference default)
@@ -137,6 +141,9 @@ class ProbeConfig:
     min_steps: int = 12_500  # minimum optimiser steps: epochs grow until the run has this many
     warmup_epochs: float = 0.0  # linear warm-up (epochs), then half-cosine to 0, per step
     select_on: str = "holdout"  # pick lr and epoch on a held-out train split; "test" is optimistic
+    # which epoch of each head counts: "best" = its best evaluation on the selection split (early stopping,
+    # the papers' max over epochs), "last" = the end of its schedule (a regularisation path, as a C sweep)
+    select_epoch: str = "best"
     holdout: float = 0.1  # stratified fraction of the train cache held out for selection
     refit: bool = False  # after selection, retrain on the full train cache with the chosen lr and epochs
     eval_every: int = 0  # evaluate every N epochs (and at the last); 0 = about 100 evaluations per run
@@ -198,6 +205,7 @@ class ProbeConfig:
             abmilp_act=self.abmilp_act,
             abmilp_content=self.abmilp_content,
             queries=self.queries,
+            n_last_blocks=self.n_last_blocks,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -225,6 +233,7 @@ def _check(cfg: ProbeConfig) -> None:
         raise ProbeError(f"unknown --optimizer {cfg.optimizer!r}", f"use one of {', '.join(OPTIMIZERS)}")
     for name, value, allowed in (
         ("--select-on", cfg.select_on, SELECT_ON),
+        ("--select-epoch", cfg.select_epoch, SELECT_EPOCH),
         ("--load", cfg.load, LOAD_MODES),
         ("--amp", cfg.amp, AMP_MODES),
     ):
@@ -280,6 +289,10 @@ def _check(cfg: ProbeConfig) -> None:
     _finite_positive(cfg.c_grid, "--c-grid", "0.01,1,100")
     if not cfg.pools:
         raise ProbeError("no read-out to train", f"pass --pool {' / '.join(POOLS)}")
+    if isinstance(cfg.layer, str) and cfg.layer != "all":
+        raise ProbeError(f"--layer {cfg.layer!r}", "pass a block (e.g. -1), a list (3,7,11) or all")
+    if isinstance(cfg.layer, tuple) and (not cfg.layer or len(set(cfg.layer)) != len(cfg.layer)):
+        raise ProbeError(f"--layer {cfg.layer} is empty or names a block twice", "list each block once")
     if cfg.protocol == "logreg":
         wrong = [p for p in cfg.pools if p not in LOGREG_POOLS]
         if wrong:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,6 +23,7 @@ from vitprobe.results import validate
 if TYPE_CHECKING:
     from rich.console import Console
 
+    from vitprobe.cache import TokenCache
     from vitprobe.probe.train import ReadoutResult
 
 RESULTS_FORMAT = "vitprobe-probe-results"
@@ -90,6 +92,76 @@ def resolve_specs(
     return specs, notes
 
 
+@dataclass(frozen=True)
+class LayerPlan:
+    """Which stored blocks a run reads and which read-out reads which.
+
+    `blocks` are the blocks `--layer` names (one, or several for a per-layer sweep, where every
+    single-block read-out is trained on each, named pool@block); `read` are the blocks the caches are
+    read at, in order: `blocks`, plus every stored block when a multi-block read-out (cls-cat, fusion) is
+    asked for.
+    """
+
+    blocks: list[int]
+    read: list[int]
+
+    @property
+    def sweep(self) -> bool:
+        return len(self.blocks) > 1
+
+    def expand(self, specs: Sequence[HeadSpec]) -> list[HeadSpec]:
+        """One spec per (single-block read-out, block) in a sweep; multi-block read-outs once."""
+        if not self.sweep:
+            return list(specs)
+        singles = [replace(s, block=b) for s in specs if not s.multi_block for b in self.blocks]
+        return singles + [s for s in specs if s.multi_block]
+
+    def block(self, spec: HeadSpec) -> int | None:
+        """The block a read-out reads (None for multi-block read-outs)."""
+        if spec.multi_block:
+            return None
+        return spec.block if spec.block is not None else self.blocks[0]
+
+    def position(self, spec: HeadSpec) -> int | None:
+        """The read-out's position on the batch's block axis (None: the batch has one block, or it reads
+        them all)."""
+        block = self.block(spec)
+        return None if len(self.read) == 1 or block is None else self.read.index(block)
+
+    def summary(self, specs: Sequence[HeadSpec], readouts: dict[str, Any]) -> dict[str, Any]:
+        """results.json `per_layer`: test top-1 of each single-block read-out by block, in block order."""
+        out: dict[str, Any] = {}
+        for spec in specs:
+            if spec.block is None:
+                continue
+            entry = out.setdefault(spec.pool, {"layers": [], "top1": [], "top1_std": []})
+            entry["layers"].append(spec.block)
+            entry["top1"].append(readouts[spec.name].test.top1)
+            entry["top1_std"].append(readouts[spec.name].top1_std)
+        return out
+
+
+def layer_plan(cache: TokenCache, cfg: ProbeConfig) -> LayerPlan:
+    """The blocks `cfg.layer` names in `cache`, and those to read for `cfg.pools` (see `LayerPlan`)."""
+    from vitprobe.pairing import resolve_layers
+
+    blocks = resolve_layers(cache, cfg.layer)
+    multi = [p for p in dict.fromkeys(cfg.pools) if cfg.head_spec(p).multi_block]
+    stored = sorted(cache.layers)
+    for pool in multi:
+        need = cfg.n_last_blocks if pool.startswith("cls-cat") else 2
+        if len(stored) < need:
+            raise ProbeError(
+                f"the {pool} read-out needs {need} or more stored blocks, and the cache {cache.path} holds "
+                f"{stored}",
+                "extract the cache with several --layers (e.g. --layers "
+                + ",".join(str(-i) for i in range(need, 0, -1))
+                + ")",
+            )
+    read = sorted(set(blocks) | set(stored)) if multi else blocks
+    return LayerPlan(blocks=blocks, read=read)
+
+
 def clean(value: Any) -> Any:
     """`value` with every non-finite float replaced by None (results.json is strict JSON)."""
     if isinstance(value, float):
@@ -133,7 +205,7 @@ def run_probe(
 
     from vitprobe.cache import open_cache
     from vitprobe.devices import resolve_device
-    from vitprobe.pairing import backbone_identity, check_pair, pair_warnings, resolve_layer
+    from vitprobe.pairing import backbone_identity, check_pair, pair_warnings
     from vitprobe.probe.saved import save_head
     from vitprobe.probe.train import train_probes
     from vitprobe.tokens import CacheSource, cache_token_keys, final_norm_state
@@ -147,8 +219,9 @@ def run_probe(
         )
     train_cache = open_cache(train_path)
     test_cache = open_cache(test_path)
-    layer = resolve_layer(train_cache, cfg.layer)
-    check_pair(train_cache, test_cache, layer)
+    probed = layer_plan(train_cache, cfg)
+    for block in probed.read:
+        check_pair(train_cache, test_cache, block)
     available = frozenset(cache_token_keys(train_cache)) & frozenset(cache_token_keys(test_cache))
     partial = [
         f"{name} cache {c.path} (--tokens {c.tokens})"
@@ -157,12 +230,23 @@ def run_probe(
     ]
     where = " and ".join(partial) or "the caches"
     specs, notes = resolve_specs(cfg, available, explicit=explicit_pools, where=where)
+    specs = probed.expand(specs)
     keys = needed_keys(specs, available, cfg.final_norm)
     device = resolve_device(cfg.device)
     norm = final_norm_state(train_cache, device) if cfg.final_norm else None
-    train_src, test_src = CacheSource(train_cache, layer), CacheSource(test_cache, layer)
+    at = probed.read[0] if len(probed.read) == 1 else probed.read  # one block, or a block axis
+    train_src, test_src = CacheSource(train_cache, at), CacheSource(test_cache, at)
     outcome = train_probes(
-        train_src, test_src, cfg, specs, keys=keys, norm=norm, device=device, console=console
+        train_src,
+        test_src,
+        cfg,
+        specs,
+        keys=keys,
+        norm=norm,
+        device=device,
+        console=console,
+        positions={s.name: probed.position(s) for s in specs},
+        blocks=len(probed.read),
     )
 
     identity = backbone_identity(train_cache.manifest)
@@ -184,7 +268,8 @@ def run_probe(
                 staging / f"{spec.name}.safetensors",
                 spec=spec,
                 cache=train_cache,
-                layer=layer,
+                layer=probed.block(spec),
+                blocks=probed.read if spec.multi_block else None,
                 final_norm=cfg.final_norm,
                 blr=r.blr,
                 lr=r.lr,
@@ -192,7 +277,11 @@ def run_probe(
                 protocol=cfg.protocol,
                 C=r.C,
             )
-            readouts[spec.name] = readout_json(r, train_cache.class_names, Path("heads") / head_file.name)
+            readouts[spec.name] = {
+                **readout_json(r, train_cache.class_names, Path("heads") / head_file.name),
+                "layer": probed.block(spec),
+                "blocks": probed.read if spec.multi_block else None,
+            }
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -213,7 +302,9 @@ def run_probe(
         "health": {"ok": not flagged, "flagged": flagged},
         "warnings": warnings,
         "notes": notes + repaired,
-        "layer": layer,
+        "layer": probed.blocks[0] if not probed.sweep else None,
+        "layers": probed.blocks,
+        "per_layer": probed.summary(specs, outcome.readouts) if probed.sweep else None,
         "final_norm": cfg.final_norm,
         "num_classes": train_cache.num_classes,
         "class_names": list(train_cache.class_names),

@@ -30,8 +30,9 @@ def save_head(
     *,
     spec: HeadSpec,
     cache: TokenCache,
-    layer: int,
+    layer: int | None,
     final_norm: bool,
+    blocks: list[int] | None = None,
     blr: float | None = None,
     lr: float | None = None,
     epoch: int | None = None,
@@ -39,6 +40,9 @@ def save_head(
     C: float | None = None,
 ) -> Path:
     """Write a head's weights (safetensors) and, beside them, JSON saying what it was trained on.
+
+    `layer` is the block a single-block read-out reads; a multi-block read-out (cls-cat, fusion) has
+    `layer` None and `blocks`, the stored blocks it reads in order.
 
     The safetensors metadata is one JSON string with sorted keys (the library writes several metadata keys
     in random order, which would make identical heads' bytes differ)."""
@@ -60,6 +64,7 @@ def save_head(
         "spec": asdict(spec),
         "backbone": {"spec": model.get("spec"), **backbone_identity(cache.manifest)},
         "layer": layer,
+        "blocks": blocks,
         "final_norm": final_norm,
         "final_norm_eps": float(cache.manifest.get("final_norm", {}).get("eps", 1e-6))
         if final_norm
@@ -109,7 +114,10 @@ def load_head(path: str | Path) -> tuple[ProbeHead, dict[str, Any]]:
             "pass a heads/<pool>.json written by `vitprobe probe`",
         )
     try:
-        head = build_head(HeadSpec(**meta["spec"]), int(meta["dim"]), int(meta["num_classes"]))
+        blocks = meta.get("blocks") or [meta["layer"]]
+        head = build_head(
+            HeadSpec(**meta["spec"]), int(meta["dim"]), int(meta["num_classes"]), blocks=len(blocks)
+        )
         for key in ("backbone", "layer", "final_norm", "class_names", "pool"):
             meta[key]  # noqa: B018 - every reader below needs these
     except (KeyError, TypeError, ValueError) as exc:
@@ -140,8 +148,16 @@ def check_head_matches_cache(meta: dict[str, Any], cache: TokenCache) -> None:
     problem = identity_mismatch(head, token_identity(cache.manifest))
     if problem is not None:
         raise ProbeError(f"{where}: {problem[0]}", problem[1])
-    if meta["layer"] not in cache.layers:
+    blocks = head_blocks(meta)
+    missing = [b for b in blocks if b not in cache.layers]
+    if missing:
+        trained = f"block {blocks[0]}" if len(blocks) == 1 else f"blocks {blocks}"
         raise ProbeError(
-            f"{where}: the head was trained on block {meta['layer']}, the cache holds {list(cache.layers)}",
-            "extract that block with --layers",
+            f"{where}: the head was trained on {trained}, the cache holds {list(cache.layers)}",
+            "extract that block with --layers" if len(blocks) == 1 else "extract those blocks with --layers",
         )
+
+
+def head_blocks(meta: dict[str, Any]) -> list[int]:
+    """The stored blocks a saved head reads: its `blocks` (multi-block read-outs) or its one `layer`."""
+    return [int(b) for b in meta.get("blocks") or [meta["layer"]]]

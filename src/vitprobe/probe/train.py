@@ -67,8 +67,14 @@ def train_probes(
     norm: dict[str, Any] | None = None,
     device: torch.device | None = None,
     console: Console | None = None,
+    positions: dict[str, int | None] | None = None,
+    blocks: int = 1,
 ) -> ProbeOutcome:
-    """Train, select, optionally refit and test every read-out of `specs` on the sources."""
+    """Train, select, optionally refit and test every read-out of `specs` on the sources.
+
+    Sources of several blocks have a block axis (B, L, ...) of `blocks` blocks; `positions` gives each
+    single-block read-out's position on it (None or absent: the batch has one block, or the read-out reads
+    them all)."""
     device = device or torch.device("cpu")
     start = time.perf_counter()
     if norm is not None:
@@ -103,6 +109,8 @@ def train_probes(
         "norm": norm,
         "device": device,
         "console": console,
+        "positions": positions or {},
+        "blocks": blocks,
     }
     if not cfg.lowshot:
         outcome = _trial(rows=all_rows, seed=cfg.seed, **trial)
@@ -132,7 +140,7 @@ def train_probes(
             "pinned": pin,
             "pooled_features": pooled and cfg.load != "stream",
             "device": str(device),
-            "heads": sum(len(cfg.c_grid if cfg.protocol == "logreg" else cfg.lr_grid) for _ in specs),
+            "heads": len(specs) * (len(cfg.c_grid) if cfg.protocol == "logreg" else len(cfg.grid)),
         }
     )
     return outcome
@@ -151,6 +159,8 @@ def _trial(
     norm: dict[str, Any] | None,
     device: torch.device,
     console: Console | None,
+    positions: dict[str, int | None],
+    blocks: int,
 ) -> ProbeOutcome:
     """One training of every read-out on the train `rows` (all of them, or a low-shot subset)."""
     selection: Split | None
@@ -179,7 +189,14 @@ def _trial(
         "selection_rows": len(selection.epoch_rows(None)) if selection is not None else 0,
         "test_rows": len(test_split.epoch_rows(None)),
     }
-    common = {"keys": keys, "device": device, "norm": norm, "num_classes": train_src.num_classes}
+    common = {
+        "keys": keys,
+        "device": device,
+        "norm": norm,
+        "num_classes": train_src.num_classes,
+        "positions": positions,
+        "blocks": blocks,
+    }
     schedule = None
     if cfg.protocol == "logreg":
         readouts = logreg.train_logreg(
@@ -225,9 +242,14 @@ def _rule(cfg: ProbeConfig, selection: Split | None) -> str:
             "no image could be held out (every class has one train image): the middle of the grid and "
             "the last epoch are reported, unselected"
         )
+    epochs = "at the last epoch of each head" if cfg.select_epoch == "last" else "and epochs"
+    if cfg.protocol == "logreg":
+        epochs = "of C"
     if cfg.select_on == "holdout":
         return (
-            "max top-1 over the grid (and epochs) on a stratified holdout of the train rows, ties to the "
+            f"max top-1 over the grid ({epochs}) on a stratified holdout of the train rows, ties to the "
             "lower holdout loss; test reported at that choice"
         )
-    return "max test top-1 over the grid (and epochs): optimistic, as papers that report the best test epoch"
+    return (
+        f"max test top-1 over the grid ({epochs}): optimistic, as papers that report the best test epoch"
+    )

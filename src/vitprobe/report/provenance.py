@@ -46,7 +46,7 @@ def provenance(run: Run) -> RunProvenance:
         split=cache.split if cache else (data.split if data else None),
         fingerprint=cache.fingerprint if cache else (data.fingerprint if data else None),
         layer=probe.layer if probe else (knn.layer if knn else None),
-        layers=list(probe.layers or []) if probe else [],
+        layers=list(probe.layers or []) if probe and probe.layer is None else [],  # a sweep's blocks
         versions=dict(versions),
         commands=list(dict.fromkeys(commands)),
         git=list(dict.fromkeys(gits)),

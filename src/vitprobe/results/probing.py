@@ -109,11 +109,13 @@ class PerLayer(Model):
 
     layers: list[int]  # 0-based blocks
     top1: list[float]
+    top1_std: list[float | None] | None = opt()  # low-shot: the std over seeds per block (else nulls)
 
     @classmethod
     def from_dict(cls, data: Any, *, where: str = "") -> PerLayer:
         made = super().from_dict(data, where=where)
-        if len(made.layers) != len(made.top1) or made.layers != sorted(set(made.layers)):
+        lengths = {len(made.layers), len(made.top1), len(made.top1_std or made.top1)}
+        if len(lengths) != 1 or made.layers != sorted(set(made.layers)):
             raise ResultsError(
                 f"{where}: {len(made.top1)} top-1 values for the blocks {made.layers} (one per block, "
                 "blocks in increasing order)",
@@ -148,7 +150,8 @@ class Readout(Model):
     sweep: list[dict[str, Any]] | None
     top1_std: float | None = None  # low-shot: std of the test top-1 over seeds
     seeds: list[SeedResult] | None = None  # low-shot: each seed's test top-1 and choices
-    layer: int | None = opt()  # per-layer sweeps: the block read; null for multi-block read-outs
+    layer: int | None = opt()  # the block read; null for multi-block read-outs (`blocks`)
+    blocks: list[int] | None = opt()  # the blocks a multi-block read-out reads (cls-cat, fusion)
 
     def curve(self) -> Curve | None:
         """The curves of the chosen head (None for logreg, which has no epochs)."""
@@ -214,6 +217,7 @@ class ProbeConfigRecord(Model):
     overrides: list[str]
     pools: list[str]
     layer: int | list[int] | str | None  # a block (< 0: from the end), blocks of a sweep, "all"; None: last
+    n_last_blocks: int = 4  # cls-cat read-outs: [cls] of the last n stored blocks
     final_norm: bool
     abmilp_depth: int
     abmilp_act: str
@@ -229,6 +233,7 @@ class ProbeConfigRecord(Model):
     min_steps: int
     warmup_epochs: float
     select_on: str
+    select_epoch: str = "best"  # best (early stopping) or last (heads compared at the end of the schedule)
     holdout: float
     refit: bool
     eval_every: int
@@ -330,7 +335,7 @@ class Predictions(Versioned):
     head: str
     cache: str
     pool: str
-    layer: int
+    layer: int | None  # 0-based block; null for a multi-block head (`blocks`)
     num_samples: int
     top1: float
     top5: float
@@ -338,6 +343,7 @@ class Predictions(Versioned):
     predictions: list[Prediction]
     maps: str | None = opt()
     provenance: Provenance | None = opt()
+    blocks: list[int] | None = opt()  # the blocks a multi-block head read
 
 
 @model
@@ -362,7 +368,8 @@ class HeadMeta(Versioned):
     options: dict[str, Any]
     spec: dict[str, Any]  # the HeadSpec fields
     backbone: HeadBackbone
-    layer: int  # 0-based block index
+    layer: int | None  # 0-based block index; null for a multi-block read-out (`blocks`)
+    blocks: list[int] | None = opt()  # the blocks a multi-block read-out reads (cls-cat, fusion)
     final_norm: bool
     final_norm_eps: float | None
     num_classes: int
