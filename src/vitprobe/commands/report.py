@@ -53,8 +53,9 @@ def report(
 ) -> None:
     """Report results.json / knn.json / attention.json / frequency.json / localization.json of runs.
 
-    Starts with the pivot table (runs × read-outs, 95 % intervals, selected lr and epoch, probe-health
-    verdicts); every table and legend names the run.
+    Starts with the pivot table (runs × read-outs, 95 % intervals, selected lr, weight decay and epoch,
+    probe-health verdicts; low-shot runs as mean ± std over seeds; a per-layer sweep at its last block, with
+    every block in Accuracy vs depth); every table and legend names the run.
     """
     from vitprobe.output import Output
     from vitprobe.report import ReportConfig, write_report
