@@ -15,7 +15,18 @@ runner = CliRunner()
 def test_help_lists_every_command() -> None:
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
-    for command in ("models", "data", "extract", "probe", "knn", "analyze", "report", "demo"):
+    for command in (
+        "models",
+        "data",
+        "extract",
+        "probe",
+        "predict",
+        "knn",
+        "analyze",
+        "report",
+        "run",
+        "demo",
+    ):
         assert command in result.output
 
 
@@ -74,3 +85,12 @@ def test_error_messages_keep_brackets_literal(tmp_path) -> None:
 
     text = format_error(VitprobeError("bad [cls] token in [red]x", "use --pool mean"))
     assert "\\[cls]" in text and "\\[red]x" in text  # escaped, so rich prints them as written
+
+
+def test_error_lines_are_not_wrapped_in_logs(tmp_path) -> None:  # noqa: ANN001
+    long = tmp_path / ("x" * 120)
+    cmd = [sys.executable, "-m", "vitprobe", "data", "show", f"cub:{long}"]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    assert out.returncode == 1
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and str(long) in lines[0]  # one line however long, when stderr is not a terminal

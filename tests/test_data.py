@@ -436,7 +436,7 @@ def test_cli_show_json_matches_describe(tmp_path: Path) -> None:
     root = _cub_tree(tmp_path)
     result = runner.invoke(app, ["data", "show", f"cub:{root}", "--json"])
     assert result.exit_code == 0, result.output
-    shown = json.loads(result.output)
+    shown = json.loads(result.stdout)
     assert list(shown["splits"]) == ["train", "test"]
     assert shown["splits"]["test"] == open_dataset(f"cub:{root}", "test").describe()
 
@@ -472,7 +472,7 @@ def test_cli_make_synthetic_then_show(tmp_path: Path) -> None:
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert json.loads((out / "synthetic.json").read_text())["seed"] == 5
-    shown = json.loads(runner.invoke(app, ["data", "show", f"cub:{out}", "--json"]).output)
+    shown = json.loads(runner.invoke(app, ["data", "show", f"cub:{out}", "--json"]).stdout)
     assert {name: s["num_images"] for name, s in shown["splits"].items()} == {"train": 8, "test": 8}
     assert runner.invoke(app, args).exit_code == 1  # refuses to overwrite
 
@@ -482,7 +482,7 @@ def test_cli_kinds_lists_every_kind_and_docs_describe_each(tmp_path: Path) -> No
 
     result = runner.invoke(app, ["data", "kinds", "--json"])
     assert result.exit_code == 0, result.output
-    shown = json.loads(result.output)
+    shown = json.loads(result.stdout)["kinds"]
     assert [row["kind"] for row in shown] == list(KINDS)
     assert {p["name"] for p in next(r for r in shown if r["kind"] == "dtd")["params"]} == {"partition"}
     docs = (Path(__file__).parents[1] / "docs" / "datasets.md").read_text()
@@ -513,7 +513,7 @@ def test_cli_check_lists_broken_and_suspicious_images(tmp_path: Path) -> None:
         args = ["data", "check", f"imagefolder:{tmp_path}", "--json", "--workers", workers]
         result = runner.invoke(app, args)
         assert result.exit_code == 1, result.output  # an unusable image
-        problems = json.loads(result.output)["splits"]["all"]["problems"]
+        problems = json.loads(result.stdout)["splits"]["all"]["problems"]
         assert [(Path(p["path"]).name, p["level"]) for p in problems] == [
             ("broken.png", "error"), ("scrambled.jpg", "warning"),
         ]  # fmt: skip

@@ -297,7 +297,7 @@ def test_data_show_every_transfer_kind(tmp_path: Path, kind: str) -> None:
     spec = f"{kind}:{tmp_path}{query}"
     result = runner.invoke(app, ["data", "show", spec, "--json"])
     assert result.exit_code == 0, result.output
-    shown = json.loads(result.output)
+    shown = json.loads(result.stdout)
     expected = (
         [s for s in KINDS[kind].splits if s != "all"] if isinstance(KINDS[kind].splits, tuple) else None
     )

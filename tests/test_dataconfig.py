@@ -166,7 +166,7 @@ def test_cli_show_takes_the_overrides() -> None:
         ],
     )
     assert result.exit_code == 0, result.output
-    info = json.loads(result.output)
+    info = json.loads(result.stdout)
     assert info["image_size"] == [448, 448] and info["grid"] == [28, 28]
     assert info["mean"] == [0.5, 0.5, 0.5] and info["std"] == [0.5, 0.5, 0.5]
     assert info["crop_pct"] == 1.0 and info["interpolation"] == "bilinear"

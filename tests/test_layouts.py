@@ -474,7 +474,7 @@ def test_models_list_builds_no_model(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(vitprobe.models, "create_timm_backbone", forbidden)
     result = runner.invoke(app, ["models", "list", "--json"])
     assert result.exit_code == 0, result.output
-    rows = {r["name"]: r for r in json.loads(result.output)}
+    rows = {r["name"]: r for r in json.loads(result.stdout)["presets"]}
     assert rows["dinov2-g14"]["params"] == 1_134_769_664 and rows["latentmim-b16"]["manual_download"] is True
 
 
@@ -509,7 +509,7 @@ def test_cli_show_data2vec2_reports_post_ln_and_dropped_decoder(
         app, ["models", "show", "tiny-d2v", "--checkpoint", str(tmp_path / "base_imagenet.pt"), "--json"]
     )
     assert result.exit_code == 0, result.output
-    info = json.loads(result.output)
+    info = json.loads(result.stdout)
     assert info["layout"] == "data2vec2" and info["branch"] == "student" and info["final_norm"] == "Identity"
     assert any("post-LN" in n for n in info["notes"]) and any("_ema" in n for n in info["notes"])
     assert info["depth"] == 4 and math.isclose(info["crop_pct"], 0.875)

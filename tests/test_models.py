@@ -556,7 +556,7 @@ def test_offline_official_url_names_the_file() -> None:
 def test_cli_list_json_has_every_preset() -> None:
     result = runner.invoke(app, ["models", "list", "--json"])
     assert result.exit_code == 0, result.output
-    rows = {row["name"]: row for row in json.loads(result.output)}
+    rows = {row["name"]: row for row in json.loads(result.stdout)["presets"]}
     assert list(rows) == list(PRESETS)
     assert rows["mae-b16"]["params"] == 85_798_656 and rows["mae-b16"]["family"] == "MIM"
     assert rows["ijepa-h14"]["has_cls"] is False and rows["ijepa-h14"]["family"] == "JEA"
@@ -620,7 +620,7 @@ def test_wrap_name_breaks_only_after_underscore_or_before_dot() -> None:
 def test_cli_show_random_init_json() -> None:
     result = runner.invoke(app, ["models", "show", "dino-s16", "--random-init", "--json"])
     assert result.exit_code == 0, result.output
-    info = json.loads(result.output)
+    info = json.loads(result.stdout)
     assert info["random_init"] is True and info["checkpoint_id"] == "random-init"
     assert info["grid"] == [14, 14] and info["num_prefix_tokens"] == 1 and info["dim"] == 384
     assert info["image_size"] == [224, 224] and info["mean"] == list(IMAGENET_MEAN)
@@ -651,7 +651,7 @@ def test_cli_show_official_beitv2_file(tmp_path: Path, tiny_beitv2: str) -> None
         app, ["models", "show", tiny_beitv2, "--checkpoint", str(tmp_path / "pt1k.pth"), "--json"]
     )
     assert result.exit_code == 0, result.output
-    info = json.loads(result.output)
+    info = json.loads(result.stdout)
     assert info["layout"] == "beitv2_pretrain" and info["dropped"] == dropped
     assert info["sha256"] == sha256_file(tmp_path / "pt1k.pth") and info["random_init"] is False
     table = runner.invoke(app, ["models", "show", tiny_beitv2, "--checkpoint", str(tmp_path / "pt1k.pth")])
@@ -684,7 +684,7 @@ def test_cli_show_timm_name_detects_dino_full_checkpoint(tmp_path: Path) -> None
         ],
     )
     assert result.exit_code == 0, result.output
-    info = json.loads(result.output)
+    info = json.loads(result.stdout)
     assert info["layout"] == "dino_full" and info["branch"] == "teacher" and info["remapped"] == len(want)
 
 

@@ -218,7 +218,7 @@ def test_predict_reproduces_test_accuracy_and_exports_maps(run: dict[str, Path])
     maps_file, pred_dir = run["root"] / "maps.safetensors", run["root"] / "pred"
     head = run["out"] / "heads" / "abmilp.safetensors"
     result = invoke(
-        "probe", "--predict", head, "--cache", run["test"], "--export-maps", maps_file, "--out", pred_dir
+        "predict", head, "--cache", run["test"], "--export-maps", maps_file, "--out", pred_dir
     )
     assert result.exit_code == 0, result.output
     predictions = json.loads((pred_dir / "predictions.json").read_text())
@@ -234,20 +234,20 @@ def test_predict_reproduces_test_accuracy_and_exports_maps(run: dict[str, Path])
 def test_predict_refuses_a_cache_from_another_checkpoint_or_layer(run: dict[str, Path]) -> None:
     head = run["out"] / "heads" / "cls.safetensors"
     other = write_cache(run["root"] / "other-ckpt", n=20, layers=(5, 11), reg=1, checkpoint="a" * 64)
-    result = invoke("probe", "--predict", head, "--cache", other)
+    result = invoke("predict", head, "--cache", other)
     assert result.exit_code == 1 and "different checkpoints" in result.output
     wrong_layer = write_cache(run["root"] / "layer11", n=20, layers=(11,), reg=1)
-    result = invoke("probe", "--predict", head, "--cache", wrong_layer)
+    result = invoke("predict", head, "--cache", wrong_layer)
     assert result.exit_code == 1 and "block 5" in result.output
     pooled = write_cache(run["root"] / "pooled", n=20, layers=(5, 11), reg=1, tokens="pooled")
-    result = invoke("probe", "--predict", run["out"] / "heads" / "abmilp.safetensors", "--cache", pooled)
+    result = invoke("predict", run["out"] / "heads" / "abmilp.safetensors", "--cache", pooled)
     assert result.exit_code == 1
     assert f"cache {pooled} (--tokens pooled) holds only" in result.output
     assert "evaluate the head on a cache extracted with --tokens all" in result.output
     reseeded = write_cache(run["root"] / "other-seed", n=20, layers=(5, 11), reg=1, extract_seed=3)
-    result = invoke("probe", "--predict", head, "--cache", reseeded)
+    result = invoke("predict", head, "--cache", reseeded)
     assert result.exit_code == 1 and "random-init seeds 0 vs 3" in result.output
-    result = invoke("probe", "--predict", head, "--cache", run["test"], "--export-maps", run["root"] / "m.st")
+    result = invoke("predict", head, "--cache", run["test"], "--export-maps", run["root"] / "m.st")
     assert result.exit_code == 1 and "attention read-out" in result.output
 
 
@@ -382,7 +382,7 @@ def test_end_to_end_from_vitprobe_extract(tmp_path: Path) -> None:
     assert results["train_cache"]["provenance"]["timm_name"] == "test_vit" and results["random_init"]
     maps = tmp_path / "maps.safetensors"
     result = invoke(
-        "probe", "--predict", out / "heads" / "abmilp.safetensors", "--cache", cache, "--export-maps", maps
+        "predict", out / "heads" / "abmilp.safetensors", "--cache", cache, "--export-maps", maps
     )
     assert result.exit_code == 0, result.output
     grid = tuple(open_cache(cache).grid)
@@ -494,7 +494,7 @@ def test_wrong_paths_give_one_line_errors_with_the_fix(tmp_path: Path) -> None:
             f"{train / 'manifest.json'} is a file, not a token cache directory",
         ),
         (
-            ["probe", "--predict", tmp_path / "heads" / "cls.safetensors", "--cache", train],
+            ["predict", tmp_path / "heads" / "cls.safetensors", "--cache", train],
             "not found — fix: pass RUN_DIR/heads/<pool>.safetensors",
         ),
     ]

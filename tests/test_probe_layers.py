@@ -168,8 +168,7 @@ def test_multi_block_read_outs_train_from_the_cache_and_predict_reads_their_bloc
 
     for name in ("cls-cat", "fusion"):
         predicted = invoke(
-            "probe",
-            "--predict",
+            "predict",
             out / results["readouts"][name]["head"],
             "--cache",
             test,

@@ -12,14 +12,11 @@ from typing import Any
 
 import click
 import typer
-from rich.console import Console
 from typer.core import TyperGroup
 
 from vitprobe import __version__
-from vitprobe.commands import analyze, data, demo, extract, knn, models, probe, report
+from vitprobe.commands import analyze, data, demo, extract, knn, models, predict, probe, report, run
 from vitprobe.errors import VitprobeError
-
-err_console = Console(stderr=True, highlight=False)
 
 
 def format_error(exc: VitprobeError) -> str:
@@ -40,13 +37,21 @@ class _ErrorFormattingGroup(TyperGroup):
     """Top-level group: turns `VitprobeError` from any sub-command into a message and an exit code."""
 
     def invoke(self, ctx: click.Context) -> Any:
+        from vitprobe import output
+
+        output.reset()
         try:
             return super().invoke(ctx)
         except VitprobeError as exc:
             if os.environ.get("RANK", "0") == "0":  # under torchrun, one message rather than one per rank
+                err_console = output.make_console(stderr=True)
                 if os.environ.get("VITPROBE_DEBUG"):
                     err_console.print_exception(show_locals=False)
                 err_console.print(format_error(exc), soft_wrap=True)  # one line, never hard-wrapped
+                active = output.active()
+                if active is not None and active.json:  # scripts reading stdout get one object too
+                    error = {"type": type(exc).__name__, "message": exc.message, "hint": exc.hint}
+                    output.write_json_stdout({"error": error})
             raise typer.Exit(exc.exit_code) from exc
 
 
@@ -67,7 +72,9 @@ app.command("extract")(extract.extract)
 app.command("probe")(probe.probe)
 app.command("knn")(knn.knn)
 app.add_typer(analyze.app, name="analyze")
+app.command("predict")(predict.predict)
 app.command("report")(report.report)
+app.command("run")(run.run)
 app.command("demo")(demo.demo)
 
 

@@ -136,12 +136,15 @@ class ExtractResult:
         return self.new_samples / self.seconds if self.seconds > 0 else 0.0
 
 
-def extract(config: ExtractConfig, *, console: Console | None = None) -> ExtractResult:
+def extract(
+    config: ExtractConfig, *, console: Console | None = None, backbone: Backbone | None = None
+) -> ExtractResult:
     """Run `config.model` over `config.data` / `config.split` and write (or resume) the cache `config.out`.
 
     Under torchrun every rank calls this; the process group is created here (nccl on CUDA, gloo on CPU)
     unless one exists. Only rank 0 prints, to `console` (None: nothing is printed). SIGTERM stops it like
-    Ctrl-C: `Terminated` (a KeyboardInterrupt) is raised once the lock is released.
+    Ctrl-C: `Terminated` (a KeyboardInterrupt) is raised once the lock is released. `backbone`: an already
+    loaded one (a study's shared load, the Python API's own model) instead of loading `config.model`.
 
     Raises:
         CacheError: `out` is locked, holds a different extraction, or the disk is too small or full.
@@ -163,7 +166,8 @@ def extract(config: ExtractConfig, *, console: Console | None = None) -> Extract
     out = Path(config.out)
     try:
         with StopOnSignals(), ExitStack() as stack:
-            backbone, dataset, manifest = _setup(config, device, compute_dtype, rank=rank, world=world)
+            backbone, dataset, manifest = _setup(config, device, compute_dtype, rank=rank, world=world,
+                                                 backbone=backbone)
             plan: Plan | None = None
             error: VitprobeError | None = None
             if rank == 0:
@@ -199,15 +203,20 @@ def extract(config: ExtractConfig, *, console: Console | None = None) -> Extract
 
 
 def _setup(
-    config: ExtractConfig, device: torch.device, compute_dtype: torch.dtype, *, rank: int, world: int
+    config: ExtractConfig, device: torch.device, compute_dtype: torch.dtype, *, rank: int, world: int,
+    backbone: Backbone | None = None,
 ) -> tuple[Backbone, ImageDataset, dict[str, Any]]:
-    """The backbone, the dataset and the new manifest, on every rank; any rank's error stops all of them."""
+    """The backbone (`backbone`, moved to `device`, or loaded), the dataset and the new manifest, on every
+    rank; any rank's error stops all of them."""
     from vitprobe.data import open_dataset
 
     error: VitprobeError | None = None
     result: Any = None
     try:
-        backbone = build_backbone(config, device=device)
+        if backbone is None:
+            backbone = build_backbone(config, device=device)
+        else:
+            backbone.model.to(device).eval()
         layers = backbone.layer_indices(config.layers)
         if len(set(layers)) != len(layers):
             raise VitprobeError(

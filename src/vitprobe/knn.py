@@ -255,19 +255,39 @@ def check_finite(feats: torch.Tensor, rows: torch.Tensor, indices: torch.Tensor,
 
 
 def run_knn(
-    train_path: str | Path, test_path: str | Path, cfg: KnnConfig, out_dir: str | Path | None = None
+    train_path: str | Path,
+    test_path: str | Path,
+    cfg: KnnConfig,
+    out_dir: str | Path | None = None,
+    *,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """`vitprobe knn`: weighted k-NN of a test cache against a train cache; writes knn.json in out_dir.
+
+    An earlier knn.json in `out_dir` is refused before any work unless `overwrite` (as probe and analyze).
 
     Returns:
         A dict with per-k top-1/top-5 (in [0, 1]), the config and both caches' provenance.
     """
     from vitprobe.cache import open_cache
     from vitprobe.devices import resolve_device
+    from vitprobe.errors import VitprobeError
     from vitprobe.files import write_json
-    from vitprobe.pairing import backbone_identity, check_pair, pair_warnings, resolve_layer
-    from vitprobe.provenance import versions
+    from vitprobe.pairing import (
+        backbone_identity,
+        check_pair,
+        pair_warnings,
+        resolve_layer,
+        unseen_class_warnings,
+    )
+    from vitprobe.provenance import checkpoint_from_manifest, provenance, versions
+    from vitprobe.results import validate
 
+    if out_dir is not None and (Path(out_dir) / "knn.json").exists() and not overwrite:
+        raise VitprobeError(
+            f"{out_dir} already holds knn.json of an earlier `vitprobe knn` run",
+            "pass --overwrite to replace it, or choose another --out",
+        )
     train_cache, test_cache = open_cache(train_path), open_cache(test_path)
     layer = resolve_layer(train_cache, cfg.layer)
     check_pair(train_cache, test_cache, layer)
@@ -296,7 +316,9 @@ def run_knn(
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "versions": versions(),
         "random_init": identity["random_init"],
-        "warnings": pair_warnings(train_cache, test_cache) + clipped_k_warnings(cfg.ks, len(train_labels)),
+        "warnings": pair_warnings(train_cache, test_cache)
+        + unseen_class_warnings(train_labels.tolist(), test_labels.tolist(), train_cache.class_names)
+        + clipped_k_warnings(cfg.ks, len(train_labels)),
         "layer": layer,
         "pool": cfg.pool,
         "num_train": len(train_labels),
@@ -311,7 +333,10 @@ def run_knn(
             "device": str(device),
             "batch_size": cfg.batch_size or batch_rows(len(train_feats), cfg.train_chunk, device),
         },
+        "provenance": provenance(device=device, checkpoint=checkpoint_from_manifest(train_cache.manifest),
+                                 dataset=test_cache.manifest["dataset"]),  # fmt: skip
     }
+    results = validate("knn", results)
     if out_dir is not None:
         write_json(Path(out_dir) / "knn.json", results)
     return results

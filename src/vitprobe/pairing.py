@@ -1,11 +1,13 @@
 """Cache pairs: which train and test caches (and saved heads) can be used together, and what to warn about.
 
 Identity is the backbone (timm name, checkpoint, random-init seed), the token dim and the class names, read
-from cache manifests; `check_pair` refuses a mismatch, `pair_warnings` names what is allowed but suspect.
+from cache manifests; `check_pair` refuses a mismatch, `pair_warnings` names what is allowed but suspect
+(the same images on both sides, swapped splits), `unseen_class_warnings` test classes the train rows lack.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from vitprobe.errors import CacheError, ProbeError
@@ -100,8 +102,13 @@ def identity_mismatch(ours: dict[str, Any], theirs: dict[str, Any]) -> tuple[str
     return None
 
 
+TRAIN_SPLITS = frozenset({"train", "trainval"})  # split names that say "train on me"
+HELD_OUT_SPLITS = frozenset({"test", "val", "validation", "eval"})  # ... and "evaluate on me"
+
+
 def pair_warnings(train: TokenCache, test: TokenCache) -> list[str]:
-    """Warnings for a train/test pair's results: random weights, test images that were trained on."""
+    """Warnings for a train/test pair's results: random weights, test images that were trained on, and
+    --train / --test given the other way round (the manifests' split names say so)."""
     warnings = []
     if backbone_identity(train.manifest)["random_init"]:
         warnings.append("the backbone was randomly initialised: these accuracies measure nothing pretrained")
@@ -111,7 +118,26 @@ def pair_warnings(train: TokenCache, test: TokenCache) -> list[str]:
             f"the train and test caches hold the same images ({a['spec']}, split {a['split']}, fingerprint "
             f"{str(a['fingerprint'])[:12]}): the test accuracy is a training accuracy"
         )
+    elif str(a.get("split")).lower() in HELD_OUT_SPLITS and str(b.get("split")).lower() in TRAIN_SPLITS:
+        warnings.append(
+            f"--train and --test look swapped: the train cache {train.path} holds split {a['split']!r} and "
+            f"the test cache {test.path} split {b['split']!r}; pass the train split's cache as --train"
+        )
     return warnings
+
+
+def unseen_class_warnings(
+    train_labels: Iterable[int], test_labels: Iterable[int], class_names: Sequence[str]
+) -> list[str]:
+    """A warning when test rows hold classes no train row shows: those images cannot be classified right."""
+    unseen = sorted(set(map(int, test_labels)) - set(map(int, train_labels)))
+    if not unseen:
+        return []
+    names = ", ".join(class_names[c] for c in unseen[:5]) + (" ..." if len(unseen) > 5 else "")
+    return [
+        f"{len(unseen)} test classes never appear in the train rows ({names}): their test images "
+        "cannot be classified correctly"
+    ]
 
 
 def check_pair(train: TokenCache, test: TokenCache, layer: int) -> None:

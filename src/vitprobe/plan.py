@@ -33,7 +33,7 @@ from vitprobe.cache import (
 )
 from vitprobe.errors import CacheError
 from vitprobe.files import format_bytes
-from vitprobe.provenance import versions
+from vitprobe.provenance import checkpoint_of, provenance, versions
 from vitprobe.resume import (
     Adopted,
     adopt_written,
@@ -127,6 +127,8 @@ def new_manifest(
         "final_norm": {"file": None, "type": None, "eps": None},
         "config": _config_dict(config),
         "complete": False,
+        "provenance": provenance(device=device, checkpoint=checkpoint_of(report), dataset={
+            "spec": config.data, "split": dataset.split, "fingerprint": dataset.fingerprint}),  # fmt: skip
     }
 
 

@@ -115,7 +115,7 @@ def test_a_kill_between_the_heads_swap_and_results_json_is_rolled_back(tmp_path:
     (out / "heads").rename(out / f"{rundir.RETIRED_PREFIX}x")
     shutil.copytree(new / "heads", out / "heads")
     (out / f"{rundir.STAGING_PREFIX}y").mkdir()  # and a staging folder from an earlier kill
-    result = invoke("probe", "--predict", out / "heads" / "cls.safetensors", "--cache", tmp_path / "test")
+    result = invoke("predict", out / "heads" / "cls.safetensors", "--cache", tmp_path / "test")
     assert result.exit_code == 1 and "does not belong to" in result.output, result.output
     notes = rundir.recover(out)
     assert any("restored" in n for n in notes) and len(notes) == 2
@@ -124,7 +124,7 @@ def test_a_kill_between_the_heads_swap_and_results_json_is_rolled_back(tmp_path:
     assert not list(out.glob(".heads-*"))
     assert (
         invoke(
-            "probe", "--predict", out / "heads" / "cls.safetensors", "--cache", tmp_path / "test"
+            "predict", out / "heads" / "cls.safetensors", "--cache", tmp_path / "test"
         ).exit_code
         == 0
     )
@@ -154,7 +154,7 @@ def test_a_corrupt_saved_head_is_one_line(tmp_path: Path, damage: str) -> None:
         head.with_suffix(".json").write_text(json.dumps(meta))
     else:
         head.write_bytes(b"<html>not weights</html>")
-    result = invoke("probe", "--predict", head, "--cache", tmp_path / "test")
+    result = invoke("predict", head, "--cache", tmp_path / "test")
     assert result.exit_code == 1 and "Traceback" not in result.output, result.output
     assert str(head.with_suffix(".json") if damage.startswith("json") else head) in result.output
 

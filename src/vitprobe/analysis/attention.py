@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -25,6 +25,9 @@ from torch import Tensor
 from vitprobe.analysis.passes import TokenLayout, attention_hooks, forward_pass
 from vitprobe.analysis.runs import PassConfig
 from vitprobe.errors import ModelError
+
+if TYPE_CHECKING:
+    from vitprobe.models import Backbone
 
 EPS = 1e-6  # as in the reference code: guards the renormalisation and the log
 
@@ -299,7 +302,7 @@ def analyze_attention(
     return acc
 
 
-def run_attention(config: AttentionConfig) -> AttentionRun:
+def run_attention(config: AttentionConfig, *, backbone: Backbone | None = None) -> AttentionRun:
     """`vitprobe analyze attention`: load, stream the subset, write attention.json, the maps, the figures.
 
     An earlier attention.json in `config.out` is refused unless `config.overwrite`; every file is written
@@ -312,7 +315,7 @@ def run_attention(config: AttentionConfig) -> AttentionRun:
     from vitprobe.analysis.runs import backbone_info, open_pass, result_header
     from vitprobe.files import atomic_path, sha256_file, write_json
 
-    run = open_pass(config, "attention.json")
+    run = open_pass(config, "attention.json", backbone=backbone)  # backbone: already loaded, or None
     backbone = run.backbone
     thumbs = _Thumbnails(backbone.data_config(), config.n_maps if backbone.has_cls else 0)
     acc = analyze_attention(

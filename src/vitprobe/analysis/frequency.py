@@ -29,6 +29,7 @@ from vitprobe.progress import progress_bar
 
 if TYPE_CHECKING:
     from vitprobe.cache import TokenCache
+    from vitprobe.models import Backbone
 
 EPS = 1e-6  # as in the notebook: log(|F| + eps)
 
@@ -299,7 +300,7 @@ class FrequencyRun:
     result: dict[str, Any]
 
 
-def run_frequency(config: FrequencyConfig) -> FrequencyRun:
+def run_frequency(config: FrequencyConfig, *, backbone: Backbone | None = None) -> FrequencyRun:
     """`vitprobe analyze frequency`: spectra from the cache or a backbone pass; frequency.json and figures.
 
     An earlier frequency.json in `config.out` is refused unless `config.overwrite`; files are written
@@ -349,7 +350,7 @@ def run_frequency(config: FrequencyConfig) -> FrequencyRun:
             dtype=f"tokens stored as {cache.store_dtype}, float64 FFT",
         )
     else:
-        run = open_pass(config, "frequency.json", inputs=inputs, compared=compared)
+        run = open_pass(config, "frequency.json", inputs=inputs, compared=compared, backbone=backbone)
         acc = analyze_frequency(run.backbone, run.loader, run.device, blocks=config.blocks)
         header = result_header(
             "frequency",

@@ -5,7 +5,7 @@ Three map sources, each scored by `vitprobe.analysis.maxboxacc` in the original 
   of the backbone (`--model`, or the model of `--cache`);
 - a saved head (`--head RUN/heads/abmilp.safetensors`, or attentive): its per-patch maps on the cache's
   tokens, computed here by `vitprobe.probe.predict`;
-- a maps file exported earlier (`probe --predict HEAD --export-maps FILE`, given as `--abmilp-maps`).
+- a maps file exported earlier (`predict HEAD --export-maps FILE`, given as `--abmilp-maps`).
 Maps are named by the head's pool ("abmilp" or "attentive").
 """
 
@@ -34,13 +34,14 @@ if TYPE_CHECKING:
     import torch
 
     from vitprobe.cache import TokenCache
+    from vitprobe.models import Backbone
 
 MAP_SOURCES = {
     "cls_attention": "[cls]→patch attention of the last block, heads averaged (post-softmax, patch keys)",
     "abmilp": "the trained AbMILP head's softmax scores over patches (--head on a cache, or "
-    "`probe --predict --export-maps`)",
+    "`predict --export-maps`)",
     "attentive": "the trained attentive read-out's softmax attention over patches, averaged over its queries "
-    "(--head on a cache, or `probe --predict --export-maps`)",
+    "(--head on a cache, or `predict --export-maps`)",
 }
 EXPORTED_POOLS = ("abmilp", "attentive")  # heads that have per-patch maps
 
@@ -52,7 +53,7 @@ class LocalizationConfig(PassConfig):
     limit: int | None = None  # evenly spaced images to score, every map source alike; None = all
     cls_attention: bool = True  # score the [cls] attention when a backbone is known (--model or --cache)
     heads: tuple[str, ...] = ()  # saved heads (`probe` heads/<pool>.safetensors) whose maps --cache gives
-    abmilp_maps: str | None = None  # `probe --predict --export-maps` of an abmilp or attentive head
+    abmilp_maps: str | None = None  # `predict --export-maps` of an abmilp or attentive head
     quantize: bool = True  # threshold 8-bit maps, as clovaai/wsolevaluation; False: the float map vs τ
     n_figures: int = 6  # images drawn with their true and predicted boxes, per map
 
@@ -93,7 +94,7 @@ def cls_attention_maps(backbone: Any, loader: Any, device: torch.device) -> tupl
 
 
 def read_exported_maps(path: str | Path) -> tuple[np.ndarray, np.ndarray, str]:
-    """Maps (n, h, w), dataset indices (n,) and the head's pool, from `probe --predict HEAD --export-maps`.
+    """Maps (n, h, w), dataset indices (n,) and the head's pool, from `predict HEAD --export-maps`.
 
     The pool ("abmilp" or "attentive") is the file's `pool` metadata, which `vitprobe.probe.predict` writes;
     a file without it is taken as AbMILP maps.
@@ -105,14 +106,14 @@ def read_exported_maps(path: str | Path) -> tuple[np.ndarray, np.ndarray, str]:
     if not path.is_file():
         raise LocalizationError(
             f"--abmilp-maps {path}: no such file",
-            "write it with `vitprobe probe --predict RUN/heads/abmilp.safetensors --cache CACHE "
+            "write it with `vitprobe predict RUN/heads/abmilp.safetensors --cache CACHE "
             "--export-maps FILE` (or heads/attentive.safetensors), or pass --head with --cache",
         )
     tensors = load_file(str(path))
     if "maps" not in tensors or "indices" not in tensors or tensors["maps"].ndim != 3:
         raise LocalizationError(
             f"{path}: expected tensors 'maps' (n, h, w) and 'indices' (n,), found {sorted(tensors)}",
-            "pass the file written by `vitprobe probe --predict ... --export-maps FILE`",
+            "pass the file written by `vitprobe predict ... --export-maps FILE`",
         )
     maps, indices = tensors["maps"].astype(np.float32), tensors["indices"].astype(np.int64)
     if len(maps) != len(indices):
@@ -150,7 +151,7 @@ def check_head(path: str | Path, cache: TokenCache | None) -> dict[str, Any]:
 def head_maps(path: str | Path, cache: TokenCache, *, device: str) -> tuple[np.ndarray, np.ndarray, str]:
     """A saved head's per-patch maps (n, h, w) on every image of `cache`, their dataset indices and pool.
 
-    Computed by `vitprobe.probe.predict` (the same forward as `probe --predict --export-maps`), through a
+    Computed by `vitprobe.probe.predict` (the same forward as `predict --export-maps`), through a
     temporary file that is removed afterwards.
     """
     import tempfile
@@ -216,7 +217,7 @@ def _require_boxes(dataset: Any) -> None:
         )
 
 
-def run_localization(config: LocalizationConfig) -> LocalizationRun:
+def run_localization(config: LocalizationConfig, *, backbone: Backbone | None = None) -> LocalizationRun:
     """`vitprobe analyze localization`: MaxBoxAccV2 of every map source asked for; JSON + figures.
 
     With `config.cache` the model, weights, dataset and split come from the cache's manifest (flags given
@@ -225,6 +226,7 @@ def run_localization(config: LocalizationConfig) -> LocalizationRun:
     """
     from vitprobe.analysis.passes import make_loader, open_subset, select_indices
     from vitprobe.analysis.runs import (
+        check_backbone,
         check_images,
         check_out,
         load_pass_backbone,
@@ -272,7 +274,11 @@ def run_localization(config: LocalizationConfig) -> LocalizationRun:
             )  # fmt: skip
 
     if with_cls:
-        backbone = load_pass_backbone(inputs, device)
+        if backbone is None:  # else: already loaded (a study's shared load), checked as a loaded one
+            backbone = load_pass_backbone(inputs, device)
+        else:
+            backbone.model.to(device).eval()
+            check_backbone(backbone, inputs)
         model_info = backbone.report.to_dict()
         random_init = random_init or backbone.report.random_init
         data_config = data_config or backbone.data_config()
@@ -351,12 +357,26 @@ def run_localization(config: LocalizationConfig) -> LocalizationRun:
             for path, meta in heads.items()
         },  # fmt: skip
         "figures": [str(p.relative_to(out)) for p in figures],
+        "provenance": _provenance(device, model_info, inputs, dataset),
         "notes": notes
         + (["random weights: these maps come from an untrained backbone"] if random_init else []),
     }
     json_path = out / "localization.json"
     write_json(json_path, result)
     return LocalizationRun(json_path=json_path, figures=figures, result=result)
+
+
+def _provenance(device: Any, model_info: dict[str, Any] | None, inputs: Any, dataset: Any) -> dict[str, Any]:
+    from vitprobe.provenance import checkpoint_info, provenance
+
+    info = model_info or {}
+    random_init = bool(info.get("random_init", inputs.random_init))
+    sha = None if random_init else info.get("checkpoint_id")
+    weights = None
+    if info:
+        weights = checkpoint_info(source=info.get("source"), sha256=sha, random_init=random_init)
+    data = {"spec": inputs.data, "split": inputs.split, "fingerprint": dataset.fingerprint}
+    return provenance(device=device, checkpoint=weights, dataset=data)
 
 
 def _figure_title(name: str, random_init: bool) -> str:

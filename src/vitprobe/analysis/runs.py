@@ -237,6 +237,7 @@ def open_pass(
     *,
     inputs: PassInputs | None = None,
     compared: list[dict[str, Any]] | None = None,
+    backbone: Backbone | None = None,
 ) -> AnalysisPass:
     """Check `--out` and `--compare` (before the long pass, so a bad path fails fast), load the backbone, and
     open the subset of the dataset (the cache's images when a cache is given) with the eval transform.
@@ -246,6 +247,8 @@ def open_pass(
         filename: the result file this analysis writes and `--compare` directories hold.
         inputs: already resolved inputs; None resolves them from `config`.
         compared: already read `--compare` results; None reads them.
+        backbone: an already loaded backbone the inputs name (a study's shared load, the Python API's own
+            model); checked against the cache like a loaded one. None loads it.
     """
     from vitprobe.analysis.passes import make_loader, open_subset
     from vitprobe.devices import resolve_device
@@ -255,7 +258,11 @@ def open_pass(
         compared = read_results(getattr(config, "compare", ()), filename)
     inputs = inputs or resolve_inputs(config)
     device = resolve_device(config.device)
-    backbone = load_pass_backbone(inputs, device)
+    if backbone is None:
+        backbone = load_pass_backbone(inputs, device)
+    else:
+        backbone.model.to(device).eval()
+        check_backbone(backbone, inputs)
     subset, data_info = open_subset(
         inputs.data, inputs.split, backbone, config.limit, among=inputs.cache_images()
     )
@@ -282,9 +289,11 @@ def result_header(
         backbone: `backbone_info` (or `cache_backbone_info`).
         data: the data provenance of the images analysed.
     """
-    from vitprobe.provenance import versions
+    from vitprobe.provenance import checkpoint_info, provenance, versions
 
     random_init = bool(model.get("random_init"))
+    sha = None if random_init else model.get("checkpoint_id")  # LoadReport and manifest_model both have it
+    weights = checkpoint_info(source=model.get("source"), sha256=sha, random_init=random_init)
     return {
         "kind": kind,
         "schema_version": SCHEMA_VERSION,
@@ -299,6 +308,7 @@ def result_header(
         "device": device,
         "dtype": dtype,
         "versions": versions(),
+        "provenance": provenance(device=device, checkpoint=weights, dataset=data),
     }
 
 

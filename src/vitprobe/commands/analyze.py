@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
@@ -14,17 +13,25 @@ from vitprobe.commands.options import (
     CheckpointOpt,
     DeviceOpt,
     OutDirOpt,
+    OutputFormat,
+    OutputFormatOpt,
     RandomInitOpt,
+    output,
     parse_number_list,
     str_choices,
 )
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from vitprobe.output import Output
 
 app = typer.Typer(
     help="Analyses that explain probing results: attention statistics, Fourier spectra of token maps, "
     "localisation (MaxBoxAccV2). Blocks are numbered from 0, as in timm and the token caches.",
     no_args_is_help=True,
 )
-console = Console(highlight=False)
+HUMAN = OutputFormat("human")
 
 ModelOpt = Annotated[
     str | None,
@@ -87,10 +94,12 @@ def attention(
     maps: Annotated[int, typer.Option("--maps", min=0, help="Images shown in the attention-map grid.")] = 8,
     compare: CompareOpt = None,
     overwrite: OverwriteOpt = False,
+    fmt: OutputFormatOpt = HUMAN,  # type: ignore[assignment]
 ) -> None:
     """Per block × head attention statistics ([cls] share, entropies, distance, magnitudes) + figures."""
     from vitprobe.analysis.attention import AttentionConfig, run_attention
 
+    out_ = output(fmt)
     config = AttentionConfig(
         **_pass_options(locals()),
         compare=tuple(str(p) for p in compare or ()),
@@ -99,17 +108,20 @@ def attention(
     )
     run = run_attention(config)
     stats = run.result["stats"]
-    table = Table(
-        title=f"attention: {escape(run.result['label'])}, {run.result['n_images']} images (head means)"
-    )
-    shown = [s for s in ("cls_self", "cls_entropy", "patch_entropy", "attention_distance") if s in stats]
-    table.add_column("block", justify="right")
-    for name in shown:
-        table.add_column(name, justify="right")
-    for block, *values in zip(run.result["blocks"], *(stats[s]["mean"] for s in shown), strict=False):
-        table.add_row(str(block), *(f"{v:.3f}" for v in values))
-    console.print(table)
-    _print_written(run.json_path, [run.maps_path] if run.maps_path else [], run.figures, run.result)
+
+    def human(console: Console) -> None:
+        table = Table(
+            title=f"attention: {escape(run.result['label'])}, {run.result['n_images']} images (head means)"
+        )
+        shown = [s for s in ("cls_self", "cls_entropy", "patch_entropy", "attention_distance") if s in stats]
+        table.add_column("block", justify="right")
+        for name in shown:
+            table.add_column(name, justify="right")
+        for block, *values in zip(run.result["blocks"], *(stats[s]["mean"] for s in shown), strict=False):
+            table.add_row(str(block), *(f"{v:.3f}" for v in values))
+        console.print(table)
+
+    _finish(out_, run.json_path, [run.maps_path] if run.maps_path else [], run.figures, run.result, human)
 
 
 @app.command("frequency")
@@ -141,10 +153,12 @@ def frequency(
     ] = "auto",
     compare: CompareOpt = None,
     overwrite: OverwriteOpt = False,
+    fmt: OutputFormatOpt = HUMAN,  # type: ignore[assignment]
 ) -> None:
     """Fourier analysis of the token maps: Δ log amplitude vs frequency per layer, high-frequency headline."""
     from vitprobe.analysis.frequency import FrequencyConfig, run_frequency
 
+    out_ = output(fmt)
     chosen = (
         None
         if blocks.strip().lower() == "all"
@@ -158,17 +172,20 @@ def frequency(
     )
     run = run_frequency(config)
     result = run.result
-    table = Table(
-        title=f"frequency: {escape(result['label'])}, {result['n_images']} images ({result['source']})"
-    )
-    for column in ("layer", f"Δ log amp @ {result['frequency'][-1]:.2f}π", "high-freq energy ratio"):
-        table.add_column(column, justify="right")
-    for layer, head, ratio in zip(
-        result["layers"], result["headline"], result["high_freq_energy_ratio"], strict=False
-    ):
-        table.add_row(layer, f"{head:.3f}", f"{ratio:.3f}")
-    console.print(table)
-    _print_written(run.json_path, [], run.figures, result)
+
+    def human(console: Console) -> None:
+        table = Table(
+            title=f"frequency: {escape(result['label'])}, {result['n_images']} images ({result['source']})"
+        )
+        for column in ("layer", f"Δ log amp @ {result['frequency'][-1]:.2f}π", "high-freq energy ratio"):
+            table.add_column(column, justify="right")
+        for layer, head, ratio in zip(
+            result["layers"], result["headline"], result["high_freq_energy_ratio"], strict=False
+        ):
+            table.add_row(layer, f"{head:.3f}", f"{ratio:.3f}")
+        console.print(table)
+
+    _finish(out_, run.json_path, [], run.figures, result, human)
 
 
 @app.command("localization")
@@ -197,7 +214,7 @@ def localization(
         Path | None,
         typer.Option(
             "--abmilp-maps",
-            help="Maps of an abmilp or attentive head, from `vitprobe probe --predict HEAD --export-maps "
+            help="Maps of an abmilp or attentive head, from `vitprobe predict HEAD --export-maps "
             "FILE`; scored under the head's pool name.",
         ),
     ] = None,
@@ -223,10 +240,12 @@ def localization(
         int, typer.Option("--figures", min=0, help="Images drawn with true and predicted boxes.")
     ] = 6,
     overwrite: OverwriteOpt = False,
+    fmt: OutputFormatOpt = HUMAN,  # type: ignore[assignment]
 ) -> None:
     """MaxBoxAccV2 (Choe et al.) of [cls] attention and AbMILP / attentive heads' maps against the boxes."""
     from vitprobe.analysis.localization import LocalizationConfig, run_localization
 
+    out_ = output(fmt)
     config = LocalizationConfig(
         **_pass_options(locals()),
         cls_attention=cls_attention,
@@ -237,18 +256,21 @@ def localization(
     )
     run = run_localization(config)
     result = run.result
-    table = Table(title=f"localization: {escape(result['label'])}, MaxBoxAccV2 (%)")
-    for column in ("map", "block", "MaxBoxAccV2", "δ=30", "δ=50", "δ=70", "images"):
-        table.add_column(column, justify="right")
-    for name, res in result["maps"].items():
-        per = res["max_box_acc"]
-        block = "" if res["block"] is None else str(res["block"])
-        scores = [f"{res['max_box_acc_v2']:.1f}", *(f"{per[d]:.1f}" for d in ("30", "50", "70"))]
-        table.add_row(name, block, *scores, str(res["num_images"]))
-    console.print(table)
+
+    def human(console: Console) -> None:
+        table = Table(title=f"localization: {escape(result['label'])}, MaxBoxAccV2 (%)")
+        for column in ("map", "block", "MaxBoxAccV2", "δ=30", "δ=50", "δ=70", "images"):
+            table.add_column(column, justify="right")
+        for name, res in result["maps"].items():
+            per = res["max_box_acc"]
+            block = "" if res["block"] is None else str(res["block"])
+            scores = [f"{res['max_box_acc_v2']:.1f}", *(f"{per[d]:.1f}" for d in ("30", "50", "70"))]
+            table.add_row(name, block, *scores, str(res["num_images"]))
+        console.print(table)
+
     if result["random_init"]:
-        console.print("[bold red]random weights:[/] these maps come from an untrained backbone")
-    _print_written(run.json_path, [], run.figures, result)
+        out_.alarm("random weights: these maps come from an untrained backbone")
+    _finish(out_, run.json_path, [], run.figures, result, human)
 
 
 def _pass_options(given: dict[str, Any]) -> dict[str, Any]:
@@ -270,10 +292,21 @@ def _pass_options(given: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _print_written(json_path: Path, others: list[Path], figures: list[Path], result: dict[str, Any]) -> None:
+def _finish(
+    out: Output,
+    json_path: Path,
+    others: list[Path],
+    figures: list[Path],
+    result: dict[str, Any],
+    human: Any,
+) -> None:
+    """Notes on stderr, then the result: the table (human) or, with json, the result file's content plus
+    the files written."""
     for note in result.get("notes", []):
         if "random weights" not in note:  # said in the title and, for localisation, in red
-            console.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True)
-    console.print(f"wrote {escape(str(json_path))}")
+            out.note(note)
+    written = [str(p) for p in [json_path, *others, *figures]]
+    out.result({**result, "written": written}, human=human)
+    out.info(f"wrote {json_path}")
     for path in [*others, *figures]:
-        console.print(f"      {escape(str(path))}")
+        out.info(f"      {path}")

@@ -1,4 +1,4 @@
-"""`vitprobe demo`: the whole pipeline offline on synthetic needles, ending in an HTML report."""
+"""`vitprobe demo`: the whole pipeline offline on synthetic needles (one study), ending in an HTML report."""
 
 from __future__ import annotations
 
@@ -6,11 +6,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
 
-console = Console(highlight=False)
+from vitprobe.commands.options import OutputFormat, OutputFormatOpt
 
 
 def demo(
@@ -34,12 +31,15 @@ def demo(
     device: Annotated[
         str, typer.Option("--device", help="auto (CUDA when available), cpu or cuda[:N].")
     ] = "auto",
+    fmt: OutputFormatOpt = OutputFormat("human"),  # type: ignore[assignment]
 ) -> None:
     """Run data → extract → probe (cls / mean / AbMILP) → k-NN → analyses → localisation → report, offline."""
     import time
 
     from vitprobe.demo import DEFAULT_MODEL, DemoConfig, run_demo
+    from vitprobe.output import Output
 
+    output = Output(fmt)
     config = DemoConfig(
         out=str(out),
         model=model,
@@ -49,30 +49,48 @@ def demo(
         device=device,
     )
     start = time.perf_counter()
-    result = run_demo(
-        config, say=lambda msg: console.print(_style(msg)), console=console if console.is_terminal else None
-    )
+
+    def say(message: str) -> None:
+        if message.startswith("⚠"):
+            output.alarm(message.lstrip("⚠ "))
+        else:
+            output.info(message)
+
+    result = run_demo(config, say=say, console=output.err if output.err.is_terminal else None)
     total = time.perf_counter() - start
-    tag = " (RANDOM WEIGHTS)" if result.random_init else ""
-    table = Table(title=f"demo results{tag}: test top-1 and MaxBoxAccV2 (%)")
-    table.add_column("read-out / map")
-    table.add_column("value", justify="right")
-    for name, acc in result.accuracies.items():
-        table.add_row(f"probe {name} top-1", f"{acc:.1f}")
-    for name, v in result.localization.items():
-        table.add_row(f"MaxBoxAccV2 {name}", f"{v:.1f}")
-    console.print(table)
-    steps = ", ".join(f"{k} {v:.0f}s" for k, v in result.seconds.items())
-    console.print(f"done in {total:.0f}s ({steps})")
-    console.print(f"report: [bold]{escape(str(result.report))}[/]  (open it in a browser)")
-    console.print(f"run:    {escape(str(result.run_dir))}  (vitprobe report {escape(str(result.run_dir))})")
+    payload = {
+        "out": str(result.out),
+        "report": str(result.report),
+        "run": str(result.run_dir),
+        "random_init": result.random_init,
+        "top1": result.accuracies,
+        "maxboxaccv2": result.localization,
+        "flagged": result.flagged,
+        "seconds": {k: round(v, 2) for k, v in result.seconds.items()},
+        "total_seconds": round(total, 2),
+    }
+
+    def human(console: object) -> None:
+        from rich.table import Table
+
+        tag = " (RANDOM WEIGHTS)" if result.random_init else ""
+        table = Table(title=f"demo results{tag}: test top-1 and MaxBoxAccV2 (%)")
+        table.add_column("read-out / map")
+        table.add_column("value", justify="right")
+        for name, acc in result.accuracies.items():
+            table.add_row(f"probe {name} top-1", f"{acc:.1f}" + (" ⚠" if name in result.flagged else ""))
+        for name, v in result.localization.items():
+            table.add_row(f"MaxBoxAccV2 {name}", f"{v:.1f}")
+        console.print(table)  # type: ignore[attr-defined]
+        console.print(f"done in {total:.0f}s")  # type: ignore[attr-defined]
+        console.print(f"report: {result.report}  (open it in a browser)", markup=False)  # type: ignore[attr-defined]
+        console.print(f"run:    {result.run_dir}  (vitprobe report {result.run_dir})", markup=False)  # type: ignore[attr-defined]
+
+    output.result(payload, human=human)
+    if result.flagged:
+        output.warn(f"probe-health warnings on {', '.join(result.flagged)}: see the report's Probe health")
     if result.random_init:
-        console.print(
-            "[bold red]⚠ random weights:[/] the backbone is untrained; these numbers only show the "
-            "pipeline runs, not what any pretrained model can do"
+        output.alarm(
+            "random weights: the backbone is untrained; these numbers only show the pipeline runs, "
+            "not what any pretrained model can do"
         )
-
-
-def _style(message: str) -> str:
-    text = escape(message)
-    return f"[bold red]{text}[/]" if message.startswith("⚠") else text

@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from vitprobe.choices import DECODE, DTYPE, STORE, TOKENS
 from vitprobe.commands.options import (
     CheckpointOpt,
     CropPctOpt,
@@ -16,19 +17,21 @@ from vitprobe.commands.options import (
     InterpolationOpt,
     MeanOpt,
     ModelOpt,
+    OutputFormat,
+    OutputFormatOpt,
     RandomInitOpt,
     SplitOpt,
     StdOpt,
     data_overrides,
+    output,
     parse_number_list,
-    str_choices,
 )
 from vitprobe.errors import VitprobeError
 
-Dtype = str_choices("Dtype", ("auto", "fp32", "bf16", "fp16"))
-Store = str_choices("Store", ("fp16", "bf16", "fp32", "fp8", "int8"))
-Decode = str_choices("Decode", ("cpu", "gpu"))
-Tokens = str_choices("Tokens", ("all", "cls", "pooled"))
+Dtype = DTYPE.enum("Dtype")
+Store = STORE.enum("Store")
+Decode = DECODE.enum("Decode")
+Tokens = TOKENS.enum("Tokens")
 
 
 class Interrupted(VitprobeError):
@@ -114,6 +117,7 @@ def extract(
     std: StdOpt = None,
     crop_pct: CropPctOpt = None,
     interpolation: InterpolationOpt = None,
+    fmt: OutputFormatOpt = OutputFormat("human"),  # type: ignore[assignment]
 ) -> None:
     """Run a backbone once over a dataset split and write [cls] + patch tokens into a token cache.
 
@@ -122,7 +126,7 @@ def extract(
     Ctrl-C, SIGTERM and kills keep every complete shard: re-running the same command resumes, taking over
     the lock of a run that is gone.
     """
-    from rich.console import Console
+    from dataclasses import asdict
 
     from vitprobe.extract import ExtractConfig, format_bytes
     from vitprobe.extract import extract as run_extract
@@ -134,7 +138,8 @@ def extract(
         resume=resume, overwrite=overwrite, force=force, decode=decode.value, compile=compile_model,
         break_lock=break_lock, **data_overrides(img_size, mean, std, crop_pct, interpolation),
     )
-    console = Console(stderr=True, highlight=False)
+    out_ = output(fmt)
+    console = out_.err  # progress and notes: stderr, in both formats
     try:
         result = run_extract(config, console=console)
     except KeyboardInterrupt as exc:
@@ -148,15 +153,19 @@ def extract(
         ) from None
     if not result.is_main:
         return
+    payload = {**asdict(result), "path": str(result.path), "images_per_s": result.images_per_s}
+    del payload["is_main"]
     if result.skipped:
-        console.print(
+        text = (
             f"[green]cache complete[/]: {result.num_samples:,} samples in {result.num_shards} shards, "
             f"{format_bytes(result.cache_bytes)} at {result.path}"
         )
-        return
-    ranks = f" on {result.world_size} processes" if result.world_size > 1 else ""
-    console.print(
-        f"[green]done[/]: {result.new_samples:,} samples extracted in {result.seconds:.1f} s{ranks} "
-        f"({result.images_per_s:,.1f} images/s); cache {result.num_samples:,} samples, {result.num_shards} "
-        f"shards, {format_bytes(result.cache_bytes)} at {result.path}"
-    )
+    else:
+        ranks = f" on {result.world_size} processes" if result.world_size > 1 else ""
+        text = (
+            f"[green]done[/]: {result.new_samples:,} samples extracted in {result.seconds:.1f} s{ranks} "
+            f"({result.images_per_s:,.1f} images/s); cache {result.num_samples:,} samples, "
+            f"{result.num_shards} shards, {format_bytes(result.cache_bytes)} at {result.path}"
+        )
+    console.print(text)  # the summary line is a diagnostic: stderr, in both formats
+    out_.result(payload)

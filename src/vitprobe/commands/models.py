@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import re
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich import box
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
@@ -19,13 +17,18 @@ from vitprobe.commands.options import (
     InterpolationOpt,
     JsonOpt,
     MeanOpt,
+    OutputFormat,
+    OutputFormatOpt,
     RandomInitOpt,
     StdOpt,
     data_overrides,
+    output,
 )
 
+if TYPE_CHECKING:
+    from rich.console import Console
+
 app = typer.Typer(help="List the supported backbones and inspect how one loads.", no_args_is_help=True)
-console = Console(highlight=False)
 
 BranchOpt = Annotated[
     str | None,
@@ -39,15 +42,16 @@ BranchOpt = Annotated[
 
 
 @app.command("list")
-def list_models(as_json: JsonOpt = False) -> None:
+def list_models(
+    fmt: OutputFormatOpt = OutputFormat("human"),  # type: ignore[assignment]
+    as_json: JsonOpt = False,
+) -> None:
     """Table of presets: family (MIM/JEA), parameters, [cls], timm architecture, weights, license."""
     from vitprobe.models import preset_rows
 
+    out = output(fmt, as_json)
     rows = preset_rows()
-    if as_json:
-        typer.echo(json.dumps(rows, indent=2))
-        return
-    console.print(_preset_table(rows, console.width))
+    out.result({"presets": rows}, human=lambda console: console.print(_preset_table(rows, console.width)))
 
 
 _LIST_GAP = 2  # characters between columns (padding collapsed with the blank separator of SIMPLE_HEAD)
@@ -79,8 +83,8 @@ def _preset_table(rows: list[dict[str, Any]], width: int) -> Table:
     table = Table(
         title="vitprobe presets (any timm model also works as timm:NAME)",
         caption="weights: hub = timm's copy on the Hugging Face hub, official = the authors' release, "
-        "manual = behind a link vitprobe cannot download (pass the file with --checkpoint); `--json` gives "
-        "each source and the patch size",
+        "manual = behind a link vitprobe cannot download (pass the file with --checkpoint); `--format json` "
+        "gives each source and the patch size",
         box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True,
     )
     for header in headers:
@@ -125,6 +129,7 @@ def show(
     std: StdOpt = None,
     crop_pct: CropPctOpt = None,
     interpolation: InterpolationOpt = None,
+    fmt: OutputFormatOpt = OutputFormat("human"),  # type: ignore[assignment]
     as_json: JsonOpt = False,
 ) -> None:
     """Build and load NAME, then print the load report: source, sha256, keys remapped and dropped,
@@ -135,14 +140,14 @@ def show(
         model=name, checkpoint=checkpoint, random_init=random_init, branch=branch,
         **data_overrides(img_size, mean, std, crop_pct, interpolation),
     )
+    out = output(fmt, as_json)
     info = inspect_model(config)
-    if as_json:
-        typer.echo(json.dumps(info, indent=2))
-        return
-    _print_report(info)
+    if info["random_init"]:
+        out.alarm(f"{info['model']}: random weights (--random-init), not a pretrained model")
+    out.result(info, human=lambda console: _print_report(info, console))
 
 
-def _print_report(info: dict[str, Any]) -> None:
+def _print_report(info: dict[str, Any], console: Console) -> None:
     table = Table(show_header=False, title=f"{escape(info['model'])} ({escape(info['timm_name'])})")
     table.add_column("field", style="bold", no_wrap=True)
     table.add_column("value", overflow="fold")

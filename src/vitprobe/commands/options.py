@@ -40,7 +40,6 @@ SplitOpt = Annotated[str, typer.Option("--split", help="Split name (train, val, 
 DeviceOpt = Annotated[
     str, typer.Option("--device", help="auto (CUDA when available), cpu or cuda[:N].")
 ]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 OutDirOpt = Annotated[Path, typer.Option("--out", "-o", help="Output directory.")]
 LayerOpt = Annotated[
     int | None,
@@ -77,6 +76,30 @@ def parse_number_list(
     if not values:
         raise VitprobeError(f"{option} is empty", f"e.g. {option} {example}")
     return values
+
+
+def _output_formats() -> type[Enum]:
+    from vitprobe.choices import OUTPUT_FORMAT
+
+    return OUTPUT_FORMAT.enum("OutputFormat")
+
+
+OutputFormat = _output_formats()
+OutputFormatOpt = Annotated[
+    OutputFormat,  # type: ignore[valid-type]
+    typer.Option(
+        "--format",
+        help="human: tables for people; json: one JSON object on stdout (diagnostics stay on stderr).",
+    ),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Same as --format json.")]
+
+
+def output(fmt: Any, as_json: bool = False) -> Any:
+    """The command's `vitprobe.output.Output` for `--format` (`--json` is the short form of json)."""
+    from vitprobe.output import Output
+
+    return Output("json" if as_json else str(getattr(fmt, "value", fmt)))
 
 
 ImgSizeOpt = Annotated[

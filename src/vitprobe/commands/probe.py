@@ -11,7 +11,15 @@ from rich.markup import escape
 from rich.table import Table
 
 from vitprobe.commands.extract import Interrupted
-from vitprobe.commands.options import DeviceOpt, FinalNormOpt, parse_number_list, str_choices
+from vitprobe.commands.options import (
+    DeviceOpt,
+    FinalNormOpt,
+    OutputFormat,
+    OutputFormatOpt,
+    output,
+    parse_number_list,
+    str_choices,
+)
 from vitprobe.errors import ProbeError
 
 console = Console(highlight=False)
@@ -181,38 +189,17 @@ def probe(
         typer.Option("--overwrite", help="Replace an earlier probe run's results.json and heads/ in --out."),
     ] = False,
     device: DeviceOpt = "auto",
-    predict: Annotated[
-        Path | None,
-        typer.Option(
-            "--predict",
-            help="Evaluate this saved head (heads/<pool>.safetensors).",
-        ),
-    ] = None,
-    cache: Annotated[
-        Path | None,
-        typer.Option("--cache", help="With --predict: the cache to evaluate on."),
-    ] = None,
-    export_maps: Annotated[
-        Path | None,
-        typer.Option(
-            "--export-maps", dir_okay=False, help="With --predict: write per-patch attention maps (n, h, w)."
-        ),
-    ] = None,
+    fmt: OutputFormatOpt = OutputFormat("human"),  # type: ignore[assignment]
 ) -> None:
     """Train [cls] / mean / AbMILP / attentive heads on a token cache, all read-outs × lrs in one pass.
 
     Each read-out's lr and epoch are chosen on a train holdout and its test accuracy is reported with a
-    health verdict. Or, with `--predict HEAD --cache CACHE`, evaluate a saved head (and export its maps).
+    health verdict. `vitprobe predict HEAD --cache CACHE` evaluates a saved head (and exports its maps).
     """
-    if predict is not None:
-        _predict(
-            predict, cache, out=out, export_maps=export_maps, batch_size=batch_size or 1024, device=device
-        )
-        return
     if train is None or test is None or out is None:
         raise ProbeError(
             "`vitprobe probe` needs --train CACHE --test CACHE --out RUN_DIR",
-            "pass --train, --test and --out, or --predict HEAD --cache CACHE to evaluate a saved head",
+            "pass --train, --test and --out (`vitprobe predict HEAD --cache CACHE` evaluates a saved head)",
         )
     if blr is not None and lr_grid is not None:
         raise ProbeError("--blr and --lr-grid both set the base lrs", "pass one of them")
@@ -254,9 +241,10 @@ def probe(
         amp=amp.value,
         load=load.value,
     )
+    output_ = output(fmt)
     try:
         results = run_probe(
-            train, test, cfg, out, explicit_pools=bool(pool), overwrite=overwrite, console=console
+            train, test, cfg, out, explicit_pools=bool(pool), overwrite=overwrite, console=output_.err
         )
     except KeyboardInterrupt:
         raise Interrupted(
@@ -264,11 +252,14 @@ def probe(
             "every head is trained)",
             "re-run the command; fewer --epochs or a shorter --lr-grid make it quicker",
         ) from None
-    print_results(results)
-    console.print(f"results: {out / 'results.json'}  heads: {out / 'heads'}")
+    if output_.json:  # the human table prints them beside the numbers
+        for warning in results["warnings"]:
+            output_.warn(warning)
+    output_.result(results, human=lambda stdout: print_results(results, stdout))
+    output_.info(f"results: {out / 'results.json'}  heads: {out / 'heads'}")
 
 
-def print_results(results: dict[str, Any]) -> None:
+def print_results(results: dict[str, Any], console: Console = console) -> None:
     """A rich table of the read-outs' test accuracies and health, then the notes, warnings and fixes."""
     selection = results["selection"]
     protocol = results["protocol"]["name"]
@@ -342,39 +333,6 @@ def print_results(results: dict[str, Any]) -> None:
             )
     for warning in results["warnings"]:
         console.print(f"[bold yellow]warning:[/] {escape(warning)}")
-
-
-def _predict(
-    head: Path,
-    cache: Path | None,
-    *,
-    out: Path | None,
-    export_maps: Path | None,
-    batch_size: int,
-    device: str,
-) -> None:
-    if cache is None:
-        raise ProbeError("--predict needs --cache CACHE", "pass the token cache to evaluate the head on")
-    from vitprobe.probe import PredictConfig, predict
-
-    result = predict(
-        head,
-        cache,
-        cfg=PredictConfig(batch_size=batch_size, device=device),
-        out_dir=out,
-        export_maps=export_maps,
-    )
-    table = Table(title=f"{result['pool']} head on {cache}")
-    for column in ("samples", "top-1", "top-5"):
-        table.add_column(column, justify="right")
-    table.add_row(str(result["num_samples"]), f"{100 * result['top1']:.2f}", f"{100 * result['top5']:.2f}")
-    console.print(table)
-    if out is not None:
-        console.print(f"predictions: {out / 'predictions.json'}")
-    if export_maps is not None:
-        console.print(f"attention maps: {export_maps}")
-
-
 def parse_layer(text: str | None) -> int | tuple[int, ...] | str | None:
     """`--layer`: None, "all", one block ("-1") or a list of blocks ("3,7,11")."""
     if text is None or text.strip() == "all":

@@ -4,7 +4,7 @@ As DINOv2's `eval/log_regression.py` and CLIP's linear-probe evaluation: multino
 with an L2 penalty, minimising C·Σ_i CE_i + ½‖W‖² (scikit-learn's objective; the intercept is not
 penalised) over a grid of C, warm-started from the previous C. Features are standardised with the fit
 rows' mean and variance, exactly what `BatchNorm1d(affine=False, eps=1e-6)` does in eval mode, so the
-fitted model is saved as an ordinary `ProbeHead` (BN statistics + Linear) that `--predict` can use.
+fitted model is saved as an ordinary `ProbeHead` (BN statistics + Linear) that `vitprobe predict` can use.
 Parity with scikit-learn's LogisticRegression: tests/test_probe_logreg.py.
 """
 

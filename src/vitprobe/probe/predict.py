@@ -50,6 +50,7 @@ def predict(
     from vitprobe.cache import open_cache
     from vitprobe.devices import resolve_device
     from vitprobe.files import atomic_path, write_json
+    from vitprobe.provenance import checkpoint_from_manifest, provenance
 
     head, meta = load_head(head_path)
     cache = open_cache(cache_path)
@@ -116,6 +117,8 @@ def predict(
             {"index": int(i), "label": int(y), "pred": int(p[0]), "top5": p.tolist()}
             for i, y, p in zip(indices, labels, top, strict=True)
         ],
+        "provenance": provenance(device=device, checkpoint=checkpoint_from_manifest(cache.manifest),
+                                 dataset=cache.manifest["dataset"]),  # fmt: skip
     }
     if export_maps is not None:
         from safetensors.torch import save_file

@@ -17,7 +17,8 @@ from vitprobe.errors import ProbeError
 from vitprobe.heads import HeadSpec
 from vitprobe.probe import rundir
 from vitprobe.probe.protocols import PROTOCOLS, ProbeConfig
-from vitprobe.provenance import versions
+from vitprobe.provenance import checkpoint_from_manifest, provenance, versions
+from vitprobe.results import validate
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -314,8 +315,10 @@ def run_probe(
         "train_cache": {"path": str(train_cache.path), "provenance": train_cache.provenance()},
         "test_cache": {"path": str(test_cache.path), "provenance": test_cache.provenance()},
         "timing": outcome.timing,
+        "provenance": provenance(device=device, checkpoint=checkpoint_from_manifest(train_cache.manifest),
+                                 dataset=test_cache.manifest["dataset"]),  # fmt: skip
     }
-    results = clean(results)
+    results = validate("probe", clean(results))
     rundir.commit(out_dir, staging, results)
     return results
 
