@@ -62,7 +62,8 @@ def probe(
             "--protocol",
             help="Named recipe the defaults come from: auto (converged by default: SGD, 13 lrs x 3 weight "
             "decays, >= 12,500 steps, heads compared at the end of their schedule), mae (MAE / Beyond [cls] "
-            "LARS recipe), ep (efficient probing), logreg (L-BFGS logistic regression on pooled features). Options below override it.",
+            "LARS recipe), ep (efficient probing), logreg (L-BFGS logistic regression on pooled features). "
+            "Options below override it.",
         ),
     ] = Protocol.auto,
     pool: Annotated[
