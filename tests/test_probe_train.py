@@ -405,3 +405,14 @@ def test_one_shot_cannot_select_and_says_so() -> None:
     logreg_cfg = ProbeConfig.from_protocol("logreg", pools=("cls",), c_grid=(0.01, 1.0, 100.0), shots=1)
     lr = train_probes(train, test, logreg_cfg, specs_of(logreg_cfg), keys=["cls"]).readouts["cls"]
     assert lr.C == 1.0 and "no_holdout" in {c.code for c in lr.health}
+
+
+def test_a_holdout_that_leaves_few_train_rows_and_a_warmup_as_long_as_training_are_warnings() -> None:
+    train, test = blobs(160), blobs(40, seed=1)
+    cfg = small_cfg(pools=("cls",), holdout=0.9, warmup_epochs=4.0)
+    out = train_probes(train, test, cfg, specs_of(cfg), keys=["cls"])
+    warnings = " | ".join(out.selection["warnings"])
+    assert "--holdout 0.9 leaves 16 train images for 4 classes (and holds out 144)" in warnings
+    assert "--warmup-epochs 4 is as long as the 4 epochs run" in warnings
+    fine = train_probes(train, test, small_cfg(pools=("cls",)), specs_of(cfg), keys=["cls"])
+    assert not fine.selection["warnings"]
