@@ -186,8 +186,8 @@ def _trial(
     if cfg.select_on == "holdout" and not cfg.lowshot and fit_images < 5 * train_src.num_classes:
         warnings.append(
             f"--holdout {cfg.holdout:g} leaves {fit_images} train images for {train_src.num_classes} classes "
-            f"(and holds out {len(torch.unique(train_src.indices[held_rows]))}): the heads learn from very few "
-            "rows; a smaller --holdout (default 0.1) trains on more"
+            f"(and holds out {len(torch.unique(train_src.indices[held_rows]))}): the heads learn from very "
+            "few rows; a smaller --holdout (default 0.1) trains on more"
         )
     fit_split = Split("train", train_src, fit_rows, train_memory)
     labels = train_src.labels[fit_split.epoch_rows(0)]
@@ -213,8 +213,8 @@ def _trial(
         schedule = plan_schedule(cfg, len(fit_split.epoch_rows(0)))
         if cfg.warmup_epochs >= schedule.epochs:
             warnings.append(
-                f"--warmup-epochs {cfg.warmup_epochs:g} is as long as the {schedule.epochs} epochs run: the lr "
-                "rises for the whole run and never decays; use a warm-up shorter than --epochs"
+                f"--warmup-epochs {cfg.warmup_epochs:g} is as long as the {schedule.epochs} epochs run: the "
+                "lr rises for the whole run and never decays; use a warm-up shorter than --epochs"
             )
         readouts = gradient.train_gradient(
             fit_split,
