@@ -57,6 +57,7 @@ epochs = 4
 min_steps = 0
 batch_size = 8
 lr_grid = [0.1, 1.0]
+weight_decay = [0.0]
 
 [knn]
 ks = [5, 20]
@@ -234,7 +235,7 @@ def _build_sweeps(real: RealRuns, root: Path) -> None:
         args = ["probe", "--train", str(caches["train"]), "--test", str(caches["test"]), "--out", str(run),
                 "--layer", "all", "--pool", "cls", "--pool", "mean", "--pool", "abmilp", "--pool", "fusion",
                 "--epochs", "3", "--min-steps", "0", "--batch-size", "8", "--lr-grid", "0.1,1",
-                "--device", "cpu"]  # fmt: skip
+                "--weight-decay", "0", "--device", "cpu"]  # fmt: skip
         done = runner.invoke(app, args)
         assert done.exit_code == 0, done.output
         for file in ("attention.json", "frequency.json"):

@@ -120,7 +120,7 @@ def json_outputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[di
                     "--workers", "0", "--device", "cpu", "--out", str(tmp / "cache")],
         "probe": ["probe", "--train", train, "--test", test, "--out", str(tmp / "probe"), "--pool", "cls",
                   "--epochs", "1", "--min-steps", "0", "--batch-size", "8", "--lr-grid", "0.1",
-                  "--device", "cpu"],
+                  "--weight-decay", "0", "--device", "cpu"],
         "predict": ["predict", str(run / "heads" / "cls.safetensors"), "--cache", test, "--device", "cpu"],
         "knn": ["knn", "--train", train, "--test", test, "--k", "5", "--out", str(tmp / "knn"),
                 "--device", "cpu"],

@@ -37,6 +37,7 @@ class DemoConfig:
     batch_size: int = 64  # probe and extraction batch size
     optimizer: str = "sgd"  # LARS (the paper's) barely moves a fresh head in a few hundred steps; SGD does
     lr_grid: tuple[float, ...] = (1.0, 10.0)  # two base lrs instead of auto's 13, trained side by side
+    weight_decay: tuple[float, ...] = (0.0,)  # one weight decay instead of auto's three
     warmup_epochs: float = 2.0  # a short linear warm-up before the cosine decay
     ks: tuple[int, ...] = (10, 20)  # k-NN neighbours
     analysis_images: int = 64  # images for the attention and frequency analyses
@@ -94,6 +95,7 @@ def demo_study_table(config: DemoConfig) -> dict[str, Any]:
             "batch_size": config.batch_size,
             "optimizer": config.optimizer,
             "lr_grid": list(config.lr_grid),
+            "weight_decay": list(config.weight_decay),
             "warmup_epochs": float(min(config.warmup_epochs, config.epochs)),
         },
         "knn": {"ks": list(config.ks)},
