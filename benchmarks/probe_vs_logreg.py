@@ -128,6 +128,7 @@ def main() -> None:
                         "auto": {
                             "top1": auto["top1"],
                             "blr": auto["blr"],
+                            "weight_decay": auto.get("weight_decay"),
                             "epoch": auto["epoch"],
                             "verdict": auto["verdict"],
                             "health": [c["code"] for c in auto["health"]],
