@@ -1,13 +1,13 @@
-"""What fp8 / int8 token caches cost in accuracy against fp16: the same images, backbone and probes.
+"""What bf16 / fp8 / int8 token caches cost in accuracy against fp16: the same images, backbone and probes.
 
 Run by hand (no network, no weights needed):
 
     .venv/bin/python benchmarks/store_precision.py [--model timm:vit_tiny_patch16_224] [--json out.json]
 
 scikit-learn's 1,797 handwritten digits as an image folder (benchmarks/small_real_data.py: 1,198 train /
-599 test, upsampled; timm's transform resizes them to 224 px), extracted once per store (`--store fp16`,
-`fp8`, `int8`; random-init weights seeded 0, fp32 compute on CPU), then probed from each cache with the same
-commands and seeds:
+599 test, upsampled; timm's transform resizes them to 224 px), extracted once per store (`--store
+fp16`, `bf16`, `fp8`, `int8`; random-init weights seeded 0, fp32 compute on CPU), then probed from each
+cache with the same commands and seeds:
 
     vitprobe probe --protocol logreg --pool cls --pool mean          (L-BFGS logistic regression)
     vitprobe probe --pool abmilp --epochs 10 --min-steps 0 --lr-grid 0.01,0.1,1
@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-STORES = ("fp16", "fp8", "int8")
+STORES = ("fp16", "bf16", "fp8", "int8")
 PROBES = {
     "logreg": ["--protocol", "logreg", "--pool", "cls", "--pool", "mean"],
     "abmilp": ["--pool", "abmilp", "--epochs", "10", "--min-steps", "0", "--lr-grid", "0.01,0.1,1"],

@@ -16,6 +16,7 @@ import subprocess
 import sys
 from collections.abc import Mapping
 from datetime import datetime, timezone
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +24,13 @@ GIT_TIMEOUT_S = 2.0  # `git rev-parse` on a checkout takes milliseconds; never h
 
 
 def versions() -> dict[str, str]:
-    """Versions of the software that produced a result (vitprobe, Python, torch, timm, numpy, safetensors)."""
+    """Versions of the software that produced a result (vitprobe, Python, torch, timm, numpy, safetensors).
+
+    timm's is read from its installed metadata unless timm is already imported: importing timm (and with it
+    torchvision) costs seconds, and a probe or k-NN run needs no model code.
+    """
     import numpy
     import safetensors
-    import timm
     import torch
 
     from vitprobe import __version__
@@ -35,7 +39,7 @@ def versions() -> dict[str, str]:
         "vitprobe": __version__,
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "timm": timm.__version__,
+        "timm": sys.modules["timm"].__version__ if "timm" in sys.modules else version("timm"),
         "numpy": numpy.__version__,
         "safetensors": safetensors.__version__,
     }
