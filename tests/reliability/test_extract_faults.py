@@ -310,7 +310,7 @@ def test_torchrun_a_killed_rank_or_a_preempted_job_leaves_no_lock_and_resumes(
     out = tmp_path / "cache"
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     args = [*launcher, *_args(images, out)[1:]]
-    proc = _start_and_wait(args, out, _shards_recorded(out, 2))
+    proc = _start_and_wait(args, out, _shards_recorded(out, 1))  # 5 of 6 shards to go: the kill lands
     if kill == "torchrun SIGTERM":
         proc.send_signal(signal.SIGTERM)
     else:
