@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from vitprobe.errors import ProbeError
+from vitprobe.pairing import unseen_class_warnings
 from vitprobe.tokens import TokenSource
 
 
@@ -62,14 +63,6 @@ def check_labels(train: TokenSource, fit_rows: torch.Tensor, test: TokenSource) 
         only = train.class_names[int(present[0])] if len(present) else "none"
         raise ProbeError(
             f"the train rows hold a single class ({only!r}): a classifier cannot be trained or tested on it",
-            "extract the train cache from a split with several classes (extract --limit takes the first "
-            "images, which on a class-sorted dataset can be one class)",
+            "extract the train cache from a split with several classes",
         )
-    unseen = sorted(set(torch.unique(test.labels).tolist()) - set(present.tolist()))
-    if unseen:
-        names = ", ".join(test.class_names[c] for c in unseen[:5]) + (" ..." if len(unseen) > 5 else "")
-        return [
-            f"{len(unseen)} test classes never appear in the train rows ({names}): their test images "
-            "cannot be classified correctly"
-        ]
-    return []
+    return unseen_class_warnings(present.tolist(), torch.unique(test.labels).tolist(), test.class_names)
