@@ -74,7 +74,8 @@ OPTIMIZER = Choice(
 PROTOCOL = Choice(
     "--protocol",
     {
-        "auto": "converged by default: SGD, 13 lrs, >= 12,500 steps, chosen on a train holdout",
+        "auto": "converged by default: SGD, 13 lrs x 3 weight decays, >= 12,500 steps, heads compared at "
+        "the end of their schedule on a train holdout",
         "mae": "the MAE / Beyond [cls] LARS recipe",
         "ep": "the efficient-probing recipe",
         "logreg": "L-BFGS logistic regression on pooled features",

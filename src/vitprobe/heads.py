@@ -14,13 +14,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from vitprobe.choices import ABMILP_ACTS, ABMILP_CONTENTS, POOLS
 from vitprobe.errors import ProbeError
 from vitprobe.tokens import Tokens
 
-POOLS = ("cls", "mean", "cls+mean", "abmilp", "attentive", "cls-cat", "cls-cat+mean", "fusion")
 MULTI_BLOCK_POOLS = ("cls-cat", "cls-cat+mean", "fusion")  # read several stored blocks at once
-ABMILP_ACTS = ("tanh", "relu")
-ABMILP_CONTENTS = ("patch", "all")
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,17 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from vitprobe.choices import (
+    ABMILP_ACT,
+    ABMILP_CONTENT,
+    AMP,
+    LOAD,
+    OPTIMIZER,
+    POOL,
+    PROTOCOL,
+    SELECT_EPOCH,
+    SELECT_ON,
+)
 from vitprobe.commands.extract import Interrupted
 from vitprobe.commands.options import (
     DeviceOpt,
@@ -18,24 +29,21 @@ from vitprobe.commands.options import (
     OutputFormatOpt,
     output,
     parse_number_list,
-    str_choices,
 )
 from vitprobe.errors import ProbeError
 
 console = Console(highlight=False)
 
 
-Pool = str_choices(
-    "Pool", ("cls", "mean", "cls+mean", "abmilp", "attentive", "cls-cat", "cls-cat+mean", "fusion")
-)
-Optimizer = str_choices("Optimizer", ("lars", "sgd", "adamw"))
-Protocol = str_choices("Protocol", ("auto", "mae", "ep", "logreg"))
-Amp = str_choices("Amp", ("auto", "off", "bf16"))
-SelectOn = str_choices("SelectOn", ("holdout", "test"))
-SelectEpoch = str_choices("SelectEpoch", ("best", "last"))
-Act = str_choices("Act", ("tanh", "relu"))
-Content = str_choices("Content", ("patch", "all"))
-Load = str_choices("Load", ("auto", "memory", "stream"))
+Pool = POOL.enum("Pool")
+Optimizer = OPTIMIZER.enum("Optimizer")
+Protocol = PROTOCOL.enum("Protocol")
+Amp = AMP.enum("Amp")
+SelectOn = SELECT_ON.enum("SelectOn")
+SelectEpoch = SELECT_EPOCH.enum("SelectEpoch")
+Act = ABMILP_ACT.enum("Act")
+Content = ABMILP_CONTENT.enum("Content")
+Load = LOAD.enum("Load")
 
 
 def parse_floats(text: str | None, option: str) -> tuple[float, ...]:

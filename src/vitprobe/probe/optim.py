@@ -24,9 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
+from vitprobe.choices import OPTIMIZERS
 from vitprobe.errors import ProbeError
-
-OPTIMIZERS = ("lars", "sgd", "adamw")
 
 
 @dataclass(frozen=True)

@@ -13,20 +13,18 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from vitprobe.choices import AMP_MODES, LOAD_MODES, LOGREG_POOLS, SELECT_EPOCHS, SELECT_ONS
 from vitprobe.errors import ProbeError
 from vitprobe.heads import POOLS, HeadSpec
 from vitprobe.probe.optim import OPTIMIZERS, OptimizerSpec
 from vitprobe.tokens import num_batches
 
-SELECT_ON = ("holdout", "test")
-SELECT_EPOCH = ("best", "last")
-LOAD_MODES = ("auto", "memory", "stream")
-AMP_MODES = ("auto", "off", "bf16")
-LOGREG_POOLS = ("cls", "mean", "cls+mean", "cls-cat", "cls-cat+mean")
+SELECT_ON = SELECT_ONS
+SELECT_EPOCH = SELECT_EPOCHS
+AUTO_WD_GRID = (0.0, 1e-4, 1e-3)  # weight decays of auto's heads (× AUTO_LR_GRID)
 # Base lrs (at batch 256) of the default grid: 13 values over four decades in 1-2-5 steps. DINOv2's linear
 # evaluation trains a 13-value grid side by side (dinov2/eval/linear.py: 1e-5 .. 0.1 on raw features); on
-# BatchNorm-standardised features the optimum sits higher (0.1 .. 10 on small real data: docs/probing.md).
-AUTO_WD_GRID = (0.0, 1e-4, 1e-3)  # weight decays of auto's heads (× AUTO_LR_GRID)
+# BatchNorm-standardised features the optimum sits higher (0.01 .. 10 on small real data: docs/probing.md).
 AUTO_LR_GRID = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0)
 # C of the logistic-regression protocol: DINOv2's log_regression.py sweeps 10 ** linspace(-6, 5, 45);
 # this is every other value of that grid (23 values, same range).
