@@ -62,7 +62,7 @@ def test_attention_writes_json_maps_and_figures(attention_run: Path) -> None:
     for name in ATTENTION_FILES:
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     result = json.loads((out / "attention.json").read_text())
-    assert result["kind"] == "attention" and result["schema_version"] == 2
+    assert (result["format"], result["version"], result["kind"]) == ("vitprobe-attention", 3, "attention")
     assert result["n_images"] == 5 and result["data"]["n_images"] == 5 and result["data"]["size"] == 6
     assert result["data"]["fingerprint"] and result["data"]["split"] == "val"
     assert result["random_init"] is True and result["model"]["random_init"] is True

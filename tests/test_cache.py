@@ -156,10 +156,17 @@ def test_open_cache_refuses_missing_incomplete_and_foreign(tmp_path: Path) -> No
     newer = tmp_path / "newer"
     _write_cache(newer)
     manifest = json.loads((newer / MANIFEST_FILE).read_text())
-    write_manifest(newer, {**manifest, "format_version": FORMAT_VERSION + 1})
+    write_manifest(newer, {**manifest, "format_version": FORMAT_VERSION + 1})  # 2 is spelt `version`
     with pytest.raises(CacheError, match="format version 2") as info:
         open_cache(newer)
+    v1 = {k: v for k, v in manifest.items() if k not in ("version", "kind")}
+    write_manifest(newer, {**v1, "format": FORMAT_NAME, "version": 3, "kind": "cache"})
+    with pytest.raises(CacheError, match="format version 3") as info:
+        open_cache(newer)
     assert "upgrade" in info.value.hint
+    write_manifest(newer, {**v1, "version": 2})  # version 2 without `kind`
+    with pytest.raises(CacheError, match="format version 2"):
+        open_cache(newer)
     write_manifest(newer, {**manifest, "format": "something-else"})
     with pytest.raises(CacheError, match="not a vitprobe token-cache manifest"):
         open_cache(newer)

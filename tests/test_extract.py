@@ -157,7 +157,8 @@ def test_manifest_records_how_the_cache_was_made(data_spec: str, tmp_path: Path)
     config = _config(data_spec, tmp_path / "cache", layers=(-1, -4), store="fp16")
     extract(config)
     m = json.loads((tmp_path / "cache" / MANIFEST_FILE).read_text())
-    assert m["format"] == "vitprobe-token-cache" and m["format_version"] == 1 and m["complete"] is True
+    assert (m["format"], m["version"], m["kind"]) == ("vitprobe-token-cache", 2, "cache") and m["complete"]
+    assert "format_version" not in m  # version 1's spelling
     assert set(m["versions"]) >= {"vitprobe", "torch", "timm"}
     assert m["model"] == {"spec": "timm:test_vit", "timm_name": "test_vit", "checkpoint": "random-init",
                           "random_init": True, "source": "random-init"}
@@ -226,8 +227,16 @@ def test_resume_after_a_crash_equals_a_clean_run(
                                                                    "shard-00001.safetensors"]
     leftover = crashed.out / ".shard-00002.safetensors.abc123.tmp"  # what a SIGKILL mid-write leaves
     leftover.write_bytes(b"partial")
+    # as a vitprobe of cache format version 1 left it: `format_version` 1, no `version` / `kind`
+    m = json.loads((crashed.out / MANIFEST_FILE).read_text())
+    body = {k: v for k, v in m.items() if k not in ("format", "version", "kind")}
+    v1 = {"format": m["format"], "format_version": 1, **body}
+    (crashed.out / MANIFEST_FILE).write_text(json.dumps(v1))
+    assert open_cache(crashed.out, require_complete=False).num_written == 4
     result = extract(crashed)
     assert result.new_samples == NUM_IMAGES - 4 and result.num_shards == 5 and not leftover.exists()
+    resumed = json.loads((crashed.out / MANIFEST_FILE).read_text())
+    assert (resumed["version"], resumed["kind"]) == (2, "cache") and "format_version" not in resumed
     a, b = open_cache(clean.out, verify=True), open_cache(crashed.out, verify=True)
     assert [s.sha256 for s in a.shards] == [s.sha256 for s in b.shards]
     for x, y in zip(a.iter_shards(), b.iter_shards(), strict=True):

@@ -12,7 +12,7 @@ import pytest
 
 import vitprobe.results as R
 from report_fixtures import RealRuns, every_file, session_runs
-from vitprobe.results.schema import Model
+from vitprobe.results.schema import HEADER_STYLES, Model
 
 
 @pytest.fixture(scope="session")
@@ -75,9 +75,14 @@ def test_health_and_numbers_are_typed(real: RealRuns) -> None:
 def test_analyses_blocks_are_zero_based_and_version_1_files_convert(real: RealRuns) -> None:
     run = real.runs["ckpt-a"]
     written = json.loads((run / "attention.json").read_text())
-    assert written["schema_version"] == 2 and written["blocks"] == [0, 1, 2, 3, 4, 5]  # the writer, today
+    assert (written["format"], written["version"], written["kind"]) == ("vitprobe-attention", 3, "attention")
+    assert "schema_version" not in written and written["blocks"] == [0, 1, 2, 3, 4, 5]  # the writer, today
     attention = R.load(run / "attention.json", kind="attention")
     assert attention.blocks == [0, 1, 2, 3, 4, 5]
+    # version 2 (0-based, the analyses' own header) reads the same
+    v2 = dataclasses.replace(attention, version=2).to_dict()
+    assert v2["kind"] == "attention" and v2["schema_version"] == 2 and "format" not in v2
+    assert R.parse(v2).blocks == attention.blocks and R.parse(v2).to_dict() == v2
     # the same result as an earlier vitprobe wrote it (version 1: blocks from 1): read back 0-based
     v1 = dataclasses.replace(attention, version=1).to_dict()
     assert v1["schema_version"] == 1 and v1["blocks"] == [1, 2, 3, 4, 5, 6]
@@ -100,9 +105,32 @@ def test_unknown_versions_are_refused_saying_who_is_out_of_date(real: RealRuns) 
         R.parse({**results, "version": 1}, where="results.json")
     assert "re-run" in (older.value.hint or "")
     attention = json.loads((real.runs["ckpt-a"] / "attention.json").read_text())
-    header = {k: v for k, v in attention.items() if k not in ("kind", "schema_version")}
     with pytest.raises(R.ResultsError, match="spelt"):  # version 2 of the analyses: kind + schema_version
-        R.parse({**header, "format": "vitprobe-attention", "version": 2, "kind": "attention"})
+        R.parse({**attention, "version": 2})
+    body = {k: v for k, v in attention.items() if k not in ("format", "version")}
+    with pytest.raises(R.ResultsError, match="spelt"):  # version 3 is the common header
+        R.parse({**body, "schema_version": 3})
+
+
+def test_every_file_carries_the_common_header(real: RealRuns) -> None:
+    for path in every_file(real):
+        written = json.loads(path.read_text())
+        kind = R.kind_of(written, where=str(path))
+        assert {k: written[k] for k in ("format", "version", "kind")} == R.header(kind), path
+        assert not {"schema_version", "format_version"} & set(written), path
+
+
+def test_version_1_heads_predictions_and_manifests_still_read(real: RealRuns) -> None:
+    for path in every_file(real):
+        written = json.loads(path.read_text())
+        kind = R.kind_of(written, where=str(path))
+        style = R.KINDS[kind].LEGACY.get(1)
+        if kind not in ("head", "predictions", "cache"):
+            continue
+        old = dataclasses.replace(R.parse(written), version=1).to_dict()  # as vitprobe wrote it before
+        assert list(old)[:2] == list(HEADER_STYLES[style]), path
+        assert "kind" not in old and R.parse(old).version == 1, path
+        assert R.parse(old).to_dict() == old, path
 
 
 @pytest.mark.parametrize(
@@ -154,3 +182,21 @@ def test_provenance_records_the_run_in_full() -> None:
     head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True)
     if head.returncode == 0:  # running from a checkout: its commit is recorded
         assert model.git is not None and model.git.commit == head.stdout.strip()
+
+
+def test_a_saved_head_of_an_unknown_version_is_refused_by_predict(real: RealRuns, tmp_path: Path) -> None:
+    import shutil
+
+    from vitprobe.probe.saved import load_head
+
+    heads = real.runs[next(iter(real.runs))] / "heads"
+    meta = sorted(heads.glob("*.json"))[0]
+    for suffix in (".json", ".safetensors"):
+        shutil.copy(meta.with_suffix(suffix), tmp_path / meta.with_suffix(suffix).name)
+    copy = tmp_path / meta.name
+    head, _ = load_head(copy)  # as written: loads
+    assert head is not None
+    copy.write_text(json.dumps({**json.loads(meta.read_text()), "version": 9}))
+    with pytest.raises(R.ResultsError, match="version 9 is not one this vitprobe reads") as info:
+        load_head(copy)
+    assert "upgrade vitprobe" in (info.value.hint or "")

@@ -57,8 +57,11 @@ from vitprobe.verified import VERIFIED_FILE, HashRecord
 
 MANIFEST_FILE = "manifest.json"
 
+MANIFEST_VERSIONS = {1: "format_version", 2: "version"}  # version -> the key that holds it (1: before the
+# common header of result files; 2: `format`, `version`, `kind` as every result file)
+
 REQUIRED_FIELDS = (
-    "format", "format_version", "model", "layers", "grid", "dim", "num_prefix_tokens", "has_cls",
+    "format", "model", "layers", "grid", "dim", "num_prefix_tokens", "has_cls",
     "num_reg_tokens", "tokens", "store_dtype", "views", "dataset", "num_samples", "shard_size", "shards",
     "final_norm", "complete",
 )
@@ -280,7 +283,7 @@ class TokenCache:
         m = self.manifest
         return {
             "cache": str(self.path),
-            "format_version": m["format_version"],
+            "format_version": manifest_version(m),
             "model": m["model"]["spec"],
             "timm_name": m["model"]["timm_name"],
             "checkpoint": m["model"]["checkpoint"],
@@ -343,17 +346,25 @@ def open_cache(
     return cache
 
 
+def manifest_version(manifest: dict[str, Any]) -> Any:
+    """A manifest's format version: `version` (2, the common header) or `format_version` (version 1)."""
+    return manifest.get("version", manifest.get("format_version"))
+
+
 def check_manifest(manifest: Any, *, where: Path | str) -> None:
-    """Raise CacheError unless `manifest` is a version-1 manifest whose shard ranges are consistent."""
+    """Raise CacheError unless `manifest` is a manifest of a version this vitprobe reads (MANIFEST_VERSIONS)
+    whose shard ranges are consistent."""
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise CacheError(
             f"{where} is not a vitprobe token-cache manifest", "point at a `vitprobe extract --out` directory"
         )
-    version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
-        newer = isinstance(version, int) and version > FORMAT_VERSION
+    version = manifest_version(manifest)
+    spelt = MANIFEST_VERSIONS.get(version) if isinstance(version, int) else None
+    if spelt is None or spelt not in manifest or (version > 1 and manifest.get("kind") != "cache"):
+        newer = isinstance(version, int) and version > max(MANIFEST_VERSIONS)
+        known = ", ".join(f"{v} (`{key}`)" for v, key in MANIFEST_VERSIONS.items())
         raise CacheError(
-            f"{where} has cache format version {version}; this vitprobe reads version {FORMAT_VERSION}",
+            f"{where} has cache format version {version!r}; this vitprobe reads versions {known}",
             "upgrade vitprobe" if newer else "re-extract the cache with this vitprobe (--overwrite)",
         )
     missing = [k for k in REQUIRED_FIELDS if k not in manifest]

@@ -14,8 +14,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from vitprobe.cache import (
-    FORMAT_NAME,
-    FORMAT_VERSION,
     KeySpec,
     ManifestUnreadable,
     ShardInfo,
@@ -34,6 +32,7 @@ from vitprobe.cache import (
 from vitprobe.errors import CacheError
 from vitprobe.files import format_bytes
 from vitprobe.provenance import checkpoint_of, provenance, versions
+from vitprobe.results import header
 from vitprobe.resume import (
     Adopted,
     adopt_written,
@@ -94,8 +93,7 @@ def new_manifest(
         transform["decode"] = config.decode
     report = backbone.report
     return {
-        "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
+        **header("cache"),
         "created": utc_now(),
         "versions": versions(),
         "model": {"spec": report.model, "timm_name": report.timm_name, "checkpoint": report.checkpoint_id,

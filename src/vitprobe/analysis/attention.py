@@ -314,6 +314,7 @@ def run_attention(config: AttentionConfig, *, backbone: Backbone | None = None) 
     from vitprobe.analysis import plots
     from vitprobe.analysis.runs import backbone_info, open_pass, result_header
     from vitprobe.files import atomic_path, sha256_file, write_json
+    from vitprobe.results import validate
 
     run = open_pass(config, "attention.json", backbone=backbone)  # backbone: already loaded, or None
     backbone = run.backbone
@@ -368,7 +369,7 @@ def run_attention(config: AttentionConfig, *, backbone: Backbone | None = None) 
     figures = plots.attention_figures([result, *run.compared], out, maps=maps or None)
     result["figures"] = [str(p.relative_to(out)) for p in figures]
     json_path = out / "attention.json"
-    write_json(json_path, result)
+    write_json(json_path, validate("attention", result))
     return AttentionRun(
         json_path=json_path,
         maps_path=None if maps_info is None else out / maps_info["file"],

@@ -319,6 +319,7 @@ def run_frequency(config: FrequencyConfig, *, backbone: Backbone | None = None) 
     )
     from vitprobe.devices import resolve_device
     from vitprobe.files import write_json
+    from vitprobe.results import validate
 
     out = check_out(config.out, "frequency.json", overwrite=config.overwrite)
     compared = read_results(config.compare, "frequency.json")
@@ -379,5 +380,6 @@ def run_frequency(config: FrequencyConfig, *, backbone: Backbone | None = None) 
     figures = plots.frequency_figures([result, *compared], out)
     result["figures"] = [str(p.relative_to(out)) for p in figures]
     json_path = out / "frequency.json"
+    result = validate("frequency", result)
     write_json(json_path, result)
     return FrequencyRun(json_path=json_path, figures=figures, result=result)

@@ -28,7 +28,8 @@ from vitprobe.analysis.maxboxacc import (
     scoremap_at_image,
     xywh_to_xyxy,
 )
-from vitprobe.analysis.runs import SCHEMA_VERSION, PassConfig
+from vitprobe.analysis.runs import PassConfig
+from vitprobe.results import header, validate
 
 if TYPE_CHECKING:
     import torch
@@ -321,8 +322,7 @@ def run_localization(config: LocalizationConfig, *, backbone: Backbone | None = 
         figures.append(path)
     label = (model_info or {}).get("model") or "maps"
     result = {
-        "kind": "localization",
-        "schema_version": SCHEMA_VERSION,
+        **header("localization"),
         "label": f"{label} (random weights)" if random_init else label,
         "model": model_info,
         "random_init": random_init,
@@ -362,6 +362,7 @@ def run_localization(config: LocalizationConfig, *, backbone: Backbone | None = 
         + (["random weights: these maps come from an untrained backbone"] if random_init else []),
     }
     json_path = out / "localization.json"
+    result = validate("localization", result)
     write_json(json_path, result)
     return LocalizationRun(json_path=json_path, figures=figures, result=result)
 

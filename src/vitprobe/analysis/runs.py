@@ -8,12 +8,13 @@ header every results JSON starts with; and the earlier results `--compare` overl
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vitprobe.errors import CacheError, VitprobeError
 from vitprobe.files import read_json
+from vitprobe.results import header, parse
 
 if TYPE_CHECKING:
     import torch
@@ -21,7 +22,6 @@ if TYPE_CHECKING:
     from vitprobe.cache import TokenCache
     from vitprobe.models import Backbone
 
-SCHEMA_VERSION = 2  # bump when a key of the analyses' JSON changes meaning (2: blocks numbered from 0)
 
 
 @dataclass(frozen=True)
@@ -295,8 +295,7 @@ def result_header(
     sha = None if random_init else model.get("checkpoint_id")  # LoadReport and manifest_model both have it
     weights = checkpoint_info(source=model.get("source"), sha256=sha, random_init=random_init)
     return {
-        "kind": kind,
-        "schema_version": SCHEMA_VERSION,
+        **header(kind),
         "label": f"{model['model']} (random weights)" if random_init else model["model"],
         "model": model,
         "random_init": random_init,
@@ -363,7 +362,7 @@ def read_results(paths: Sequence[str | Path], filename: str) -> list[dict[str, A
     """Read earlier results for `--compare`: each path is a run directory holding `filename`, or the file.
 
     Raises:
-        VitprobeError: a path without the file, or a file of another kind or schema.
+        VitprobeError: a path without the file; ResultsError: a file of another kind or an unknown version.
     """
     kind = Path(filename).stem
     out = []
@@ -380,22 +379,12 @@ def read_results(paths: Sequence[str | Path], filename: str) -> list[dict[str, A
             raise VitprobeError(
                 f"--compare {file}: not readable JSON ({exc})", f"re-run `vitprobe analyze {kind}`"
             ) from exc
-        if _get(result, "kind") != kind or _get(result, "schema_version") != SCHEMA_VERSION:
-            raise VitprobeError(
-                f"--compare {file}: not a {kind} result of schema {SCHEMA_VERSION} "
-                f"(kind={_get(result, 'kind')!r}, schema={_get(result, 'schema_version')!r})",
-                f"re-run `vitprobe analyze {kind}` for that model with this vitprobe version",
-            )
-        out.append(result)
+        parsed = parse(result, kind=kind, where=f"--compare {file}")  # refuses another kind or version
+        out.append(replace(parsed, version=type(parsed).CURRENT).to_dict())  # older versions in today's form
     return out
 
 
-def _get(obj: Any, key: str) -> Any:
-    return obj.get(key) if isinstance(obj, dict) else None
-
-
 __all__ = [
-    "SCHEMA_VERSION",
     "AnalysisPass",
     "PassConfig",
     "PassInputs",

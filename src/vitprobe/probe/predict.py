@@ -8,11 +8,12 @@ from typing import Any
 
 import torch
 
+import vitprobe.results as R
 from vitprobe.errors import ProbeError
 from vitprobe.heads import HeadSpec
 from vitprobe.probe.protocols import ProbeConfig
 from vitprobe.probe.runs import needed_keys, resolve_specs
-from vitprobe.probe.saved import FORMAT_VERSION, check_head_matches_cache, head_blocks, load_head
+from vitprobe.probe.saved import check_head_matches_cache, head_blocks, load_head
 from vitprobe.tokens import CacheSource, Split, cache_token_keys, final_norm_state, iter_batches, to_tokens
 
 
@@ -99,8 +100,7 @@ def predict(
     counts = torch.bincount(labels, minlength=num_classes).float()
     per_class = torch.bincount(labels[hit1], minlength=num_classes).float() / counts.clamp(min=1)
     result = {
-        "format": "vitprobe-predictions",
-        "version": FORMAT_VERSION,
+        **R.header("predictions"),
         "head": str(head_path),
         "cache": str(cache.path),
         "pool": spec.pool,
@@ -129,6 +129,7 @@ def predict(
                 tensors, str(tmp), metadata={"pool": spec.pool, "grid": f"{source.grid[0]}x{source.grid[1]}"}
             )
         result["maps"] = str(export_maps)
+    result = R.validate("predictions", result)
     if out_dir is not None:
         write_json(Path(out_dir) / "predictions.json", result)
     return result

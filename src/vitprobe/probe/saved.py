@@ -12,6 +12,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import vitprobe.results as R
 from vitprobe.errors import ProbeError
 from vitprobe.heads import HeadSpec, ProbeHead, build_head
 from vitprobe.pairing import backbone_identity, identity_mismatch, token_identity
@@ -20,8 +21,7 @@ from vitprobe.probe import rundir
 if TYPE_CHECKING:
     from vitprobe.cache import TokenCache
 
-HEAD_FORMAT = "vitprobe-head"
-FORMAT_VERSION = 1
+HEAD_FORMAT = "vitprobe-head"  # the safetensors metadata key of a head's weights file
 
 
 def save_head(
@@ -56,8 +56,7 @@ def save_head(
         save_file(state, str(tmp), metadata={HEAD_FORMAT: json.dumps({"pool": spec.pool}, sort_keys=True)})
     model = cache.manifest.get("model", {})
     meta = {
-        "format": HEAD_FORMAT,
-        "version": FORMAT_VERSION,
+        **R.header("head"),
         "weights": path.name,
         "pool": spec.pool,
         "options": spec.options(),
@@ -80,7 +79,7 @@ def save_head(
         "protocol": protocol,
         "C": C,
     }
-    write_json(path.with_suffix(".json"), meta)
+    write_json(path.with_suffix(".json"), R.validate("head", meta))
     return path
 
 
@@ -113,6 +112,7 @@ def load_head(path: str | Path) -> tuple[ProbeHead, dict[str, Any]]:
             f"{meta_path} is not a vitprobe head (format {found!r})",
             "pass a heads/<pool>.json written by `vitprobe probe`",
         )
+    R.parse(meta, kind="head", where=str(meta_path))  # a version this vitprobe reads, every key typed
     try:
         blocks = meta.get("blocks") or [meta["layer"]]
         head = build_head(

@@ -4,7 +4,8 @@ Block numbering is 0-based in every model (block 0 is the first transformer bloc
 results and heads. Version 1 of attention.json and frequency.json numbered blocks from 1; their models
 convert on reading and writing, so a reader never sees the difference. Version 2 (`schema_version` 2) is
 the 0-based form and adds the run's resolved `inputs` and the token `cache` it read (docs/results-format.md).
-Both versions carry the analyses' own header (`kind`, `schema_version`).
+Versions 1 and 2 carry the analyses' own header (`kind`, `schema_version`); version 3 is version 2 under
+the common header (`format`, `version`, `kind`), as every other result file.
 """
 
 from __future__ import annotations
@@ -50,8 +51,8 @@ class AttentionResults(Versioned):
     FORMAT = "vitprobe-attention"
     KIND = "attention"
     FILE = "attention.json"
-    VERSIONS = (1, 2)
-    CURRENT = 2
+    VERSIONS = (1, 2, 3)
+    CURRENT = 3
     LEGACY = {1: "schema_version", 2: "schema_version"}
 
     label: str
@@ -97,8 +98,8 @@ class FrequencyResults(Versioned):
     FORMAT = "vitprobe-frequency"
     KIND = "frequency"
     FILE = "frequency.json"
-    VERSIONS = (1, 2)
-    CURRENT = 2
+    VERSIONS = (1, 2, 3)
+    CURRENT = 3
     LEGACY = {1: "schema_version", 2: "schema_version"}
 
     label: str
@@ -189,8 +190,8 @@ class LocalizationResults(Versioned):
     FORMAT = "vitprobe-localization"
     KIND = "localization"
     FILE = "localization.json"
-    VERSIONS = (1, 2)
-    CURRENT = 2
+    VERSIONS = (1, 2, 3)
+    CURRENT = 3
     LEGACY = {1: "schema_version", 2: "schema_version"}
 
     label: str

@@ -51,6 +51,8 @@ class CacheManifest(Versioned):
     FORMAT = "vitprobe-token-cache"
     KIND = "cache"
     FILE = "manifest.json"
+    VERSIONS = (1, 2)
+    CURRENT = 2  # 2: the common header (1 spelt it `format` + `format_version`)
     LEGACY = {1: "format_version"}
 
     created: str

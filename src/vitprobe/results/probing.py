@@ -330,6 +330,8 @@ class Predictions(Versioned):
     FORMAT = "vitprobe-predictions"
     KIND = "predictions"
     FILE = "predictions.json"
+    VERSIONS = (1, 2)
+    CURRENT = 2  # 2: the common header (1 had no `kind`)
     LEGACY = {1: "no-kind"}
 
     head: str
@@ -361,6 +363,8 @@ class HeadMeta(Versioned):
 
     FORMAT = "vitprobe-head"
     KIND = "head"
+    VERSIONS = (1, 2)
+    CURRENT = 2  # 2: the common header (1 had no `kind`)
     LEGACY = {1: "no-kind"}
 
     weights: str
