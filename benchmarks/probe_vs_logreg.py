@@ -6,7 +6,8 @@ holdout (vitprobe's stratified 10 % holdout, seed 0):
 
 - reference: scikit-learn StandardScaler + LogisticRegression (lbfgs, multinomial), C swept over
   10 ** linspace(-6, 5, 23) and chosen on the holdout (ties: the smaller C), test accuracy at that C;
-- vitprobe `--protocol auto` (the default) and `--protocol logreg`, through `run_probe` (the CLI's path).
+- vitprobe `--protocol auto` (the default) and `--protocol logreg`, through `run_probe` (the CLI's path);
+  the auto run's own ridge reference (`baseline_top1`, the health check's) is a column too.
 
     .venv/bin/python benchmarks/probe_vs_logreg.py --work /tmp/vp-lr          # writes table.md, results.json
 
@@ -101,6 +102,10 @@ def vitprobe_runs(caches: dict[str, Path], out: Path) -> dict[str, dict]:
     return runs
 
 
+def _pct(value: float | None) -> str:
+    return "—" if value is None else f"{100 * value:.2f}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -133,6 +138,7 @@ def main() -> None:
                             "verdict": auto["verdict"],
                             "health": [c["code"] for c in auto["health"]],
                             "seconds": runs["auto"]["seconds"],
+                            "ridge": auto.get("baseline_top1"),  # the run's own ridge reference
                         },
                         "logreg": {
                             "top1": lr["top1"],
@@ -154,8 +160,8 @@ def main() -> None:
     (args.work / "results.json").write_text(json.dumps(rows, indent=1))
     lines = [
         "| backbone (random init) | dataset | read-out | scikit-learn LR (C) | `probe` default (auto) | Δ | "
-        "`--protocol logreg` | Δ | auto health |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "`--protocol logreg` | Δ | ridge reference | auto health |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         s = r["sklearn"]["test"]
@@ -163,7 +169,8 @@ def main() -> None:
             f"| {r['model']} | {r['dataset']} | {r['pool']} | {100 * s:.2f} ({r['sklearn']['C']:.2g}) | "
             f"{100 * r['auto']['top1']:.2f} | {100 * (r['auto']['top1'] - s):+.2f} | "
             f"{100 * r['logreg']['top1']:.2f} | "
-            f"{100 * (r['logreg']['top1'] - s):+.2f} | {', '.join(r['auto']['health']) or 'ok'} |"
+            f"{100 * (r['logreg']['top1'] - s):+.2f} | {_pct(r['auto']['ridge'])} | "
+            f"{', '.join(r['auto']['health']) or 'ok'} |"
         )
     deltas = [100 * (r["auto"]["top1"] - r["sklearn"]["test"]) for r in rows]
     lines.append(

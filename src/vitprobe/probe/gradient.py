@@ -7,14 +7,23 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from vitprobe.choices import LOGREG_POOL
 from vitprobe.heads import HeadSpec, ProbeHead, build_head
 from vitprobe.probe.bank import load_heads
+from vitprobe.probe.baseline import (
+    MAX_FEATURES,
+    RIDGE_GRID,
+    RidgeAccumulator,
+    RidgeBaseline,
+    RidgeScorer,
+    choose,
+)
 from vitprobe.probe.engine import BankRun, NonFiniteTokens, evaluate, fit, make_run
 from vitprobe.probe.outcome import ReadoutResult
 from vitprobe.probe.protocols import ProbeConfig, Schedule, lr_factor
 from vitprobe.probe.selection import Check, health, lars_budget, pick
 from vitprobe.probe.validate import refuse_nonfinite
-from vitprobe.tokens import Split
+from vitprobe.tokens import Split, iter_batches, to_tokens
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -161,6 +170,14 @@ def train_gradient(
         shuffle_shards=cfg.shuffle_shards,
     )
 
+    references = {}
+    if selection is not None and selection is not test_split:  # λ needs rows of its own to be chosen on
+        pooled = {n: (r.spec, r.layer) for n, (r, _) in chosen.items() if r.spec.pool in LOGREG_POOL.values}
+        references = ridge_baselines(
+            pooled, fit_split, selection, test_split,
+            blocks=blocks, batch_size=max(schedule.batch_size, 1024),
+            keys=keys, device=device, norm=norm, num_classes=num_classes,
+        )  # fmt: skip
     out: dict[str, ReadoutResult] = {}
     for (name, (r, k)), metrics in zip(chosen.items(), tested, strict=True):
         test = metrics[0]
@@ -193,6 +210,7 @@ def train_gradient(
             selection_top1=selection_top1 if selection is not test_split else None,
             test_top1=test.top1,
             selected_on=selection.name if selection else "none",
+            baseline_top1=references[name].test_top1 if name in references else None,
             **sizes,
         )
         if selection is None:
@@ -210,9 +228,56 @@ def train_gradient(
             movement=movement,
             refit=cfg.refit,
             test_top1_before_refit=r.curves["test_top1"][at][k] if cfg.refit else None,
+            baseline_top1=references[name].test_top1 if name in references else None,
             health=checks,
         )
     return out
+
+
+@torch.no_grad()
+def ridge_baselines(
+    readouts: dict[str, tuple[HeadSpec, int | None]],
+    fit_split: Split,
+    selection: Split,
+    test_split: Split,
+    *,
+    keys: Sequence[str],
+    device: torch.device,
+    norm: dict[str, Any] | None,
+    num_classes: int,
+    blocks: int,
+    batch_size: int,
+) -> dict[str, RidgeBaseline]:
+    """The ridge reference (`vitprobe.probe.baseline`) of each pooled read-out (name -> (spec, position on
+    the batches' block axis)): one pass over the fit rows for the statistics, one over the selection and
+    test rows to score every λ. Read-outs wider than MAX_FEATURES are left out."""
+    if not readouts:
+        return {}
+    dim = fit_split.source.dim
+    modules = {n: build_head(spec, dim, 2, blocks=blocks).readout for n, (spec, _) in readouts.items()}
+    modules = {n: m.to(device).eval() for n, m in modules.items()}  # parameter-free read-outs
+    layers = {layer for _, layer in readouts.values()}
+
+    def features(split: Split) -> Any:
+        for batch in iter_batches(split, keys, batch_size):
+            views = {layer: to_tokens(batch, device, norm, layer=layer) for layer in layers}
+            labels = batch["labels"].to(device)
+            yield {n: modules[n](views[layer])[0] for n, (_, layer) in readouts.items()}, labels  # (B, F)
+
+    stats: dict[str, RidgeAccumulator] = {}
+    for feats, labels in features(fit_split):
+        for n, f in feats.items():
+            if f.shape[1] <= MAX_FEATURES:
+                stats.setdefault(n, RidgeAccumulator(f.shape[1], num_classes, device)).add(f, labels)
+    fitted = {n: a.classifiers(RIDGE_GRID) for n, a in stats.items()}
+    scores = {}
+    for split in (selection, test_split):
+        scorers = {n: RidgeScorer(*fitted[n]) for n in fitted}
+        for feats, labels in features(split):
+            for n, scorer in scorers.items():
+                scorer.add(feats[n], labels)
+        scores[split.name] = {n: s.top1() for n, s in scorers.items()}
+    return {n: choose(scores[selection.name][n], scores[test_split.name][n], RIDGE_GRID) for n in fitted}
 
 
 def no_holdout_check(pool: str, value: str) -> Check:

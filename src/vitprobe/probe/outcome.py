@@ -30,6 +30,7 @@ class ReadoutResult:
     movement: float | None = None  # |W - W0| / |W0| of the chosen head's Linear
     refit: bool = False
     test_top1_before_refit: float | None = None
+    baseline_top1: float | None = None  # test top-1 of the ridge reference on the same features (pooled)
     top1_std: float | None = None  # low-shot: standard deviation of the test top-1 over seeds
     seeds: list[dict[str, Any]] | None = None  # low-shot: each seed's test top-1 and choices
 

@@ -346,6 +346,7 @@ def readout_json(r: ReadoutResult, class_names: Sequence[str], head_file: Path) 
         "health": [c.to_dict() for c in r.health],
         "movement": r.movement,
         "test_top1_before_refit": r.test_top1_before_refit,
+        "baseline_top1": r.baseline_top1,
         "refit": r.refit,
         "head": str(head_file),
         "curves": r.curves,

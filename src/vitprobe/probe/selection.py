@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from vitprobe.errors import ProbeError
+from vitprobe.probe.baseline import shortfall_margin
 
 UNDER_TRAINED_MOVEMENT = 1.0  # a trained Linear moves at least its own initial norm (init std 0.01)
 NEAR_CHANCE = 0.05  # training top-1 within this of the majority-class rate: nothing was learnt
@@ -108,6 +109,7 @@ def health(
     grid_name: str = "--lr-grid",
     wd_grid: Sequence[float] | None = None,
     wd_chosen: int = 0,
+    baseline_top1: float | None = None,
 ) -> list[Check]:
     """Every finding about one read-out's chosen head (see docs/probing.md, "Probe health")."""
     checks: list[Check] = []
@@ -192,6 +194,15 @@ def health(
             f"training accuracy {100 * train_top1:.1f} % is at chance ({100 * chance:.1f} %): the head "
             "learnt nothing",
             "check the cache (labels, tokens) and the lr grid; a random-init backbone can also cause this",
+        )
+    if baseline_top1 is not None and test_top1 < baseline_top1 - shortfall_margin(baseline_top1, test_rows):
+        add(
+            "below_baseline",
+            "warning",
+            f"test top-1 {100 * test_top1:.1f} % is {100 * (baseline_top1 - test_top1):.1f} points below a "
+            f"closed-form ridge classifier on the same features ({100 * baseline_top1:.1f} %): the head did "
+            "not converge, or its grid missed the good values",
+            "use the default protocol (auto), or raise --epochs / --min-steps and widen --lr-grid",
         )
     if selected_on == "holdout" and selection_top1 is not None:
         gap = abs(selection_top1 - test_top1)

@@ -144,6 +144,7 @@ class Readout(Model):
     health: list[Check]
     movement: float | None
     test_top1_before_refit: float | None
+    baseline_top1: float | None = None  # the ridge reference's test top-1 (pooled read-outs; docs/probing.md)
     refit: bool
     head: str
     curves: dict[str, Curve]  # per grid head: key the blr as %g, plus ",wd=%g" when several decays train
