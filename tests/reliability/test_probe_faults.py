@@ -15,11 +15,11 @@ from vitprobe.cache import open_cache, read_manifest, shard_entries, write_manif
 from vitprobe.probe import rundir
 
 
-def poison(cache: Path, rows: list[int], key: str = "cls") -> None:
-    """Put NaN into `rows` of shard 0 and re-record its checksum: the bytes match the manifest."""
+def poison(cache: Path, rows: list[int], key: str = "cls", bad: float = math.nan) -> None:
+    """Put NaN (or `bad`) into `rows` of shard 0 and re-record its checksum: the bytes match the manifest."""
     tensors = dict(load_file(cache / "shard-00000.safetensors"))
     value = tensors[key].clone()
-    value[rows] = float("nan")
+    value[rows] = bad
     tensors[key] = value
     manifest = read_manifest(cache)
     shards = open_cache(cache).shards
@@ -27,10 +27,12 @@ def poison(cache: Path, rows: list[int], key: str = "cls") -> None:
     write_manifest(cache, {**manifest, "shards": shard_entries(shards)})
 
 
-@pytest.mark.parametrize("load", ["memory", "stream"])
-def test_nan_tokens_are_refused_with_their_rows(tmp_path: Path, load: str) -> None:
+@pytest.mark.parametrize(
+    ("load", "bad"), [("memory", math.nan), ("stream", math.nan), ("stream", math.inf), ("stream", -math.inf)]
+)
+def test_nan_tokens_are_refused_with_their_rows(tmp_path: Path, load: str, bad: float) -> None:
     train = write_cache(tmp_path / "train", n=30)
-    poison(train, [2, 5])
+    poison(train, [2, 5], bad=bad)
     test = write_cache(tmp_path / "test", n=15, seed=1)
     result = invoke(
         "probe",

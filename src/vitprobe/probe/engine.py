@@ -231,7 +231,9 @@ def fit(
     """Train every run in one pass per epoch, evaluating on `evals` every `schedule.eval_every` epochs.
 
     With `check_finite` (streamed tokens, not checked when loaded), a batch with inf/NaN tokens raises
-    `NonFiniteTokens` at the end of its epoch (checked on the device, without a sync per step).
+    `NonFiniteTokens` at the end of its epoch (checked on the device, without a sync per step, by the
+    finiteness of each token tensor's sum: exact for inf/NaN; finite tokens whose float32 sum overflows,
+    above ~3e38, raise too, and the caller's row-by-row rescan then finds no inf/NaN row).
 
     With `select`, each head keeps its best state on that split; without it, the state at the run's
     `stop_epoch` becomes its best state. Curves record, per evaluation, each head's train loss and accuracy
@@ -259,9 +261,9 @@ def fit(
                 shuffle_shards=shuffle_shards,
             ):
                 views = _batch_tokens(batch, layers, device, norm)
-                if check_finite:
+                if check_finite:  # one reduction per tensor: an inf/NaN anywhere makes its sum non-finite
                     for t in (t for v in views.values() for t in v.parts()):
-                        bad |= ~torch.isfinite(t).all()
+                        bad |= ~torch.isfinite(t.sum())  # ~10x cheaper than isfinite(t).all()
                 labels = batch["labels"].to(device).long()
                 total = torch.zeros((), device=device)
                 for r in active:
