@@ -19,8 +19,10 @@ weight_decay=wd)` decays every parameter). Parity with the references: tests/tes
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -45,8 +47,12 @@ class OptimizerSpec:
             raise ProbeError(f"unknown --optimizer {self.kind!r}", f"use one of {', '.join(OPTIMIZERS)}")
 
 
-class BatchedOptimizer(torch.optim.Optimizer):
+class BatchedOptimizer:
     """One optimiser for stacked parameters whose leading axis is the head; head k steps with `lrs[k]`.
+
+    It keeps `torch.optim.Optimizer`'s `param_groups` / `state` / `zero_grad` shape but does not subclass
+    it: the first `Optimizer.__init__` of a process imports `torch._dynamo` (3-5 s of every `vitprobe
+    probe` command on this machine), and nothing here needs Optimizer's hooks, schedulers or state dicts.
 
     Args:
         params: (parameter, is_matrix) pairs; `is_matrix` says whether one head's slice is a matrix
@@ -65,12 +71,12 @@ class BatchedOptimizer(torch.optim.Optimizer):
     ) -> None:
         matrices = [p for p, is_matrix in params if is_matrix]
         vectors = [p for p, is_matrix in params if not is_matrix]
-        groups = [
+        self.param_groups: list[dict[str, Any]] = [
             {"params": ps, "matrix": is_matrix}
             for ps, is_matrix in ((matrices, True), (vectors, False))
             if ps
         ]
-        super().__init__(groups, {"lr": 0.0})
+        self.state: defaultdict[torch.Tensor, dict[str, torch.Tensor]] = defaultdict(dict)  # per parameter
         self.spec = spec
         self.lrs = lrs.detach().clone().float()
         self.num_heads = len(self.lrs)
@@ -85,12 +91,23 @@ class BatchedOptimizer(torch.optim.Optimizer):
                     f"stacked parameter of shape {tuple(p.shape)} has no head axis of {self.num_heads}"
                 )
 
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear every parameter's gradient (None, or zeros in place), as `Optimizer.zero_grad`."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if set_to_none:
+                    p.grad = None
+                else:
+                    p.grad.detach_().zero_()
+
     def _per_head(self, values: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
         """(K,) values shaped to broadcast over a stacked parameter (K, ...)."""
         return values.to(device=p.device, dtype=p.dtype).view(-1, *([1] * (p.ndim - 1)))
 
     @torch.no_grad()
-    def step(self, factor: float = 1.0) -> None:  # type: ignore[override]
+    def step(self, factor: float = 1.0) -> None:
         """One update of every head, at learning rate `lrs * factor` (the schedule's factor)."""
         spec = self.spec
         for group in self.param_groups:
