@@ -98,3 +98,21 @@ def test_a_trained_head_is_not_flagged_and_records_the_reference() -> None:
     r = _probe(epochs=30, lr_grid=(0.1, 1.0, 10.0), eval_every=10)
     assert r.baseline_top1 is not None and r.test.top1 > 0.9
     assert "below_baseline" not in {c.code for c in r.health}
+
+
+def test_the_command_prints_and_writes_the_reference_for_pooled_read_outs_only(tmp_path) -> None:
+    import json
+
+    from test_probe_cli import FAST, invoke, write_cache
+
+    train, test = write_cache(tmp_path / "train", n=60), write_cache(tmp_path / "test", n=30, seed=1)
+    result = invoke(
+        "probe", "--train", train, "--test", test, "--out", tmp_path / "run", *FAST,
+        "--pool", "cls", "--pool", "abmilp", "--format", "human",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "ridge top-1" in result.output
+    readouts = json.loads((tmp_path / "run" / "results.json").read_text())["readouts"]
+    assert 0.0 <= readouts["cls"]["baseline_top1"] <= 1.0  # blobs: the reference separates them
+    assert readouts["cls"]["baseline_top1"] > 0.9
+    assert readouts["abmilp"]["baseline_top1"] is None  # a trained pooling has no closed form

@@ -281,7 +281,9 @@ def print_results(results: dict[str, Any], console: Console = console) -> None:
     schedule = results.get("schedule")
     table = Table(title=title)
     grid = "C" if protocol == "logreg" else "blr"
-    columns = ["read-out", "top-1", "top-5", grid, "lr", "epoch", f"{selection['split']} top-1", "health"]
+    columns = ["read-out", "top-1", "top-5", grid, "lr", "epoch", f"{selection['split']} top-1"]
+    ridge = any(r.get("baseline_top1") is not None for r in results["readouts"].values())
+    columns += ["ridge top-1"] * ridge + ["health"]  # the closed-form reference (docs/probing.md)
     for column in columns:
         table.add_column(column, justify="left" if column in ("read-out", "health") else "right")
     for name, r in results["readouts"].items():
@@ -297,6 +299,7 @@ def print_results(results: dict[str, Any], console: Console = console) -> None:
             "—" if r["lr"] is None else f"{r['lr']:.4g}",
             "—" if r["epoch"] is None else str(r["epoch"]),
             "—" if r["selection_top1"] is None else f"{100 * r['selection_top1']:.2f}",
+            *(["—" if r.get("baseline_top1") is None else f"{100 * r['baseline_top1']:.2f}"] * ridge),
             f"[yellow]{escape(codes)}[/]" if flagged else "[green]ok[/]",
         )
     console.print(table)
