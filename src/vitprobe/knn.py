@@ -62,11 +62,12 @@ def top_k(sims: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     maxima are k distinct values at least that large. So the values equal topk's exactly; only columns of
     equal similarity (duplicate rows) may be ordered differently, as topk's own order of ties is not
     specified and differs between devices. Columns past the last whole group are always candidates.
+    Used on the CPU, where it was measured faster (docs/benchmarks.md); on a GPU this is `topk` itself.
     """
     rows, n = sims.shape
     groups = math.isqrt(k * n)
     width = n // max(groups, 1)
-    if groups <= k or width < 2:  # nothing to skip
+    if groups <= k or width < 2 or sims.device.type != "cpu":  # nothing to skip, or not measured
         return sims.topk(k, dim=1)
     grouped = sims[:, : width * groups].view(rows, width, groups)  # (B, width, G)
     best = grouped.amax(dim=1).topk(k, dim=1, sorted=False).indices  # (B, k) groups with the largest maxima
