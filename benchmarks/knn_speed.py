@@ -14,6 +14,8 @@ and min–max are reported):
 
     .venv/bin/python benchmarks/knn_speed.py                   # about two minutes on 2 cores
     .venv/bin/python benchmarks/knn_speed.py --repeats 5
+    git show main:src/vitprobe/knn.py > /tmp/knn_main.py       # an earlier knn.py as a third arm:
+    .venv/bin/python benchmarks/knn_speed.py --baseline /tmp/knn_main.py
 """
 
 from __future__ import annotations
@@ -81,6 +83,7 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=384)
     parser.add_argument("--classes", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--baseline", type=Path, help="another knn.py (e.g. main's) timed in-process too")
     parser.add_argument("--sklearn-script", nargs=2, type=Path, help=argparse.SUPPRESS)  # TRAIN TEST
     args = parser.parse_args()
     if args.sklearn_script:
@@ -104,18 +107,28 @@ def main() -> None:
         t_train, t_test = torch.from_numpy(x_train), torch.from_numpy(x_test)
         l_train, l_test = torch.from_numpy(y_train).long(), torch.from_numpy(y_test).long()
 
-        def ours() -> dict:
-            return knn_evaluate(
-                t_train, l_train, t_test, l_test, num_classes=args.classes, ks=KS, temperature=T
-            )
+        def ours(evaluate=knn_evaluate) -> dict:  # noqa: ANN001
+            return evaluate(t_train, l_train, t_test, l_test, num_classes=args.classes, ks=KS, temperature=T)
+
+        baseline = None
+        if args.baseline:
+            import importlib.util
+
+            spec = importlib.util.spec_from_file_location("knn_baseline", args.baseline)
+            baseline = importlib.util.module_from_spec(spec)
+            sys.modules["knn_baseline"] = baseline  # (dataclasses look their module up)
+            spec.loader.exec_module(baseline)
 
         vitprobe_cmd = [
             sys.executable, "-m", "vitprobe", "knn", "--train", str(train), "--test", str(test),
-            "--k", ",".join(map(str, KS)), "--out", str(root / "run"),
+            "--k", ",".join(map(str, KS)), "--out", str(root / "run"), "--overwrite",
         ]
         sklearn_cmd = [sys.executable, __file__, "--sklearn-script", str(train), str(test)]
         accuracy = {"vitprobe": ours(), "scikit-learn": sklearn_knn(x_train, y_train, x_test, y_test)}
-        names = ("vitprobe", "scikit-learn", "vitprobe knn", "script")
+        if baseline is not None:
+            accuracy["baseline"] = ours(baseline.knn_evaluate)
+            assert accuracy["baseline"] == accuracy["vitprobe"], "the baseline's results differ"
+        names = ("vitprobe", "scikit-learn", "vitprobe knn", "script") + (("baseline",) if baseline else ())
         times: dict[str, list[float]] = {k: [] for k in names}
         for rep in range(args.repeats):
             arms = {
@@ -124,6 +137,8 @@ def main() -> None:
                 "vitprobe knn": lambda: subprocess.run(vitprobe_cmd, check=True, capture_output=True),
                 "script": lambda: subprocess.run(sklearn_cmd, check=True, capture_output=True),
             }
+            if baseline is not None:
+                arms["baseline"] = lambda: ours(baseline.knn_evaluate)
             names = list(arms) if rep % 2 == 0 else list(reversed(arms))
             for name in names:
                 start = time.perf_counter()
@@ -137,6 +152,8 @@ def main() -> None:
         print("| what | vitprobe (s) | scikit-learn (s) | ratio sklearn / vitprobe |")
         print("|---|---|---|---|")
         pairs = (("in-process", "vitprobe", "scikit-learn"), ("whole commands", "vitprobe knn", "script"))
+        if baseline is not None:
+            pairs += ((f"in-process, {args.baseline.name} instead of scikit-learn", "vitprobe", "baseline"),)
         for label, a, b in pairs:
             ratios = [s / v for s, v in zip(times[b], times[a], strict=True)]
             print(f"| {label} | {summary(times[a])} | {summary(times[b])} | **{summary(ratios)}×** |")

@@ -13,7 +13,10 @@ interleaved in each repeat (the machine is shared and noisy: median and min–ma
   sha256 is computed on the way (what the first probe of a cache copied from elsewhere pays, once);
 - probe epoch: what one epoch of `probe --load stream` with its default holdout reads — a shuffled pass over
   the 90 % fit rows plus an evaluation pass over the 10 % holdout (kept in memory from its second pass on);
-- feed + to_tokens: the feed plus the fp16 → fp32 conversion on the CPU (the device here), for reference.
+- feed + to_tokens: the feed plus the fp16 → fp32 conversion on the CPU (the device here), into the
+  stream's reused fp32 buffers, holding the previous batch's tokens meanwhile as a training step does;
+- feed + fp32 in fresh memory: the same conversion by `.float()`, into fresh memory for every batch (what
+  `to_tokens` did before the reused buffers), side by side.
 
 Throughput is token bytes delivered per second (labels excluded); ratios are to the raw read of the same
 repeat. With `--memory`, the peak RSS of whole `vitprobe probe --load stream` commands (one epoch, `mean`
@@ -65,18 +68,25 @@ def raw_read(path: Path) -> int:
     return total
 
 
-def feed(split: Split, epoch: int, *, convert: bool = False) -> int:
+def feed(split: Split, epoch: int, *, convert: str | None = None) -> int:
     """One shuffled epoch of batches; returns the token bytes delivered. Each batch is handed back as
-    `to_tokens` does once it copied the batch out (to a GPU, where the conversion runs); with `convert`,
-    `to_tokens` itself runs on the CPU."""
+    `to_tokens` does once it copied the batch out (to a GPU, where the conversion runs). With `convert`,
+    the batch is converted to fp32 on the CPU while the previous batch's tokens are still held (as a
+    training step holds them): "to_tokens" by `to_tokens` (into the stream's reused buffers), "fresh" by
+    `.float()` into fresh memory (what `to_tokens` did before it had them)."""
     g = torch.Generator().manual_seed(epoch)
     total = 0
+    held = None
     for batch in iter_batches(split, KEYS, 256, epoch=epoch, generator=g, drop_last=True):
         total += sum(batch[k].numel() * batch[k].element_size() for k in KEYS)
-        if convert:
-            to_tokens(batch, CPU, None)
+        if convert == "to_tokens":
+            held = to_tokens(batch, CPU, None)
+        elif convert == "fresh":
+            held = {k: batch[k].float() for k in KEYS}
+            release(batch, CPU)
         else:
             release(batch, CPU)
+    del held
     return total
 
 
@@ -187,7 +197,8 @@ def main() -> None:
             "feed, reopened (hashes on record)": reopened,
             "feed, first read (sha256)": first_read,
             "probe epoch (fit + holdout)": lambda: feed(fit, 1) + evaluate(held),
-            "feed + to_tokens (fp32, CPU)": lambda: feed(everything, 1, convert=True),
+            "feed + to_tokens (fp32, CPU)": lambda: feed(everything, 1, convert="to_tokens"),
+            "feed + fp32 in fresh memory (CPU)": lambda: feed(everything, 1, convert="fresh"),
         }
         speeds: dict[str, list[float]] = {name: [] for name in arms}
         for rep in range(args.repeats):

@@ -637,3 +637,17 @@ def test_a_guarded_loader_raises_a_worker_error_as_itself() -> None:
             batches.append(batch.tolist())
     assert str(info.value) == "cannot read image /data/5.jpg (replace or remove the corrupt file)"
     assert batches == [[0, 1], [2, 3]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_the_finiteness_check_of_extraction_finds_every_nan_and_inf(dtype: torch.dtype) -> None:
+    from vitprobe.extract import _non_finite
+
+    t = torch.randn(4, 9, 6).to(dtype)
+    assert not bool(_non_finite(t))
+    assert not bool(_non_finite(t[:0]))  # an empty part
+    for value in (float("nan"), float("inf"), float("-inf")):
+        for where in ((0, 0, 0), (3, 8, 5), (2, 4, 1)):
+            bad = t.clone()
+            bad[where] = value
+            assert bool(_non_finite(bad)), (value, where)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from vitprobe.errors import CacheError, ProbeError
-from vitprobe.knn import KnnConfig, check_finite, clipped_k_warnings, knn_evaluate, knn_scores
+from vitprobe.knn import KnnConfig, check_finite, clipped_k_warnings, knn_evaluate, knn_scores, ranked, top_k
 
 
 def dino_knn_classifier(
@@ -88,6 +88,41 @@ def test_topk_predictions_would_not_match_dino_so_the_reference_test_can_fail() 
         by_sort = scores.sort(dim=1, descending=True).indices[:, :3]
         differs += int((by_topk != by_sort).any(dim=1).sum())
     assert differs > 0
+
+
+@pytest.mark.parametrize(("n", "k"), [(20000, 200), (1000, 10), (1003, 37), (997, 200), (50, 20), (64, 1)])
+def test_grouped_top_k_gives_topks_values_and_their_columns(n: int, k: int) -> None:
+    """`top_k` selects among the k groups with the largest maxima (n = 1003: 3 tail columns past the last
+    group; n = 50 and 64 with k = 1: nothing to skip or one column a group); its values equal topk's."""
+    g = torch.Generator().manual_seed(n + k)
+    for sims in (torch.randn(40, n, generator=g), torch.randint(0, 30, (40, n), generator=g).float() / 30):
+        values, cols = top_k(sims, k)  # the second block: every value is tied with many others
+        expected = sims.topk(k, dim=1).values
+        assert torch.equal(values, expected)
+        assert torch.equal(sims.gather(1, cols), values)  # the columns hold those values
+        assert all(len(set(row)) == k for row in cols.tolist())  # k distinct columns per row
+
+
+def test_grouped_top_k_finds_maxima_crowded_into_one_group() -> None:
+    """The k largest values all in one group (columns w·G + g for one g) are still all found."""
+    n, k = 4000, 20
+    groups = math.isqrt(k * n)  # 282 groups of 14 columns
+    sims = torch.zeros(3, n)
+    crowded = torch.arange(n // groups) * groups + 5  # every column of group 5
+    sims[:, crowded] = torch.linspace(2, 1, len(crowded))
+    values, cols = top_k(sims, k)
+    assert torch.equal(values, sims.topk(k, dim=1).values)
+    assert set(crowded.tolist()) <= set(cols[0].tolist())
+
+
+def test_ranked_is_the_sort_order_with_and_without_ties() -> None:
+    g = torch.Generator().manual_seed(0)
+    scores = torch.rand(200, 12, generator=g)
+    scores[:80, 6:] = 0  # classes nobody voted for: tied zeros
+    scores[100:120, 3] = scores[100:120, 1]  # a tie between voted classes
+    scores[150:, :] = 0.5  # every class tied
+    for width in (1, 3, 5, 12):
+        assert torch.equal(ranked(scores, width), scores.sort(dim=1, descending=True).indices[:, :width])
 
 
 def brute_force_dino_knn(
@@ -186,6 +221,11 @@ def test_non_finite_features_are_refused_naming_their_rows() -> None:
     assert "2 of 30 feature rows are not finite (NaN or Inf): cache rows [14, 42]" in info.value.message
     assert "dataset indices [7, 21]" in info.value.message and "re-extract" in info.value.hint
     check_finite(torch.randn(5, 4), torch.arange(5), torch.arange(5), where="x")  # finite: no error
+    huge = torch.full((5, 4), 3e38)  # finite, but each row sums past fp32's range
+    check_finite(huge, torch.arange(5), torch.arange(5), where="x")
+    huge[3, 1] = float("-inf")  # inf - inf: the row sums to NaN
+    with pytest.raises(CacheError, match="1 of 5 feature rows"):
+        check_finite(huge, torch.arange(5), torch.arange(5), where="x")
 
 
 def test_knn_config_refuses_bad_values() -> None:

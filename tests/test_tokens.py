@@ -319,3 +319,73 @@ def test_on_cuda_pinned_batches_and_block_picks_equal_the_cpu_path(tmp_path: Pat
     pinned_split = Split("train", split.source, torch.arange(37), memory)
     first = next(iter(iter_batches(pinned_split, ["patches"], 8)))
     assert torch.equal(to_tokens(first, cuda, None, layer=1).patches.cpu(), memory["patches"][:8, 1].float())
+
+
+def expected_cls(rows: list[int]) -> torch.Tensor:
+    """The [cls] tokens (n, D) of cache rows `rows` of `write_cache`, in fp32."""
+    return (torch.tensor(rows, dtype=torch.float32) * 50 - 1)[:, None].expand(-1, DIM)
+
+
+def test_cpu_fp32_buffers_are_reused_once_released_and_never_while_a_prefetch_queue_holds_them(
+    tmp_path: Path,
+) -> None:
+    """Streamed batches are converted into a few reused fp32 buffers (the same memory comes back), but a
+    batch converted ahead and still waiting in a queue is never overwritten by the ones after it."""
+    from collections import deque
+
+    cache = write_cache(tmp_path, n=37, shard=10)
+    split = Split("train", CacheSource(cache, 7), torch.arange(37))
+    pointers = set()
+    previous = None
+    for batch in iter_batches(split, ["cls"], 4, generator=torch.Generator().manual_seed(0)):
+        rows = row_ids(batch)
+        tokens = to_tokens(batch, CPU, None)  # converted while the previous step's tokens are held
+        if previous is not None:
+            assert torch.equal(previous[0].cls, expected_cls(previous[1]))  # not overwritten
+        pointers.add(tokens.cls.data_ptr())
+        previous = (tokens, rows)
+    assert len(pointers) <= 3  # 10 batches in at most 3 buffers: reused, not allocated per batch
+
+    queue: deque = deque()
+    checked = 0
+    for batch in iter_batches(split, ["cls"], 4, generator=torch.Generator().manual_seed(1)):
+        queue.append((to_tokens(batch, CPU, None), row_ids(batch)))  # prefetched 4 batches ahead
+        if len(queue) > 4:
+            tokens, rows = queue.popleft()
+            assert torch.equal(tokens.cls, expected_cls(rows))
+            checked += 1
+    for tokens, rows in queue:
+        assert torch.equal(tokens.cls, expected_cls(rows))
+        checked += 1
+    assert checked == 10
+
+
+def test_tokens_saved_by_autograd_are_not_overwritten_before_backward(tmp_path: Path) -> None:
+    """A head's input saved for its backward pass keeps its buffer busy: converting the next batches before
+    the backward (dropping every Python reference to the tokens) leaves the gradient as it was."""
+    cache = write_cache(tmp_path, n=37, shard=10)
+    split = Split("train", CacheSource(cache, 7), torch.arange(37))
+    head = torch.nn.Linear(DIM, 2, bias=False)
+    batches = iter_batches(split, ["cls"], 4, generator=torch.Generator().manual_seed(0))
+    first = next(batches)
+    rows = row_ids(first)
+    loss = head(to_tokens(first, CPU, None).cls).square().sum()  # only autograd holds the tokens now
+    for batch in batches:
+        to_tokens(batch, CPU, None)  # the rest of the epoch, converted and dropped
+    loss.backward()
+    expected = torch.nn.Linear(DIM, 2, bias=False)
+    expected.weight.data.copy_(head.weight.data)
+    expected(expected_cls(rows)).square().sum().backward()
+    assert torch.equal(head.weight.grad, expected.weight.grad)
+
+
+def test_each_block_picked_from_a_streamed_batch_gets_its_own_fp32_buffer(tmp_path: Path) -> None:
+    cache = write_cache(tmp_path, n=23, shard=10, layers=(3, 5))
+    split = Split("train", CacheSource(cache, [3, 5]), torch.arange(23))
+    for batch in iter_batches(split, ["cls", "patches"], 4, generator=torch.Generator().manual_seed(0)):
+        views = {layer: to_tokens(batch, CPU, None, layer=layer) for layer in (0, 1)}
+        rows = ((batch["cls"][:, 0, 0].float() + 1) / 50).round()  # (B,) decoded from block 0
+        for layer, tokens in views.items():
+            assert torch.equal(tokens.cls[:, 0], rows * 50 + 10 * layer - 1)
+            assert torch.equal(tokens.patches, batch["patches"][:, layer].float())
+        assert views[0].cls.data_ptr() != views[1].cls.data_ptr()

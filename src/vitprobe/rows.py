@@ -105,7 +105,7 @@ def split_tokens(
         tokens: `all`, `cls` or `pooled` (see `shard_layout`).
         dtype: the store dtype.
     """
-    x = torch.stack(list(outs), dim=1)  # (B, L, T, D)
+    x = outs[0].unsqueeze(1) if len(outs) == 1 else torch.stack(list(outs), dim=1)  # (B, L, T, D)
     prefix = x[:, :, :num_prefix_tokens]  # (B, L, prefix, D)
     patches = x[:, :, num_prefix_tokens:]  # (B, L, P, D)
     parts: dict[str, torch.Tensor] = {}

@@ -40,6 +40,51 @@ class Batch(dict):
 
     slot: _Slot | None = None
     moved: dict[tuple[str, str], torch.Tensor] | None = None  # whole (B, L, ...) tensors copied to a GPU
+    fp32: Fp32Buffers | None = None  # the stream's reused buffers for fp32 copies on the CPU
+
+
+def fp32_on_cpu(batch: dict[str, torch.Tensor], t: torch.Tensor) -> torch.Tensor | None:
+    """`t` (a tensor of the batch, or a view of one) as fp32 in one of its stream's reused CPU buffers; None
+    when the batch has none (not streamed)."""
+    if not isinstance(batch, Batch) or batch.fp32 is None or t.device.type != "cpu":
+        return None
+    return batch.fp32.convert(t)
+
+
+_use_count = getattr(torch._C, "_storage_Use_Count", None)  # tensors (views included) sharing a storage
+
+
+def _holders(t: torch.Tensor) -> int:
+    return _use_count(t.untyped_storage()._cdata) if _use_count is not None else -1
+
+
+class Fp32Buffers:
+    """fp32 copies of a stream's batches on the CPU, written into a few reused buffers per tensor shape:
+    converting into fresh memory runs at a fraction of copy speed (every page is faulted in and zeroed).
+
+    A buffer is written again only when nothing but this pool holds its memory (its storage's use count:
+    every view handed out, and every tensor autograd saved from one, counts). So a batch still in use —
+    the previous step's tokens, a prefetch queue, features kept in a list — is never overwritten; when all
+    kept buffers are in use, the copy goes to fresh memory, as without the pool.
+    """
+
+    def __init__(self, keep: int = RING) -> None:
+        self.keep = keep
+        self.buffers: dict[tuple[int, ...], list[tuple[torch.Tensor, int]]] = {}  # row shape: (buffer, idle)
+
+    def convert(self, t: torch.Tensor) -> torch.Tensor:
+        """`t` as fp32 (same shape), in a buffer that nothing else is using."""
+        kept = self.buffers.setdefault(tuple(t.shape[1:]), [])
+        for buffer, idle in kept:
+            if len(buffer) >= len(t) and _holders(buffer) == idle:
+                with _one_thread():
+                    return buffer[: len(t)].copy_(t)  # (B, ...) a view: held, it keeps the buffer busy
+        buffer = torch.empty(t.shape, dtype=torch.float32)
+        if _use_count is not None and len(kept) < self.keep:
+            kept.append((buffer, _holders(buffer)))
+            buffer = buffer[:]  # hand out a view, as above
+        with _one_thread():
+            return buffer.copy_(t)
 
 
 def on_device(batch: dict[str, torch.Tensor], key: str, device: torch.device) -> torch.Tensor:
@@ -345,6 +390,7 @@ def stream_batches(
     labels = source.labels
     views = generator is None and not pin and not into_memory  # in order: batches can be file views
     sink: _Ring | None = None
+    fp32 = None if into_memory else Fp32Buffers()
     carry: list[Piece] = []
     yielded = 0
     reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vitprobe-reader")
@@ -368,7 +414,9 @@ def stream_batches(
             full = n // batch_size
             for b in range(full):
                 take = order[b * batch_size : (b + 1) * batch_size]
-                yield _assemble(pool, offsets, take, keys, labels, sink, views)
+                batch = _assemble(pool, offsets, take, keys, labels, sink, views)
+                batch.fp32 = fp32
+                yield batch
                 yielded += 1
             carry = _leftover(pool, offsets, order[full * batch_size :])
             pool = pieces = []  # this group's maps go now, before the next one is read ahead
@@ -379,4 +427,6 @@ def stream_batches(
         sizes = torch.tensor([0] + [len(p.local) for p in carry])
         offsets = sizes.cumsum(0)
         take = torch.arange(int(offsets[-1]))
-        yield _assemble(carry, offsets, take, keys, labels, sink, views)
+        batch = _assemble(carry, offsets, take, keys, labels, sink, views)
+        batch.fp32 = fp32
+        yield batch

@@ -431,11 +431,13 @@ def to_tokens(
 ) -> Tokens:
     """A batch dict as fp32 `Tokens` on `device` (the dtype conversion happens there), with the final norm
     applied when asked. The tokens own their memory: the feed may reuse the batch's buffers afterwards.
+    On the CPU a streamed batch is converted into its stream's reused fp32 buffers (`stream.Fp32Buffers`),
+    which are not written again while anything holds these tokens.
 
     `layer` picks a position on the batch's block axis (batches of several blocks are (B, L, ...)); None
     when the batch holds one block.
     """
-    from vitprobe.stream import on_device, release, reused
+    from vitprobe.stream import fp32_on_cpu, on_device, release, reused
 
     shared = reused(batch)
 
@@ -446,6 +448,8 @@ def to_tokens(
         if layer is not None and device.type == "cuda":
             t = on_device(batch, key, device)  # (B, L, ...) moved once for every block picked
         t = t if layer is None else t[:, layer]
+        if device.type == "cpu" and (converted := fp32_on_cpu(batch, t)) is not None:
+            return converted
         moved = t.to(device=device, dtype=torch.float32, non_blocking=True)
         return moved.clone() if shared and moved.data_ptr() == t.data_ptr() else moved  # own the memory
 
