@@ -121,6 +121,14 @@ def test_a_selection_curve_still_rising_at_the_end_is_not_converged() -> None:
     assert "raise --epochs or --min-steps" in checks[0].fix
     plateau = [min(0.5 + 0.05 * e, 0.8) for e in epochs[:-1]] + [0.8 + 1 / 1000]  # flat for the last half
     assert health(**common(selection_curve=plateau, epochs_evaluated=epochs, best_epoch=20)) == []
+    # one more image of a 79-image holdout at the end, as float32 accuracies (50/79 -> 51/79): not a rise
+    one = [float(torch.tensor(50 / 79, dtype=torch.float32))] * 19 + [float(torch.tensor(51 / 79))]
+    assert one[-1] - one[0] > 1 / 79  # the rounding that used to fire the check
+    small = {"epochs_evaluated": epochs, "best_epoch": 20, "selection_rows": 79}
+    assert health(**common(selection_curve=one, **small)) == []
+    two = one[:-1] + [float(torch.tensor(52 / 79))]  # two more images: still rising
+    checks = health(**common(selection_curve=two, **small))
+    assert [c.code for c in checks] == ["not_converged"]
 
 
 def test_every_check_says_what_to_run_instead() -> None:
