@@ -64,12 +64,12 @@ def test_lr_schedule_is_mae_warmup_then_half_cosine() -> None:
 
 
 def test_schedule_grows_epochs_to_the_minimum_number_of_steps() -> None:
-    """auto: 1,000 train rows at batch 256 give 3 full batches an epoch, so 12,500 steps take 4,167 epochs;
+    """auto: 1,000 train rows at batch 256 give 3 full batches an epoch, so 25,000 steps take 8,334 epochs;
     ImageNet-1k's 1,281,167 rows give 5,004 steps an epoch and keep the 10-epoch minimum."""
     cfg = ProbeConfig.from_protocol("auto")
     small = plan_schedule(cfg, 1000)
-    assert (small.batch_size, small.steps_per_epoch, small.epochs) == (256, 3, 4167)
-    assert small.total_steps >= 12_500 and small.scaled and small.eval_every == 42
+    assert (small.batch_size, small.steps_per_epoch, small.epochs) == (256, 3, 8334)
+    assert small.total_steps >= 25_000 and small.scaled and small.eval_every == 84
     imagenet = plan_schedule(cfg, 1_281_167)
     assert (imagenet.epochs, imagenet.steps_per_epoch, imagenet.scaled) == (10, 5004, False)
     mae = plan_schedule(ProbeConfig.from_protocol("mae"), 1_281_167)  # the paper's recipe, unscaled

@@ -74,7 +74,7 @@ OPTIMIZER = Choice(
 PROTOCOL = Choice(
     "--protocol",
     {
-        "auto": "converged by default: SGD, 13 lrs x 3 weight decays, >= 12,500 steps, heads compared at "
+        "auto": "converged by default: SGD, 13 lrs x 3 weight decays, >= 25,000 steps, heads compared at "
         "the end of their schedule on a train holdout",
         "mae": "the MAE / Beyond [cls] LARS recipe",
         "ep": "the efficient-probing recipe",

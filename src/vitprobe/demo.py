@@ -33,7 +33,7 @@ class DemoConfig:
     classes: int = 4  # needle glyphs (classes)
     size: int = 160  # image side in pixels (test_vit's input size, so the crop keeps most of each image)
     # The probe protocol is `auto` with explicit overrides that make it short (docs/demo.md says why):
-    epochs: int = 60  # instead of auto's >= 12,500 steps (~10 min here): 60 epochs x 31 steps at batch 64
+    epochs: int = 60  # instead of auto's >= 25,000 steps (~20 min here): 60 epochs x 31 steps at batch 64
     batch_size: int = 64  # probe and extraction batch size
     optimizer: str = "sgd"  # LARS (the paper's) barely moves a fresh head in a few hundred steps; SGD does
     lr_grid: tuple[float, ...] = (1.0, 10.0)  # two base lrs instead of auto's 13, trained side by side

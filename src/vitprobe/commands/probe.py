@@ -69,7 +69,7 @@ def probe(
         typer.Option(
             "--protocol",
             help="Named recipe the defaults come from: auto (converged by default: SGD, 13 lrs x 3 weight "
-            "decays, >= 12,500 steps, heads compared at the end of their schedule), mae (MAE / Beyond [cls] "
+            "decays, >= 25,000 steps, heads compared at the end of their schedule), mae (MAE / Beyond [cls] "
             "LARS recipe), ep (efficient probing), logreg (L-BFGS logistic regression on pooled features). "
             "Options below override it.",
         ),
@@ -115,7 +115,7 @@ def probe(
     min_steps: Annotated[
         int | None,
         typer.Option(
-            "--min-steps", min=0, help="Minimum optimiser steps; epochs grow to reach them (auto 12500)."
+            "--min-steps", min=0, help="Minimum optimiser steps; epochs grow to reach them (auto 25000)."
         ),
     ] = None,
     batch_size: Annotated[

@@ -47,10 +47,10 @@ class Protocol:
 PROTOCOLS: dict[str, Protocol] = {
     "auto": Protocol(
         description="converged by default: SGD + momentum, 13 lrs (4 decades) x 3 weight decays trained side "
-        "by side, at least 12,500 optimiser steps (epochs scaled up for small train sets), the heads at the "
+        "by side, at least 25,000 optimiser steps (epochs scaled up for small train sets), the heads at the "
         "end of their schedule compared on a train holdout",
-        source="DINOv2 linear evaluation (SGD momentum 0.9, cosine, 12,500 iterations, 13 lrs); the weight "
-        "decay path as scikit-learn's C sweep; vitprobe's choice of grid, budget and selection "
+        source="DINOv2 linear evaluation (SGD momentum 0.9, cosine, 13 lrs; twice its 12,500 iterations); "
+        "the weight decay path as scikit-learn's C sweep; vitprobe's choice of grid, budget and selection "
         "(docs/probing.md)",
         values={
             "optimizer": "sgd",
@@ -61,7 +61,7 @@ PROTOCOLS: dict[str, Protocol] = {
             "lr_grid": AUTO_LR_GRID,
             "batch_size": 256,
             "epochs": 10,
-            "min_steps": 12_500,
+            "min_steps": 25_000,
             "warmup_epochs": 0.0,
         },
     ),
@@ -141,7 +141,7 @@ class ProbeConfig:
     lr_grid: tuple[float, ...] = AUTO_LR_GRID  # base lrs trained side by side; lr = blr × batch / 256
     batch_size: int = 256  # rows per step (capped at the train rows); lr scales with the batch used
     epochs: int = 10  # minimum epochs
-    min_steps: int = 12_500  # minimum optimiser steps: epochs grow until the run has this many
+    min_steps: int = 25_000  # minimum optimiser steps: epochs grow until the run has this many
     warmup_epochs: float = 0.0  # linear warm-up (epochs), then half-cosine to 0, per step
     select_on: str = "holdout"  # pick lr and epoch on a held-out train split; "test" is optimistic
     # which epoch of each head counts: "best" = its best evaluation on the selection split (early stopping,
