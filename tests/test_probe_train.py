@@ -294,7 +294,7 @@ def test_named_protocols_resolve_to_the_references_recipes() -> None:
     )
     assert ProbeConfig.from_protocol("mae", optimizer="sgd", momentum=0.9).momentum == 0.9  # explicit wins
     auto = ProbeConfig.from_protocol("auto")
-    assert auto.optimizer == "sgd" and len(auto.lr_grid) == 13 and auto.min_steps == 12_500
+    assert auto.optimizer == "sgd" and len(auto.lr_grid) == 13 and auto.min_steps == 25_000
     assert ProbeConfig.from_protocol("auto", epochs=10).overrides == ()  # the protocol's own value
 
 
