@@ -641,7 +641,7 @@ def test_a_guarded_loader_raises_a_worker_error_as_itself() -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_the_finiteness_check_of_extraction_finds_every_nan_and_inf(dtype: torch.dtype) -> None:
-    from vitprobe.extract import _non_finite
+    from vitprobe.tokens import non_finite as _non_finite
 
     t = torch.randn(4, 9, 6).to(dtype)
     assert not bool(_non_finite(t))

@@ -57,6 +57,7 @@ from vitprobe.rows import (
 )
 from vitprobe.shardwriter import ShardBuffers, ShardWriter
 from vitprobe.signals import StopOnSignals
+from vitprobe.tokens import non_finite
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -406,12 +407,12 @@ def _fill_shard(
         images, labels, indices, views = inputs.prepare(checked(next(batches)))
         with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             outs = forward(images, manifest["layers"])
-        bad_compute |= torch.stack([_non_finite(o) for o in outs]).any()
+        bad_compute |= torch.stack([non_finite(o) for o in outs]).any()
         parts = split_tokens(
             outs, num_prefix_tokens=manifest["num_prefix_tokens"], has_cls=manifest["has_cls"],
             tokens=manifest["tokens"], dtype=cast,
         )
-        bad_store |= torch.stack([_non_finite(p) for p in parts.values()]).any()
+        bad_store |= torch.stack([non_finite(p) for p in parts.values()]).any()
         parts = to_store(parts, store)
         parts.update(labels=labels, indices=indices, views=views)
         n = images.shape[0]
@@ -434,15 +435,6 @@ def _forward(backbone: Backbone, *, backend: str | None) -> Forward:
     if backend is None:
         return backbone.intermediates
     return torch.compile(backbone.intermediates, backend=backend, dynamic=False)
-
-
-def _non_finite(t: torch.Tensor) -> torch.Tensor:
-    """Whether `t` holds a NaN or an inf, as a () bool on its device: from its min and max (one reduction,
-    NaN propagates into both), about 40x faster on the CPU than `~isfinite(t).all()` and its bool copy."""
-    if t.numel() == 0:
-        return torch.zeros((), dtype=torch.bool, device=t.device)
-    low, high = torch.aminmax(t)
-    return ~(torch.isfinite(low) & torch.isfinite(high))
 
 
 def _fill(buf: torch.Tensor, part: torch.Tensor, offset: int, key: str) -> None:
