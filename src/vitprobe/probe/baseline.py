@@ -18,9 +18,10 @@ from dataclasses import dataclass
 
 import torch
 
+from vitprobe.probe.bank import BN_EPS  # the heads' BatchNorm eps: the reference standardises as they do
+
 RIDGE_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)  # λ, in units of the standardised features' variance
 MAX_FEATURES = 8192  # above this the (F, F) statistics cost more than the check is worth
-BN_EPS = 1e-6  # the heads' BatchNorm eps (vitprobe.probe.bank.BN_EPS)
 
 
 @dataclass(frozen=True)
