@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -19,11 +19,12 @@ from vitprobe.probe.baseline import (
     choose,
 )
 from vitprobe.probe.engine import BankRun, NonFiniteTokens, evaluate, fit, make_run
+from vitprobe.probe.logreg import readout_batches
 from vitprobe.probe.outcome import ReadoutResult
 from vitprobe.probe.protocols import ProbeConfig, Schedule, lr_factor
 from vitprobe.probe.selection import Check, health, lars_budget, pick
 from vitprobe.probe.validate import refuse_nonfinite
-from vitprobe.tokens import Split, iter_batches, to_tokens
+from vitprobe.tokens import Split
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -254,15 +255,13 @@ def ridge_baselines(
     if not readouts:
         return {}
     dim = fit_split.source.dim
-    modules = {n: build_head(spec, dim, 2, blocks=blocks).readout for n, (spec, _) in readouts.items()}
-    modules = {n: m.to(device).eval() for n, m in modules.items()}  # parameter-free read-outs
-    layers = {layer for _, layer in readouts.values()}
+    modules = {  # parameter-free read-outs, each at its block position
+        n: (build_head(spec, dim, 2, blocks=blocks).readout.to(device).eval(), layer)
+        for n, (spec, layer) in readouts.items()
+    }
 
-    def features(split: Split) -> Any:
-        for batch in iter_batches(split, keys, batch_size):
-            views = {layer: to_tokens(batch, device, norm, layer=layer) for layer in layers}
-            labels = batch["labels"].to(device)
-            yield {n: modules[n](views[layer])[0] for n, (_, layer) in readouts.items()}, labels  # (B, F)
+    def features(split: Split) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+        return readout_batches(split, modules, keys=keys, device=device, norm=norm, batch_size=batch_size)
 
     stats: dict[str, RidgeAccumulator] = {}
     for feats, labels in features(fit_split):

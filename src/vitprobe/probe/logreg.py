@@ -11,7 +11,7 @@ Parity with scikit-learn's LogisticRegression: tests/test_probe_logreg.py.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -141,6 +141,26 @@ def standardised(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torc
 
 
 @torch.no_grad()
+def readout_batches(
+    split: Split,
+    readouts: dict[str, tuple[torch.nn.Module, int | None]],
+    *,
+    keys: Sequence[str],
+    device: torch.device,
+    norm: dict[str, Any] | None,
+    batch_size: int = 4096,
+) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+    """Batch by batch over a split (view 0): each parameter-free read-out's vectors (name -> (B, F)), read at
+    its block position (name -> (module, position); None: the batch has one block, or the module reads
+    them all), and the labels (B,). Each block position is moved and normalised once per batch."""
+    layers = {layer for _, layer in readouts.values()}
+    for batch in iter_batches(split, keys, batch_size):
+        views = {layer: to_tokens(batch, device, norm, layer=layer) for layer in layers}
+        labels = batch["labels"].to(device).long()
+        yield {n: module(views[layer])[0] for n, (module, layer) in readouts.items()}, labels
+
+
+@torch.no_grad()
 def pooled_features(
     split: Split,
     spec: HeadSpec,
@@ -156,11 +176,9 @@ def pooled_features(
     axis (None: the batch has one block, or the read-out reads them all)."""
     readout = build_head(spec, split.source.dim, 2).readout.to(device)
     feats, labels = [], []
-    for batch in iter_batches(split, keys, 4096):
-        tokens = to_tokens(batch, device, norm, layer=position)
-        f, _ = readout(tokens)  # (B, F)
-        feats.append(f.to(dtype))
-        labels.append(batch["labels"].to(device).long())
+    for f, y in readout_batches(split, {"f": (readout, position)}, keys=keys, device=device, norm=norm):
+        feats.append(f["f"].to(dtype))  # (B, F)
+        labels.append(y)
     return torch.cat(feats), torch.cat(labels)
 
 
