@@ -103,11 +103,11 @@ def test_a_trained_head_is_not_flagged_and_records_the_reference() -> None:
 def test_the_command_prints_and_writes_the_reference_for_pooled_read_outs_only(tmp_path) -> None:
     import json
 
-    from test_probe_cli import FAST, invoke, write_cache
+    from test_probe_cli import FAST, probe, write_cache
 
     train, test = write_cache(tmp_path / "train", n=60), write_cache(tmp_path / "test", n=30, seed=1)
-    result = invoke(
-        "probe", "--train", train, "--test", test, "--out", tmp_path / "run", *FAST,
+    result = probe(
+        train, test, tmp_path / "run", *FAST,
         "--pool", "cls", "--pool", "abmilp", "--format", "human",
     )  # fmt: skip
     assert result.exit_code == 0, result.output

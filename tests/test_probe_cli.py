@@ -151,19 +151,20 @@ def invoke(*args: str | Path) -> Invoked:
     return Invoked([str(a) for a in args])
 
 
+def probe(train: Path, test: Path, out: Path, *args: str | Path) -> Invoked:
+    """`vitprobe probe --train TRAIN --test TEST --out OUT ARGS...`."""
+    return invoke("probe", "--train", train, "--test", test, "--out", out, *args)
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("probe")
     train = write_cache(root / "train", n=90, layers=(5, 11), reg=1)
     test = write_cache(root / "test", n=30, seed=1, layers=(5, 11), reg=1)
     out = root / "run"
-    result = invoke(
-        "probe",
-        "--train",
+    result = probe(
         train,
-        "--test",
         test,
-        "--out",
         out,
         *FAST,
         "--pool",
@@ -217,9 +218,7 @@ def test_probe_writes_results_and_heads(run: dict[str, Path]) -> None:
 def test_predict_reproduces_test_accuracy_and_exports_maps(run: dict[str, Path]) -> None:
     maps_file, pred_dir = run["root"] / "maps.safetensors", run["root"] / "pred"
     head = run["out"] / "heads" / "abmilp.safetensors"
-    result = invoke(
-        "predict", head, "--cache", run["test"], "--export-maps", maps_file, "--out", pred_dir
-    )
+    result = invoke("predict", head, "--cache", run["test"], "--export-maps", maps_file, "--out", pred_dir)
     assert result.exit_code == 0, result.output
     predictions = json.loads((pred_dir / "predictions.json").read_text())
     results = json.loads((run["out"] / "results.json").read_text())
@@ -267,7 +266,7 @@ def test_probe_refuses_mismatched_or_incomplete_caches(
 ) -> None:
     train = write_cache(tmp_path / "train", n=30)
     test = write_cache(tmp_path / "test", n=30, seed=1, **change)
-    result = invoke("probe", "--train", train, "--test", test, "--out", tmp_path / "run", *FAST)
+    result = probe(train, test, tmp_path / "run", *FAST)
     assert result.exit_code == 1, result.output
     assert message in result.output
     assert not (tmp_path / "run" / "results.json").exists()
@@ -276,20 +275,16 @@ def test_probe_refuses_mismatched_or_incomplete_caches(
 def test_pooled_cache_skips_abmilp_by_default_and_refuses_it_when_asked(tmp_path: Path) -> None:
     train = write_cache(tmp_path / "train", n=45, tokens="pooled")
     test = write_cache(tmp_path / "test", n=15, seed=1, tokens="pooled")
-    result = invoke("probe", "--train", train, "--test", test, "--out", tmp_path / "run", *FAST)
+    result = probe(train, test, tmp_path / "run", *FAST)
     assert result.exit_code == 0, result.output
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert set(results["readouts"]) == {"cls", "mean"}
     assert any("skipped abmilp" in note for note in results["notes"])
-    result = invoke(
-        "probe", "--train", train, "--test", test, "--out", tmp_path / "run2", *FAST, "--pool", "abmilp"
-    )
+    result = probe(train, test, tmp_path / "run2", *FAST, "--pool", "abmilp")
     assert result.exit_code == 1 and "--tokens all" in result.output
     assert f"train cache {train} (--tokens pooled) and test cache {test} (--tokens pooled)" in result.output
     full_test = write_cache(tmp_path / "test-all", n=15, seed=1)
-    result = invoke(
-        "probe", "--train", train, "--test", full_test, "--out", tmp_path / "run3", *FAST, "--pool", "abmilp"
-    )
+    result = probe(train, full_test, tmp_path / "run3", *FAST, "--pool", "abmilp")
     assert result.exit_code == 1, result.output
     assert f"the abmilp read-out needs patch tokens, and train cache {train} (--tokens pooled) holds" in (
         result.output
@@ -299,7 +294,7 @@ def test_pooled_cache_skips_abmilp_by_default_and_refuses_it_when_asked(tmp_path
 def test_model_without_cls_skips_cls_with_a_note(tmp_path: Path) -> None:
     train = write_cache(tmp_path / "train", n=45, has_cls=False)
     test = write_cache(tmp_path / "test", n=15, seed=1, has_cls=False)
-    result = invoke("probe", "--train", train, "--test", test, "--out", tmp_path / "run", *FAST)
+    result = probe(train, test, tmp_path / "run", *FAST)
     assert result.exit_code == 0, result.output
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert set(results["readouts"]) == {"mean", "abmilp"}
@@ -373,17 +368,13 @@ def test_end_to_end_from_vitprobe_extract(tmp_path: Path) -> None:
     )
     assert result.exit_code == 0, result.output
     out = tmp_path / "run"
-    result = invoke(
-        "probe", "--train", cache, "--test", cache, "--out", out, *FAST, "--holdout", "0.34", "--final-norm"
-    )
+    result = probe(cache, cache, out, *FAST, "--holdout", "0.34", "--final-norm")
     assert result.exit_code == 0, result.output
     results = json.loads((out / "results.json").read_text())
     assert set(results["readouts"]) == {"cls", "mean", "abmilp"}
     assert results["train_cache"]["provenance"]["timm_name"] == "test_vit" and results["random_init"]
     maps = tmp_path / "maps.safetensors"
-    result = invoke(
-        "predict", out / "heads" / "abmilp.safetensors", "--cache", cache, "--export-maps", maps
-    )
+    result = invoke("predict", out / "heads" / "abmilp.safetensors", "--cache", cache, "--export-maps", maps)
     assert result.exit_code == 0, result.output
     grid = tuple(open_cache(cache).grid)
     assert load_file(maps)["maps"].shape == (12, *grid)
@@ -425,9 +416,7 @@ def test_refit_with_select_on_test_is_refused_before_training(tmp_path: Path) ->
     train = write_cache(tmp_path / "train", n=30)
     test = write_cache(tmp_path / "test", n=12, seed=1)
     out = tmp_path / "run"
-    result = invoke(
-        "probe", "--train", train, "--test", test, "--out", out, *FAST, "--refit", "--select-on", "test"
-    )
+    result = probe(train, test, out, *FAST, "--refit", "--select-on", "test")
     assert result.exit_code == 1, result.output
     assert "error: --refit with --select-on test" in result.output
     assert "chosen on a train holdout, and with --select-on test there is no holdout" in result.output
@@ -437,13 +426,11 @@ def test_refit_with_select_on_test_is_refused_before_training(tmp_path: Path) ->
 def test_a_holdout_that_rounds_to_no_image_is_refused_not_selected_on(tmp_path: Path) -> None:
     train = write_cache(tmp_path / "train", n=12)  # 4 images per class: 10 % of 4 rounds to 0
     test = write_cache(tmp_path / "test", n=12, seed=1)
-    result = invoke("probe", "--train", train, "--test", test, "--out", tmp_path / "run", *FAST)
+    result = probe(train, test, tmp_path / "run", *FAST)
     assert result.exit_code == 1, result.output
     assert "--holdout 0.1 holds out no image: the train cache has 12 images in 3 classes" in result.output
     assert "--select-on test" in result.output and not (tmp_path / "run" / "results.json").exists()
-    result = invoke(
-        "probe", "--train", train, "--test", test, "--out", tmp_path / "run", *FAST, "--holdout", "0.25"
-    )
+    result = probe(train, test, tmp_path / "run", *FAST, "--holdout", "0.25")
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "run" / "results.json").read_text())["selection"]["holdout_rows"] == 3
 
@@ -474,7 +461,7 @@ def test_ctrl_c_during_probe_says_nothing_was_written(
     train = write_cache(tmp_path / "train", n=30)
     test = write_cache(tmp_path / "test", n=15, seed=1)
     monkeypatch.setattr(train_mod, "fit", interrupted)
-    result = invoke("probe", "--train", train, "--test", test, "--out", tmp_path / "run", *FAST)
+    result = probe(train, test, tmp_path / "run", *FAST)
     assert result.exit_code == 130
     assert f"error: probe interrupted: nothing new was written to {tmp_path / 'run'}" in result.output
     assert not (tmp_path / "run").exists()

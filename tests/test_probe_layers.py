@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tests.test_probe_cli import CLASSES, FAST, invoke, write_cache
+from tests.test_probe_cli import CLASSES, FAST, invoke, probe, write_cache
 
 LAYERS = (3, 7, 11)
 NOISE = (12.0, 4.0, 0.5)  # block 3 is mostly noise, block 11 nearly clean
@@ -32,13 +32,9 @@ def test_a_sweep_equals_one_run_per_block_and_says_accuracy_by_depth(
     caches: tuple[Path, Path], tmp_path: Path
 ) -> None:
     train, test = caches
-    sweep = invoke(
-        "probe",
-        "--train",
+    sweep = probe(
         train,
-        "--test",
         test,
-        "--out",
         tmp_path / "sweep",
         "--layer",
         "all",
@@ -58,13 +54,9 @@ def test_a_sweep_equals_one_run_per_block_and_says_accuracy_by_depth(
 
     for block in LAYERS:  # the sweep trains the same heads as a run on that block alone
         single = tmp_path / f"single{block}"
-        result = invoke(
-            "probe",
-            "--train",
+        result = probe(
             train,
-            "--test",
             test,
-            "--out",
             single,
             "--layer",
             str(block),
@@ -98,13 +90,9 @@ def test_a_sweep_of_listed_blocks_counts_negatives_from_the_last_block(
     caches: tuple[Path, Path], tmp_path: Path
 ) -> None:
     train, test = caches
-    result = invoke(
-        "probe",
-        "--train",
+    result = probe(
         train,
-        "--test",
         test,
-        "--out",
         tmp_path / "run",
         "--layer",
         "-1,7",
@@ -118,15 +106,13 @@ def test_a_sweep_of_listed_blocks_counts_negatives_from_the_last_block(
     head = json.loads((tmp_path / "run" / "heads" / "abmilp@11.json").read_text())
     assert head["layer"] == 11 and head["blocks"] is None
 
-    bad = invoke("probe", "--train", train, "--test", test, "--out", tmp_path / "bad", "--layer", "5", *FAST)
+    bad = probe(train, test, tmp_path / "bad", "--layer", "5", *FAST)
     assert (
         bad.exit_code != 0
         and "layer 5 is not in the cache" in bad.output
         and "(it holds blocks [3, 7, 11])" in bad.output
     )
-    twice = invoke(
-        "probe", "--train", train, "--test", test, "--out", tmp_path / "b2", "--layer", "11,-1", *FAST
-    )
+    twice = probe(train, test, tmp_path / "b2", "--layer", "11,-1", *FAST)
     assert twice.exit_code != 0 and "names a block twice" in twice.output
 
 
@@ -135,13 +121,9 @@ def test_multi_block_read_outs_train_from_the_cache_and_predict_reads_their_bloc
 ) -> None:
     train, test = caches
     out = tmp_path / "multi"
-    result = invoke(
-        "probe",
-        "--train",
+    result = probe(
         train,
-        "--test",
         test,
-        "--out",
         out,
         "--pool",
         "cls",
@@ -184,9 +166,7 @@ def test_multi_block_read_outs_train_from_the_cache_and_predict_reads_their_bloc
 def test_multi_block_read_outs_on_a_one_block_cache_are_refused_before_training(tmp_path: Path) -> None:
     train = write_cache(tmp_path / "train", n=30)
     test = write_cache(tmp_path / "test", n=15, seed=1)
-    result = invoke(
-        "probe", "--train", train, "--test", test, "--out", tmp_path / "run", "--pool", "fusion", *FAST
-    )
+    result = probe(train, test, tmp_path / "run", "--pool", "fusion", *FAST)
     assert result.exit_code != 0
     assert "the fusion read-out needs 2 or more stored blocks" in result.output
     assert "--layers -2,-1" in result.output and not (tmp_path / "run").exists()
@@ -197,13 +177,9 @@ def test_logreg_fits_the_concatenated_cls_of_the_last_blocks(
 ) -> None:
     train, test = caches
     out = tmp_path / "lr"
-    result = invoke(
-        "probe",
-        "--train",
+    result = probe(
         train,
-        "--test",
         test,
-        "--out",
         out,
         "--protocol",
         "logreg",

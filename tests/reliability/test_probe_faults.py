@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from test_probe_cli import FAST, invoke, write_cache
+from test_probe_cli import FAST, invoke, probe, write_cache
 from vitprobe.cache import open_cache, read_manifest, shard_entries, write_manifest, write_shard
 from vitprobe.probe import rundir
 
@@ -34,13 +34,9 @@ def test_nan_tokens_are_refused_with_their_rows(tmp_path: Path, load: str, bad: 
     train = write_cache(tmp_path / "train", n=30)
     poison(train, [2, 5], bad=bad)
     test = write_cache(tmp_path / "test", n=15, seed=1)
-    result = invoke(
-        "probe",
-        "--train",
+    result = probe(
         train,
-        "--test",
         test,
-        "--out",
         tmp_path / "run",
         *FAST,
         "--pool",
@@ -58,13 +54,9 @@ def test_nan_tokens_are_refused_with_their_rows(tmp_path: Path, load: str, bad: 
 
 @pytest.mark.parametrize("grid", ["nan", "inf", "-0.1", "0.1,0.1"])
 def test_impossible_learning_rates_are_refused_before_the_caches_are_read(tmp_path: Path, grid: str) -> None:
-    result = invoke(
-        "probe",
-        "--train",
+    result = probe(
         tmp_path / "missing",
-        "--test",
         tmp_path / "missing",
-        "--out",
         tmp_path / "run",
         "--lr-grid",
         grid,
@@ -76,7 +68,7 @@ def test_impossible_learning_rates_are_refused_before_the_caches_are_read(tmp_pa
 def test_a_one_class_train_cache_is_refused(tmp_path: Path) -> None:
     train = write_cache(tmp_path / "train", n=20, class_names=["ant"])
     test = write_cache(tmp_path / "test", n=10, seed=1, class_names=["ant"])
-    result = invoke("probe", "--train", train, "--test", test, "--out", tmp_path / "run", *FAST)
+    result = probe(train, test, tmp_path / "run", *FAST)
     assert result.exit_code == 1 and "a single class ('ant')" in result.output, result.output
 
 
@@ -85,9 +77,7 @@ def test_results_json_is_strict_json(tmp_path: Path) -> None:
     train = write_cache(tmp_path / "train", n=30)
     test = write_cache(tmp_path / "test", n=2, seed=1)  # classes 0 and 1 only: class 2 has no test image
     out = tmp_path / "run"
-    assert (
-        invoke("probe", "--train", train, "--test", test, "--out", out, *FAST, "--pool", "cls").exit_code == 0
-    )
+    assert probe(train, test, out, *FAST, "--pool", "cls").exit_code == 0
     text = (out / "results.json").read_text()
     results = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
     assert results["readouts"]["cls"]["per_class"]["cat"] is None
@@ -102,9 +92,7 @@ def probe_run(tmp_path: Path, name: str, lr: str) -> Path:
     )
     out = tmp_path / name
     fast = [a if a != "0.5,2" else lr for a in FAST]
-    assert (
-        invoke("probe", "--train", train, "--test", test, "--out", out, *fast, "--overwrite").exit_code == 0
-    )
+    assert probe(train, test, out, *fast, "--overwrite").exit_code == 0
     return out
 
 
@@ -124,12 +112,7 @@ def test_a_kill_between_the_heads_swap_and_results_json_is_rolled_back(tmp_path:
     assert (out / "results.json").read_text() == old_results
     rundir.verify_heads(out)  # the pair matches again
     assert not list(out.glob(".heads-*"))
-    assert (
-        invoke(
-            "predict", out / "heads" / "cls.safetensors", "--cache", tmp_path / "test"
-        ).exit_code
-        == 0
-    )
+    assert invoke("predict", out / "heads" / "cls.safetensors", "--cache", tmp_path / "test").exit_code == 0
 
 
 def test_a_kill_before_the_swap_leaves_only_debris_that_the_next_run_removes(tmp_path: Path) -> None:
@@ -178,6 +161,6 @@ def test_labels_outside_the_class_range_are_refused(tmp_path: Path) -> None:
     shards[0] = write_shard(train, 0, 0, tensors)
     write_manifest(train, {**manifest, "shards": shard_entries(shards)})
     test = write_cache(tmp_path / "test", n=15, seed=1)
-    result = invoke("probe", "--train", train, "--test", test, "--out", tmp_path / "run", *FAST)
+    result = probe(train, test, tmp_path / "run", *FAST)
     assert result.exit_code == 1 and "labels outside its 3 classes" in result.output, result.output
     assert "row 3, label 7" in result.output
