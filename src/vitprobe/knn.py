@@ -285,9 +285,9 @@ def cache_features(
 def check_finite(feats: torch.Tensor, rows: torch.Tensor, indices: torch.Tensor, *, where: str) -> None:
     """Refuse features with NaN or Inf, naming the cache rows (and dataset indices) that hold them: one such
     row would silently take part in every neighbour search."""
-    suspect = (~torch.isfinite(feats.sum(dim=1))).nonzero().flatten()  # a non-finite row sums to NaN / inf
-    rows_bad = ~torch.isfinite(feats[suspect]).all(dim=1)  # (an overflowing sum of finite values is not bad)
-    bad = suspect[rows_bad].cpu()
+    from vitprobe.tokens import non_finite_rows
+
+    bad = non_finite_rows(feats).nonzero().flatten().cpu()
     if len(bad) == 0:
         return
     shown = bad[:10]

@@ -92,6 +92,17 @@ def non_finite(t: torch.Tensor) -> torch.Tensor:
     return ~(torch.isfinite(low) & torch.isfinite(high))
 
 
+def non_finite_rows(t: torch.Tensor) -> torch.Tensor:
+    """(n,) bool: the rows of an (n, ...) tensor that hold a NaN or an inf. Each row is summed first (one
+    pass, no (n, ...) bool copy); only rows whose sum is not finite are checked exactly (finite values can
+    overflow a sum), so the answer is exact."""
+    flat = t.reshape(len(t), -1)  # (n, ...) -> (n, F)
+    suspect = (~torch.isfinite(flat.sum(dim=1))).nonzero().flatten()
+    bad = torch.zeros(len(t), dtype=torch.bool, device=t.device)
+    bad[suspect] = ~torch.isfinite(flat[suspect]).all(dim=1)
+    return bad
+
+
 def apply_final_norm(tokens: Tokens, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> Tokens:
     """Apply the backbone's final LayerNorm to every token (what timm's `forward_features` returns).
 

@@ -8,7 +8,7 @@ import torch
 
 from vitprobe.errors import ProbeError
 from vitprobe.pairing import unseen_class_warnings
-from vitprobe.tokens import TokenSource
+from vitprobe.tokens import TokenSource, non_finite_rows
 
 
 def _where(source: TokenSource) -> str:
@@ -21,7 +21,7 @@ def nonfinite_rows(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
     bad: torch.Tensor | None = None
     for t in tensors.values():
         if t.is_floating_point():
-            rows = ~torch.isfinite(t.reshape(len(t), -1)).all(dim=1)  # (n, ...) -> (n,)
+            rows = non_finite_rows(t)  # (n,)
             bad = rows if bad is None else bad | rows
     return torch.zeros(0, dtype=torch.long) if bad is None else bad.nonzero().flatten().cpu()
 
