@@ -2,7 +2,8 @@
 
 For each backbone × small real dataset (benchmarks/small_real_data.py) × read-out (cls, mean): tokens are
 extracted once with `vitprobe extract`, then on the same cached features, the same fit rows and the same
-holdout (vitprobe's stratified 10 % holdout, seed 0):
+holdout (vitprobe's stratified holdout, seed 0: 10 %, or more where --min-holdout raises it to hold 30
+images — the fraction the auto run recorded):
 
 - reference: scikit-learn StandardScaler + LogisticRegression (lbfgs, multinomial), C swept over
   10 ** linspace(-6, 5, 23) and chosen on the holdout (ties: the smaller C), test accuracy at that C;
@@ -67,7 +68,7 @@ def features(cache: Path, pool: str) -> tuple[np.ndarray, np.ndarray, torch.Tens
     return f.numpy(), d["labels"].numpy(), src.labels, src.indices
 
 
-def sklearn_reference(train: Path, test: Path, pool: str) -> dict[str, float]:
+def sklearn_reference(train: Path, test: Path, pool: str, fraction: float) -> dict[str, float]:
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
@@ -76,7 +77,7 @@ def sklearn_reference(train: Path, test: Path, pool: str) -> dict[str, float]:
 
     x, y, labels, groups = features(train, pool)
     x_te, y_te, _, _ = features(test, pool)
-    fit, held = (t.numpy() for t in stratified_holdout(labels, groups, 0.1, 0))
+    fit, held = (t.numpy() for t in stratified_holdout(labels, groups, fraction, 0))
     scaler = StandardScaler().fit(x[fit])
     a, b, c = scaler.transform(x[fit]), scaler.transform(x[held]), scaler.transform(x_te)
     best = None
@@ -98,7 +99,11 @@ def vitprobe_runs(caches: dict[str, Path], out: Path) -> dict[str, dict]:
         cfg = ProbeConfig.from_protocol(protocol, pools=("cls", "mean"))
         start = time.perf_counter()
         results = run_probe(caches["train"], caches["test"], cfg, out / protocol, overwrite=True)
-        runs[protocol] = {"seconds": time.perf_counter() - start, "readouts": results["readouts"]}
+        runs[protocol] = {
+            "seconds": time.perf_counter() - start,
+            "readouts": results["readouts"],
+            "holdout_fraction": results["selection"]["holdout_fraction"],
+        }
     return runs
 
 
@@ -122,13 +127,15 @@ def main() -> None:
             caches = extract_caches(args.work, model, name, folder)
             runs = vitprobe_runs(caches, args.work / "runs" / model / name)
             for pool in ("cls", "mean"):
-                ref = sklearn_reference(caches["train"], caches["test"], pool)
+                fraction = runs["auto"]["holdout_fraction"]
+                ref = sklearn_reference(caches["train"], caches["test"], pool, fraction)
                 auto, lr = runs["auto"]["readouts"][pool], runs["logreg"]["readouts"][pool]
                 rows.append(
                     {
                         "model": model,
                         "dataset": name,
                         "pool": pool,
+                        "holdout_fraction": fraction,
                         "sklearn": ref,
                         "auto": {
                             "top1": auto["top1"],

@@ -209,7 +209,9 @@ def test_probe_writes_results_and_heads(run: dict[str, Path]) -> None:
     assert results["readouts"]["attentive"]["options"] == {"queries": 2}
     assert results["config"]["epochs"] == 3 and results["config"]["lr_grid"] == [0.5, 2.0]
     assert results["selection"]["split"] == "holdout" and not results["selection"]["optimistic"]
-    assert results["selection"]["holdout_rows"] == 9 and results["selection"]["train_rows"] == 81
+    # 10 % of 90 images is 9: --min-holdout (30) raises the fraction to its cap, 0.3 of each class's 30
+    assert results["selection"]["holdout_rows"] == 27 and results["selection"]["train_rows"] == 63
+    assert results["selection"]["holdout_fraction"] == 0.3 and results["config"]["min_holdout"] == 30
     assert results["random_init"] is True and any("randomly initialised" in w for w in results["warnings"])
     assert results["train_cache"]["provenance"]["timm_name"] == "vit_toy"
     assert results["test_cache"]["provenance"]["split"] == "train"
@@ -426,13 +428,19 @@ def test_refit_with_select_on_test_is_refused_before_training(tmp_path: Path) ->
 def test_a_holdout_that_rounds_to_no_image_is_refused_not_selected_on(tmp_path: Path) -> None:
     train = write_cache(tmp_path / "train", n=12)  # 4 images per class: 10 % of 4 rounds to 0
     test = write_cache(tmp_path / "test", n=12, seed=1)
-    result = probe(train, test, tmp_path / "run", *FAST)
+    result = probe(train, test, tmp_path / "run", *FAST, "--min-holdout", "0")
     assert result.exit_code == 1, result.output
     assert "--holdout 0.1 holds out no image: the train cache has 12 images in 3 classes" in result.output
     assert "--select-on test" in result.output and not (tmp_path / "run" / "results.json").exists()
-    result = probe(train, test, tmp_path / "run", *FAST, "--holdout", "0.25")
+    result = probe(train, test, tmp_path / "run", *FAST, "--holdout", "0.25", "--min-holdout", "0")
     assert result.exit_code == 0, result.output
-    assert json.loads((tmp_path / "run" / "results.json").read_text())["selection"]["holdout_rows"] == 3
+    selection = json.loads((tmp_path / "run" / "results.json").read_text())["selection"]
+    assert selection["holdout_rows"] == 3 and selection["holdout_fraction"] == 0.25
+    # by default --min-holdout raises 0.1 to 0.3 (one image of each class's 4), so the run goes ahead
+    result = probe(train, test, tmp_path / "run2", *FAST)
+    assert result.exit_code == 0, result.output
+    selection = json.loads((tmp_path / "run2" / "results.json").read_text())["selection"]
+    assert selection["holdout_rows"] == 3 and selection["holdout_fraction"] == 0.3
 
 
 @pytest.mark.parametrize("command", ["probe", "knn"])
@@ -513,3 +521,16 @@ def test_an_earlier_probe_run_is_never_replaced_by_accident(tmp_path: Path) -> N
     # heads/ holds exactly this run's heads: the earlier run's mean head is gone, no staging dirs remain
     assert sorted(p.name for p in (out / "heads").iterdir()) == ["cls.json", "cls.safetensors"]
     assert sorted(p.name for p in out.iterdir()) == ["heads", "results.json"]
+
+
+def test_min_holdout_help_states_the_librarys_values() -> None:
+    """The CLI is torch-free, so its help spells the default and the cap: they must be the library's."""
+    import typing
+
+    from vitprobe.commands.probe import probe as probe_command
+    from vitprobe.probe import ProbeConfig
+    from vitprobe.probe.selection import MAX_AUTO_HOLDOUT, MIN_HOLDOUT_ROWS
+
+    option = typing.get_type_hints(probe_command, include_extras=True)["min_holdout"].__metadata__[0]
+    assert f"(up to {MAX_AUTO_HOLDOUT:g})" in option.help and f"[default: {MIN_HOLDOUT_ROWS}]" in option.help
+    assert ProbeConfig().min_holdout == MIN_HOLDOUT_ROWS

@@ -11,7 +11,7 @@ from vitprobe.errors import ProbeError
 from vitprobe.heads import HeadSpec
 from vitprobe.probe import ProbeConfig, train_probes
 from vitprobe.probe.protocols import Schedule, lr_factor, plan_schedule
-from vitprobe.probe.selection import stratified_holdout
+from vitprobe.probe.selection import holdout_fraction, stratified_holdout
 from vitprobe.tokens import MemorySource, Split, iter_batches
 
 
@@ -91,6 +91,24 @@ def test_stratified_holdout_holds_out_each_class_and_keeps_views_together() -> N
     train, held = stratified_holdout(view_labels, groups, 0.1, seed=0)
     assert set(groups[train].tolist()).isdisjoint(groups[held].tolist())
     assert len(held) == 40
+
+
+def test_min_holdout_raises_a_small_sets_fraction_to_the_first_whole_percent_that_holds_enough() -> None:
+    two = torch.arange(120) // 60  # lfw's train split: 60 images in each of 2 classes
+    assert holdout_fraction(two, torch.arange(120), 0.1, 30) == 0.25  # 10 % would be 12 images
+    assert len(stratified_holdout(two, torch.arange(120), 0.25, seed=3)[1]) == 30
+    ten = torch.arange(1200) % 10  # 120 images at 10 %: the minimum does not bind
+    assert holdout_fraction(ten, torch.arange(1200), 0.1, 30) == 0.1
+    assert holdout_fraction(two, torch.arange(120), 0.1, 0) == 0.1  # --min-holdout 0: off
+    assert holdout_fraction(two, torch.arange(120), 0.5, 30) == 0.5  # a larger --holdout is kept
+    tiny = torch.arange(40) % 4  # 30 images cannot be held out of 40 at <= 0.3: the cap
+    assert holdout_fraction(tiny, torch.arange(40), 0.1, 30) == 0.3
+    uneven = torch.tensor([0] * 7 + [1] * 50 + [2] * 13)  # counted per class, as the split rounds them
+    f = holdout_fraction(uneven, torch.arange(70), 0.1, 15)
+    assert len(stratified_holdout(uneven, torch.arange(70), f, seed=0)[1]) >= 15
+    assert len(stratified_holdout(uneven, torch.arange(70), f - 0.01, seed=0)[1]) < 15
+    views = torch.arange(240) // 2  # two views per image: images are counted, not rows
+    assert holdout_fraction(two[views], views, 0.1, 30) == 0.25
 
 
 def test_streaming_yields_every_row_once_in_shuffled_order_and_memory_path_agrees() -> None:
@@ -226,7 +244,7 @@ def test_refit_with_selection_on_test_is_refused() -> None:
 
 def test_lr_scales_with_the_batch_actually_used_when_the_cache_is_smaller() -> None:
     train, test = blobs(100), blobs(20, seed=1)
-    cfg = small_cfg(pools=("cls",), batch_size=1024, lr_grid=(0.1,))  # 80 fit rows < 1024
+    cfg = small_cfg(pools=("cls",), batch_size=1024, lr_grid=(0.1,), min_holdout=0)  # 80 fit rows < 1024
     out = train_probes(train, test, cfg, specs_of(cfg), keys=["cls"])
     assert out.selection["train_rows"] == 80 and out.selection["batch_size"] == 80
     assert out.readouts["cls"].lr == pytest.approx(0.1 * 80 / 256)
@@ -412,7 +430,8 @@ def test_a_holdout_that_leaves_few_train_rows_and_a_warmup_as_long_as_training_a
     cfg = small_cfg(pools=("cls",), holdout=0.9, warmup_epochs=4.0)
     out = train_probes(train, test, cfg, specs_of(cfg), keys=["cls"])
     warnings = " | ".join(out.selection["warnings"])
-    assert "--holdout 0.9 leaves 16 train images for 4 classes (and holds out 144)" in warnings
+    expected = "the holdout (0.9 of each class) leaves 16 train images for 4 classes (and holds out 144)"
+    assert expected in warnings
     assert "--warmup-epochs 4 is as long as the 4 epochs run" in warnings
     fine = train_probes(train, test, small_cfg(pools=("cls",)), specs_of(cfg), keys=["cls"])
     assert not fine.selection["warnings"]

@@ -161,7 +161,18 @@ def probe(
             "last (the end of its schedule; auto).",
         ),
     ] = None,
-    holdout: Annotated[float, typer.Option("--holdout", help="Stratified holdout fraction.")] = 0.1,
+    holdout: Annotated[
+        float, typer.Option("--holdout", help="Stratified holdout fraction (at least; see --min-holdout).")
+    ] = 0.1,
+    min_holdout: Annotated[
+        int | None,
+        typer.Option(
+            "--min-holdout",
+            min=0,
+            help="Raise the holdout fraction (up to 0.3) until it holds this many images (0: off) "
+            "[default: 30].",
+        ),
+    ] = None,
     refit: Annotated[
         bool,
         typer.Option(
@@ -240,6 +251,7 @@ def probe(
         select_on=select_on.value,
         select_epoch=select_epoch.value if select_epoch else None,
         holdout=holdout,
+        min_holdout=min_holdout,
         refit=refit,
         eval_every=eval_every,
         shots=shots,
@@ -274,9 +286,7 @@ def print_results(results: dict[str, Any], console: Console = console) -> None:
     protocol = results["protocol"]["name"]
     layers = results.get("layers") or [results["layer"]]
     where = f"block {layers[0]}" if len(layers) == 1 else f"blocks {', '.join(map(str, layers))}"
-    title = f"probe ({protocol}), {where}" + (
-        " + final norm" if results["final_norm"] else ""
-    )
+    title = f"probe ({protocol}), {where}" + (" + final norm" if results["final_norm"] else "")
     title += f" — selected on {selection['split']}" + (" (optimistic)" if selection["optimistic"] else "")
     schedule = results.get("schedule")
     table = Table(title=title)
@@ -345,6 +355,8 @@ def print_results(results: dict[str, Any], console: Console = console) -> None:
             )
     for warning in results["warnings"]:
         console.print(f"[bold yellow]warning:[/] {escape(warning)}")
+
+
 def parse_layer(text: str | None) -> int | tuple[int, ...] | str | None:
     """`--layer`: None, "all", one block ("-1") or a list of blocks ("3,7,11")."""
     if text is None or text.strip() == "all":

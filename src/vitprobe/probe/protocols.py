@@ -17,6 +17,7 @@ from vitprobe.choices import AMP_MODES, LOAD_MODES, LOGREG_POOLS, SELECT_EPOCHS,
 from vitprobe.errors import ProbeError
 from vitprobe.heads import POOLS, HeadSpec
 from vitprobe.probe.optim import OPTIMIZERS, OptimizerSpec
+from vitprobe.probe.selection import MIN_HOLDOUT_ROWS
 from vitprobe.tokens import num_batches
 
 SELECT_ON = SELECT_ONS
@@ -147,7 +148,10 @@ class ProbeConfig:
     # which epoch of each head counts: "best" = its best evaluation on the selection split (early stopping,
     # the papers' max over epochs), "last" = the end of its schedule (a regularisation path, as a C sweep)
     select_epoch: str = "last"
-    holdout: float = 0.1  # stratified fraction of the train cache held out for selection
+    holdout: float = 0.1  # stratified fraction of the train cache held out for selection (at least)
+    # the holdout fraction grows (up to selection.MAX_AUTO_HOLDOUT, 0.3) until the holdout has this many
+    # images: on a tiny train set 10 % is a dozen images and the choice among the heads is noise
+    min_holdout: int = MIN_HOLDOUT_ROWS
     refit: bool = False  # after selection, retrain on the full train cache with the chosen lr and epochs
     eval_every: int = 0  # evaluate every N epochs (and at the last); 0 = about 100 evaluations per run
     shots: int | None = None  # low-shot: train on K images per class (docs/probing.md, "Low-shot")
@@ -250,6 +254,10 @@ def _check(cfg: ProbeConfig) -> None:
         )
     if cfg.select_on == "holdout" and not (math.isfinite(cfg.holdout) and 0.0 < cfg.holdout < 1.0):
         raise ProbeError(f"--holdout {cfg.holdout} must lie in (0, 1)", "use e.g. --holdout 0.1")
+    if cfg.min_holdout < 0:
+        raise ProbeError(
+            f"--min-holdout {cfg.min_holdout} must be >= 0", "use e.g. --min-holdout 30 (0: off)"
+        )
     if cfg.shots is not None and cfg.train_fraction is not None:
         raise ProbeError("--shots and --train-fraction both choose the train subset", "pass one of them")
     if cfg.shots is not None and cfg.shots < 1:

@@ -19,6 +19,7 @@ from vitprobe.probe.baseline import shortfall_margin
 UNDER_TRAINED_MOVEMENT = 1.0  # a trained Linear moves at least its own initial norm (init std 0.01)
 NEAR_CHANCE = 0.05  # training top-1 within this of the majority-class rate: nothing was learnt
 MIN_HOLDOUT_ROWS = 30  # fewer holdout images than this make the lr / epoch choice noise
+MAX_AUTO_HOLDOUT = 0.3  # --min-holdout raises the holdout fraction at most to this
 DIVERGED_LOSS = 100.0  # a mean training loss above this × ln(classes) (a uniform guess) has blown up
 
 
@@ -61,6 +62,31 @@ def stratified_holdout(
     is_held = torch.isin(groups, held_groups)
     positions = torch.arange(len(labels))
     return positions[~is_held], positions[is_held]
+
+
+def holdout_fraction(
+    labels: torch.Tensor,
+    groups: torch.Tensor,
+    fraction: float,
+    min_images: int,
+    *,
+    cap: float = MAX_AUTO_HOLDOUT,
+) -> float:
+    """`fraction`, or the smallest whole percent above it (up to `cap`) whose stratified holdout holds at
+    least `min_images` images; `cap` when none does. It depends on the class sizes only, not on the seed."""
+    _, first = _first_occurrence(groups)
+    sizes = torch.bincount(labels[first]).tolist()
+    sizes = [m for m in sizes if m > 0]
+
+    def held(f: float) -> int:  # as stratified_holdout counts them
+        return sum(min(round(f * m), m - 1) for m in sizes)
+
+    if min_images <= 0 or held(fraction) >= min_images or fraction >= cap:
+        return fraction
+    for percent in range(math.floor(100 * fraction) + 1, math.floor(100 * cap + 1e-9) + 1):  # whole percents
+        if held(percent / 100) >= min_images:
+            return percent / 100
+    return cap
 
 
 def _first_occurrence(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

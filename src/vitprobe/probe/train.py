@@ -20,7 +20,7 @@ from vitprobe.heads import HeadSpec
 from vitprobe.probe import gradient, logreg, lowshot
 from vitprobe.probe.outcome import ProbeOutcome, ReadoutResult
 from vitprobe.probe.protocols import ProbeConfig, plan_schedule
-from vitprobe.probe.selection import stratified_holdout
+from vitprobe.probe.selection import holdout_fraction, stratified_holdout
 from vitprobe.probe.validate import check_labels, refuse_nonfinite
 from vitprobe.tokens import Split, TokenSource, load_whole, memory_budget, pooled_source
 
@@ -164,10 +164,12 @@ def _trial(
 ) -> ProbeOutcome:
     """One training of every read-out on the train `rows` (all of them, or a low-shot subset)."""
     selection: Split | None
+    fraction = cfg.holdout
     if cfg.select_on == "holdout":
-        fit_pos, held_pos = stratified_holdout(
-            train_src.labels[rows], train_src.indices[rows], cfg.holdout, seed, at_least_one=cfg.lowshot
-        )
+        labels, groups = train_src.labels[rows], train_src.indices[rows]
+        if not cfg.lowshot:  # low-shot subsets hold out --holdout of each class, at least one image
+            fraction = holdout_fraction(labels, groups, cfg.holdout, cfg.min_holdout)
+        fit_pos, held_pos = stratified_holdout(labels, groups, fraction, seed, at_least_one=cfg.lowshot)
         fit_rows, held_rows = rows[fit_pos], rows[held_pos]
         if len(held_rows) == 0 and not cfg.lowshot:  # selection on nothing would pick the first candidate
             images = len(torch.unique(train_src.indices))
@@ -184,10 +186,12 @@ def _trial(
     warnings = check_labels(train_src, fit_rows, test_split.source)
     fit_images = len(torch.unique(train_src.indices[fit_rows]))
     if cfg.select_on == "holdout" and not cfg.lowshot and fit_images < 5 * train_src.num_classes:
+        raised = f", raised from --holdout {cfg.holdout:g} by --min-holdout" if fraction > cfg.holdout else ""
+        held_images = len(torch.unique(train_src.indices[held_rows]))
         warnings.append(
-            f"--holdout {cfg.holdout:g} leaves {fit_images} train images for {train_src.num_classes} classes "
-            f"(and holds out {len(torch.unique(train_src.indices[held_rows]))}): the heads learn from very "
-            "few rows; a smaller --holdout (default 0.1) trains on more"
+            f"the holdout ({fraction:g} of each class{raised}) leaves {fit_images} train images for "
+            f"{train_src.num_classes} classes (and holds out {held_images}): the heads learn from very few "
+            "rows; a smaller --holdout (default 0.1) or --min-holdout 0 trains on more"
         )
     fit_split = Split("train", train_src, fit_rows, train_memory)
     labels = train_src.labels[fit_split.epoch_rows(0)]
@@ -238,6 +242,7 @@ def _trial(
             "optimistic": cfg.select_on == "test",
             "train_rows": len(fit_rows),
             "holdout_rows": len(held_rows),
+            "holdout_fraction": fraction if cfg.select_on == "holdout" else None,
             "test_rows": test_split.source.num_rows,
             "batch_size": schedule.batch_size if schedule else None,
             "refit": cfg.refit,
@@ -262,6 +267,4 @@ def _rule(cfg: ProbeConfig, selection: Split | None) -> str:
             f"max top-1 over the grid ({epochs}) on a stratified holdout of the train rows, ties to the "
             "lower holdout loss; test reported at that choice"
         )
-    return (
-        f"max test top-1 over the grid ({epochs}): optimistic, as papers that report the best test epoch"
-    )
+    return f"max test top-1 over the grid ({epochs}): optimistic, as papers that report the best test epoch"

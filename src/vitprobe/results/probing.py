@@ -179,6 +179,7 @@ class Selection(Model):
     optimistic: bool
     train_rows: int
     holdout_rows: int
+    holdout_fraction: float | None = None  # the fraction held out: --holdout, or raised by --min-holdout
     test_rows: int
     batch_size: int | None
     refit: bool
@@ -236,6 +237,7 @@ class ProbeConfigRecord(Model):
     select_on: str
     select_epoch: str = "best"  # best (early stopping) or last (heads compared at the end of the schedule)
     holdout: float
+    min_holdout: int = 0  # older runs held out exactly --holdout
     refit: bool
     eval_every: int
     shots: int | None = None

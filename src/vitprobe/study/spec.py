@@ -344,6 +344,7 @@ PROBE_FIELDS = (  # vitprobe.probe.protocols.ProbeConfig fields; tests/test_stud
     "select_on",
     "select_epoch",
     "holdout",
+    "min_holdout",
     "refit",
     "eval_every",
     "shots",
