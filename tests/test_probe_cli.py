@@ -185,6 +185,9 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     )
     assert result.exit_code == 0, result.output
     assert "abmilp" in result.output and "top-1" in result.output
+    assert "holdout: 27 of 90 train rows (0.3: --holdout raised to hold --min-holdout images)" in " ".join(
+        result.output.split()
+    )
     return {"train": train, "test": test, "out": out, "root": root}
 
 

@@ -337,6 +337,15 @@ def print_results(results: dict[str, Any], console: Console = console) -> None:
             + (" (epochs raised to reach --min-steps)" if schedule["scaled"] else "")
             + "[/]"
         )
+    if selection["split"] == "holdout":
+        fraction = selection.get("holdout_fraction")
+        raised = fraction is not None and fraction > results["config"]["holdout"]
+        rows = selection["train_rows"] + selection["holdout_rows"]
+        console.print(
+            f"[dim]holdout: {selection['holdout_rows']} of {rows} train rows"
+            + (f" ({fraction:g}: --holdout raised to hold --min-holdout images)" if raised else "")
+            + "[/]"
+        )
     lowshot = selection.get("lowshot")
     if lowshot:
         subset = (
