@@ -20,7 +20,7 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -175,9 +175,35 @@ class Piece:
     tensors: dict[str, torch.Tensor]
     local: torch.Tensor  # (m,) positions in `tensors`
     rows: torch.Tensor  # (m,) source row numbers
+    reused: bool = False  # `tensors` are a carry buffer the stream writes again: no batch may view them
+    wide: dict[str, torch.Tensor] = field(init=False, repr=False)  # `_wide` views of `tensors`, made once
+
+    def __post_init__(self) -> None:
+        self.wide = {k: _wide(t) for k, t in self.tensors.items()}
 
     def subset(self, sel: torch.Tensor) -> Piece:
-        return Piece(self.tensors, self.local[sel], self.rows[sel])
+        return Piece(self.tensors, self.local[sel], self.rows[sel], self.reused)
+
+
+@dataclass
+class Pool:
+    """The pieces a group's batches are drawn from, with every piece's positions and source rows laid end
+    to end, so a batch looks its rows up in one index operation whatever the number of pieces."""
+
+    pieces: list[Piece]
+    offsets: torch.Tensor  # (P + 1,) first pool position of each piece
+    local: torch.Tensor  # (n,) position of each pool row inside its piece
+    rows: torch.Tensor  # (n,) source row of each pool row
+
+    @classmethod
+    def of(cls, pieces: list[Piece]) -> Pool:
+        sizes = torch.tensor([0] + [len(p.local) for p in pieces])
+        return cls(
+            pieces, sizes.cumsum(0), torch.cat([p.local for p in pieces]), torch.cat([p.rows for p in pieces])
+        )
+
+    def __len__(self) -> int:
+        return len(self.local)
 
 
 def memory_batches(
@@ -265,10 +291,14 @@ def _wide(t: torch.Tensor) -> torch.Tensor:
 def gather(src: torch.Tensor, index: torch.Tensor, out: torch.Tensor) -> None:
     """out[j] = src[index[j]] for every j: one copy of each row, straight from `src` (a mapped file)."""
     wide_src = _wide(src)
-    if wide_src is src:
-        torch.index_select(src, 0, index, out=out)
-        return
-    torch.index_select(wide_src, 0, index, out=out.view(len(out), -1).view(torch.uint8).view(wide_src.dtype))
+    torch.index_select(wide_src, 0, index, out=_as_wide(out, wide_src))
+
+
+def _as_wide(out: torch.Tensor, wide_src: torch.Tensor) -> torch.Tensor:
+    """`out` viewed as `wide_src` is (the `_wide` view of its source), so the two copy row for row."""
+    if wide_src.dtype == out.dtype and wide_src.dim() == out.dim():
+        return out
+    return out.view(len(out), -1).view(torch.uint8).view(wide_src.dtype)
 
 
 @contextmanager
@@ -286,8 +316,7 @@ def _one_thread() -> Iterator[None]:
 
 
 def _assemble(
-    pool: Sequence[Piece],
-    offsets: torch.Tensor,
+    pool: Pool,
     take: torch.Tensor,
     keys: Sequence[str],
     labels: torch.Tensor,
@@ -296,61 +325,72 @@ def _assemble(
 ) -> Batch:
     """The batch of pool positions `take`, grouped by piece; zero-copy views when it is one row run."""
     with _one_thread():
-        piece = torch.searchsorted(offsets, take, right=True) - 1  # (B,) which piece each row is in
+        piece = torch.searchsorted(pool.offsets, take, right=True) - 1  # (B,) which piece each row is in
         order = torch.argsort(piece, stable=True)
-        take, piece = take[order], piece[order]
-        counts = torch.bincount(piece, minlength=len(pool)).tolist()
+        take = take[order]
+        counts = torch.bincount(piece, minlength=len(pool.pieces)).tolist()
         used = [j for j, c in enumerate(counts) if c]
-        if views and len(used) == 1:
-            p = pool[used[0]]
-            sel = take - offsets[used[0]]
-            first = int(p.local[sel[0]])
-            if torch.equal(p.local[sel], torch.arange(first, first + len(sel))):
-                batch = Batch({k: p.tensors[k][first : first + len(sel)] for k in keys})
-                batch["labels"] = labels[p.rows[sel]]
+        local = pool.local[take]  # (B,) positions inside their pieces, grouped by piece
+        if views and len(used) == 1 and not pool.pieces[used[0]].reused:
+            first = int(local[0])
+            if torch.equal(local, torch.arange(first, first + len(local))):
+                tensors = pool.pieces[used[0]].tensors
+                batch = Batch({k: tensors[k][first : first + len(local)] for k in keys})
+                batch["labels"] = labels[pool.rows[take]]
                 return batch
         if sink is None:  # the whole split into fresh memory (a resident copy)
-            like = pool[used[0]].tensors
+            like = pool.pieces[used[0]].tensors
             out = {k: torch.empty((len(take), *like[k].shape[1:]), dtype=like[k].dtype) for k in keys}
             slot = None
         else:
             out, slot = sink.take(len(take))
-        pos = 0
-        rows = []
-        for j in used:
-            c = counts[j]
-            sel = take[pos : pos + c] - offsets[j]
-            p = pool[j]
-            local = p.local[sel]
-            for k in keys:
-                gather(p.tensors[k], local, out[k][pos : pos + c])
-            rows.append(p.rows[sel])
-            pos += c
+        _copy_rows(pool, used, counts, local, out, keys)
         batch = Batch(out)
         batch.slot = slot
-        batch["labels"] = labels[torch.cat(rows)]
+        batch["labels"] = labels[pool.rows[take]]
     return batch
 
 
-def _leftover(pool: Sequence[Piece], offsets: torch.Tensor, rest: torch.Tensor) -> list[Piece]:
+def _copy_rows(
+    pool: Pool,
+    used: Sequence[int],
+    counts: Sequence[int],
+    local: torch.Tensor,
+    out: dict[str, torch.Tensor],
+    keys: Sequence[str],
+) -> None:
+    """out[k][i] = the i-th row of `local` (grouped by piece: counts[j] rows of piece j, for j in `used`)."""
+    wide_out = {k: _as_wide(out[k], pool.pieces[used[0]].wide[k]) for k in keys}  # (B, X) views
+    pos = 0
+    for j in used:
+        c = counts[j]
+        index = local[pos : pos + c]
+        wide = pool.pieces[j].wide
+        for k in keys:
+            torch.index_select(wide[k], 0, index, out=wide_out[k][pos : pos + c])
+        pos += c
+
+
+def _leftover(pool: Pool, rest: torch.Tensor, buffers: dict[str, torch.Tensor] | None) -> list[Piece]:
     """The rows at pool positions `rest` (fewer than a batch), copied out of their windows so that the
-    carry into the next group keeps no mapping of this one alive (memory stays at two groups)."""
+    carry into the next group keeps no mapping of this one alive (memory stays at two groups). Into
+    `buffers` (batch-sized, reused every other group: a carry is consumed within the next group) when
+    given, else fresh memory."""
     if len(rest) == 0:
         return []
     with _one_thread():
-        piece = torch.searchsorted(offsets, rest, right=True) - 1
+        piece = torch.searchsorted(pool.offsets, rest, right=True) - 1
         order = torch.argsort(piece, stable=True)
-        rest, piece = rest[order], piece[order]
-        parts = [pool[j].subset(rest[piece == j] - offsets[j]) for j in torch.unique(piece).tolist()]
-        like = parts[0].tensors
-        out = {k: torch.empty((len(rest), *v.shape[1:]), dtype=v.dtype) for k, v in like.items()}
-        pos = 0
-        for p in parts:
-            for k, v in p.tensors.items():
-                gather(v, p.local, out[k][pos : pos + len(p.local)])
-            pos += len(p.local)
-        rows = torch.cat([p.rows for p in parts])
-    return [Piece(out, torch.arange(len(rows)), rows)]
+        rest = rest[order]
+        counts = torch.bincount(piece, minlength=len(pool.pieces)).tolist()
+        used = [j for j, c in enumerate(counts) if c]
+        like = pool.pieces[used[0]].tensors
+        if buffers is None:
+            out = {k: torch.empty((len(rest), *v.shape[1:]), dtype=v.dtype) for k, v in like.items()}
+        else:
+            out = {k: v[: len(rest)] for k, v in buffers.items()}
+        _copy_rows(pool, used, counts, pool.local[rest], out, list(like))
+    return [Piece(out, torch.arange(len(rest)), pool.rows[rest], reused=buffers is not None)]
 
 
 def stream_batches(
@@ -392,6 +432,7 @@ def stream_batches(
     sink: _Ring | None = None
     fp32 = None if into_memory else Fp32Buffers()
     carry: list[Piece] = []
+    spare: dict[int, dict[str, torch.Tensor]] = {}  # the two carry buffers (batch_size rows each)
     yielded = 0
     reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vitprobe-reader")
     verifier = ThreadPoolExecutor(max_workers=VERIFIERS, thread_name_prefix="vitprobe-verify")
@@ -404,29 +445,30 @@ def stream_batches(
             pieces = pending.result()
             if g + 1 < len(groups):
                 pending = reader.submit(open_group, source, keys, groups[g + 1])
-            pool = carry + pieces
-            sizes = torch.tensor([0] + [len(p.local) for p in pool])
-            offsets = sizes.cumsum(0)  # (P + 1,) first pool position of each piece
-            n = int(offsets[-1])
+            pool = Pool.of(carry + pieces)
+            n = len(pool)
             order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+            like = pool.pieces[0].tensors
             if sink is None and not into_memory:
-                sink = _Ring({k: pool[0].tensors[k] for k in keys}, batch_size, pin)
+                sink = _Ring({k: like[k] for k in keys}, batch_size, pin)
             full = n // batch_size
             for b in range(full):
                 take = order[b * batch_size : (b + 1) * batch_size]
-                batch = _assemble(pool, offsets, take, keys, labels, sink, views)
+                batch = _assemble(pool, take, keys, labels, sink, views)
                 batch.fp32 = fp32
                 yield batch
                 yielded += 1
-            carry = _leftover(pool, offsets, order[full * batch_size :])
-            pool = pieces = []  # this group's maps go now, before the next one is read ahead
+            if n % batch_size and not into_memory and g % 2 not in spare:  # two carry buffers, in turn
+                spare[g % 2] = {
+                    k: torch.empty((batch_size, *like[k].shape[1:]), dtype=like[k].dtype) for k in keys
+                }
+            carry = _leftover(pool, order[full * batch_size :], spare.get(g % 2))
+            pool = pieces = like = None  # this group's maps go now, before the next one is read ahead
     finally:  # also when the caller stops early: no shard is hashed for a pass that ended
         reader.shutdown(wait=True, cancel_futures=True)
         verifier.shutdown(wait=True, cancel_futures=True)
     if carry and (not drop_last or yielded == 0):
-        sizes = torch.tensor([0] + [len(p.local) for p in carry])
-        offsets = sizes.cumsum(0)
-        take = torch.arange(int(offsets[-1]))
-        batch = _assemble(carry, offsets, take, keys, labels, sink, views)
+        last = Pool.of(carry)
+        batch = _assemble(last, torch.arange(len(last)), keys, labels, sink, views)
         batch.fp32 = fp32
         yield batch
