@@ -597,6 +597,34 @@ def test_compiled_forward_writes_the_same_tokens(data_spec: str, tmp_path: Path)
     assert [s.sha256 for s in a.shards] == [s.sha256 for s in b.shards]
 
 
+def test_compiled_forward_pads_a_short_last_batch_so_one_graph_serves_every_batch(
+    data_spec: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A shard's short last batch would be a compilation of its own (tens of seconds on a CPU): it is
+    padded to the full batch with zero images, and its real images' tokens are those of an eager run."""
+    shapes: list[tuple[int, ...]] = []
+
+    def fake_compile(fn, **kwargs):  # noqa: ANN001, ANN202 - records what the compiled graph is given
+        def run(images: torch.Tensor, layers: list[int]) -> list[torch.Tensor]:
+            shapes.append(tuple(images.shape))
+            return fn(images, layers)
+
+        return run
+
+    plain = _config(data_spec, tmp_path / "plain", limit=6)  # batches of 4: 4 + 2 (shards of 4)
+    extract(plain)
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    extract(replace(plain, out=tmp_path / "compiled", compile=True))
+    assert len(shapes) == 2 and {s[0] for s in shapes} == {4}  # the short batch ran padded to 4
+    a, b = open_cache(plain.out), open_cache(tmp_path / "compiled")
+    assert b.num_samples == 6
+    for i in range(len(a.shards)):
+        x, y = a.read_shard(i), b.read_shard(i)
+        assert x.keys() == y.keys()
+        for key in x:
+            torch.testing.assert_close(y[key], x[key], atol=1e-5, rtol=1e-5)  # rows, not padding
+
+
 def test_the_gpu_benchmark_runs_every_arm_on_the_cpu(tmp_path: Path) -> None:
     """benchmarks/gpu_extract.py runs unchanged without a GPU: every arm gives a figure, in JSON."""
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_extract.py"

@@ -310,7 +310,9 @@ def _run(
         persistent_workers=False,
         collate_fn=inputs.collate,
     )
-    forward = _forward(backbone, backend=config.compile_backend if config.compile else None)
+    forward = _forward(
+        backbone, backend=config.compile_backend if config.compile else None, batch_size=config.batch_size
+    )
     ident = extraction_id(manifest)
     pool = ShardBuffers(layout, max((b - a for a, b in my_ranges), default=0), pin=cuda)
     writer = ShardWriter(lambda index, start, tensors: write_shard(out, index, start, tensors,
@@ -429,12 +431,25 @@ def _fill_shard(
 Forward = Callable[[torch.Tensor, list[int]], list[torch.Tensor]]  # (images, blocks) -> (B, T, D) per block
 
 
-def _forward(backbone: Backbone, *, backend: str | None) -> Forward:
-    """`backbone.intermediates`, compiled by torch.compile with `backend` unless None (a graph per batch
-    shape: the full batch and the shorter last batch of a shard)."""
+def _forward(backbone: Backbone, *, backend: str | None, batch_size: int) -> Forward:
+    """`backbone.intermediates`, or with `backend` its torch.compile'd graph for batches of `batch_size`:
+    a shorter batch (the last of a shard) is padded with zero images to that size and its outputs cut
+    back, so the one graph serves every batch (each batch shape would be a compilation of its own: tens
+    of seconds on a CPU, the cost of many batches). The model sees each image on its own, so padding
+    changes no real image's tokens."""
     if backend is None:
         return backbone.intermediates
-    return torch.compile(backbone.intermediates, backend=backend, dynamic=False)
+    compiled = torch.compile(backbone.intermediates, backend=backend, dynamic=False)
+
+    def run(images: torch.Tensor, layers: list[int]) -> list[torch.Tensor]:
+        n = images.shape[0]
+        if n >= batch_size:
+            return compiled(images, layers)
+        padded = images.new_zeros((batch_size, *images.shape[1:]))  # (batch_size, C, H, W)
+        padded[:n] = images
+        return [o[:n] for o in compiled(padded, layers)]  # (n, T, D) per block
+
+    return run
 
 
 def _fill(buf: torch.Tensor, part: torch.Tensor, offset: int, key: str) -> None:
