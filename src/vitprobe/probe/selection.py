@@ -248,7 +248,8 @@ def health(
                 "small_holdout",
                 "warning",
                 f"the holdout has only {selection_rows} images, so the lr / epoch choice is mostly noise",
-                "raise --holdout (e.g. 0.2 or 0.3)",
+                "raise --holdout (e.g. 0.4; --min-holdout raises it at most to 0.3), or repeat with other "
+                "--seed values to see how far the number moves",
             )
     return checks
 
