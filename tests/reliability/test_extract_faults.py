@@ -39,17 +39,27 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONDONTW
                                       os.environ.get("PYTHONPATH", "")])}
 
 
-@pytest.fixture(scope="module")
-def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An image folder of 12 JPEGs in 3 classes (sizes differ)."""
-    root = tmp_path_factory.mktemp("images")
+def _image_folder(root: Path, count: int) -> Path:
+    """`count` JPEGs in 3 classes (sizes differ)."""
     rng = np.random.default_rng(0)
-    for i in range(NUM_IMAGES):
+    for i in range(count):
         folder = root / f"c{i % 3}"
         folder.mkdir(exist_ok=True)
         pixels = rng.integers(0, 256, (40 + 4 * (i % 4), 48, 3), dtype=np.uint8)
         Image.fromarray(pixels).save(folder / f"{i:02d}.jpg", quality=90)
     return root
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An image folder of 12 JPEGs in 3 classes (sizes differ)."""
+    return _image_folder(tmp_path_factory.mktemp("images"), NUM_IMAGES)
+
+
+@pytest.fixture(scope="module")
+def many_images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """48 JPEGs: 24 shards of 2, so a kill after the first shard lands with most of the work to go."""
+    return _image_folder(tmp_path_factory.mktemp("many-images"), 48)
 
 
 def _args(data: Path, out: Path, *extra: str, workers: int = 0, shard_size: int = 2) -> list[str]:
@@ -133,9 +143,9 @@ def clean(images: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def _assert_same_cache(a: Path, b: Path) -> None:
+def _assert_same_cache(a: Path, b: Path, shards: int = 6) -> None:
     x, y = open_cache(a, verify=True), open_cache(b, verify=True)
-    assert [s.sha256 for s in x.shards] == [s.sha256 for s in y.shards] and len(x.shards) == 6
+    assert [s.sha256 for s in x.shards] == [s.sha256 for s in y.shards] and len(x.shards) == shards
     assert (a / "final_norm.safetensors").read_bytes() == (b / "final_norm.safetensors").read_bytes()
 
 
@@ -303,26 +313,33 @@ def test_torchrun_an_error_on_rank_1_is_printed_once_naming_rank_file_and_fix(
 @pytest.mark.slow
 @pytest.mark.parametrize("kill", ["rank 1 SIGKILL", "torchrun SIGTERM"])
 def test_torchrun_a_killed_rank_or_a_preempted_job_leaves_no_lock_and_resumes(
-    images: Path, clean: Path, tmp_path: Path, kill: str
+    many_images: Path, tmp_path: Path, kill: str
 ) -> None:
     """A rank killed (torchrun then stops the others with SIGTERM), or the whole job preempted (Slurm and
     Kubernetes send SIGTERM to torchrun, which passes it to every rank): no lock is left behind."""
+    clean = tmp_path / "clean"
+    assert _run(_args(many_images, clean)).returncode == 0
     out = tmp_path / "cache"
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    args = [*launcher, *_args(images, out)[1:]]
-    proc = _start_and_wait(args, out, _shards_recorded(out, 1))  # 5 of 6 shards to go: the kill lands
+    args = [*launcher, *_args(many_images, out)[1:]]
+    proc = _start_and_wait(args, out, _shards_recorded(out, 1))  # 23 of 24 shards to go
     if kill == "torchrun SIGTERM":
         proc.send_signal(signal.SIGTERM)
     else:
+        # freeze the whole job first, so the ranks cannot finish while their pids are looked up
+        os.killpg(proc.pid, signal.SIGSTOP)
         rank0 = json.loads((out / LOCK_FILE).read_text())["pid"]
         ranks = [p for p in _children(proc.pid) if p != rank0]  # the ranks are children of torchrun's agent
         assert len(ranks) == 1, ranks
         os.kill(ranks[0], signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGCONT)
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode != 0 and not (out / LOCK_FILE).exists(), output
-    again = _run(_args(images, out))
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    assert not manifest["complete"], "the kill landed after the last shard: nothing to resume"
+    again = _run(_args(many_images, out))
     assert again.returncode == 0 and "resuming" in _text(again), _text(again)
-    _assert_same_cache(clean, out)
+    _assert_same_cache(clean, out, shards=24)
 
 
 def _children(pid: int) -> list[int]:
