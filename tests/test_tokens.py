@@ -268,14 +268,17 @@ def test_stream_batches_into_memory_copies_instead_of_viewing(tmp_path: Path) ->
     assert batch["cls"].untyped_storage().nbytes() == batch["cls"].numel() * 2  # its own memory
 
 
+# (5, 7) -> 7: rows are strided views of the shards; (3, 5, 7) -> 3, 7: rows that cannot be flattened either
+@pytest.mark.parametrize(("layers", "pick"), [((7,), 7), ((5, 7), 7), ((3, 5, 7), [3, 7])])
 def test_carried_rows_of_many_groups_reach_the_batches_intact_through_the_reused_carry_buffers(
-    tmp_path: Path,
+    tmp_path: Path, layers: tuple[int, ...], pick: int | list[int]
 ) -> None:
     """Groups of a few rows each leave leftovers that are carried into the next group in two reused
-    buffers; every row must come out once, with its own tokens, in an order fixed by the seed."""
-    cache = write_cache(tmp_path, n=61, shard=9)
-    source = CacheSource(cache, 7)
-    stored = {k: torch.cat([cache.read_shard(i, [k])[k] for i in range(7)]) for k in ("cls", "patches")}
+    buffers (contiguous, beside the strided views of a multi-block cache); every row must come out once,
+    with its own tokens, in an order fixed by the seed."""
+    cache = write_cache(tmp_path, n=61, shard=9, layers=layers)
+    source = CacheSource(cache, pick)
+    stored = load_whole(source, ["cls", "patches"], CPU)  # the picked blocks' rows, in order
     row_bytes = source.row_bytes(["cls", "patches"])
     rows = torch.arange(61)
 
@@ -283,16 +286,17 @@ def test_carried_rows_of_many_groups_reach_the_batches_intact_through_the_reused
         got: dict[str, list[torch.Tensor]] = {"cls": [], "patches": [], "labels": []}
         g = torch.Generator().manual_seed(seed)
         # groups of about 7 rows against batches of 4: a carry after almost every group
-        for batch in stream_batches(
-            source, rows, ["cls", "patches"], 4, generator=g, buffer_bytes=14 * row_bytes
-        ):
+        small = 14 * row_bytes
+        batches = stream_batches(source, rows, ["cls", "patches"], 4, generator=g, buffer_bytes=small)
+        for batch in batches:
             for k in got:
                 got[k].append(batch[k].clone())  # the batch's buffer is reused once released
         return torch.cat(got["labels"]), {k: torch.cat(v) for k, v in got.items() if k != "labels"}
 
     labels, tokens = epoch(0)
     # which stored row each yielded row is: match [cls] tokens (random, so distinct)
-    match = (tokens["cls"][:, None, :] == stored["cls"][None]).all(-1)  # (61, 61)
+    flat = tokens["cls"].reshape(61, -1)  # (61, [L *] D)
+    match = (flat[:, None, :] == stored["cls"].reshape(61, -1)[None]).all(-1)  # (61, 61)
     assert torch.equal(match.sum(0), torch.ones(61, dtype=torch.long))  # every row exactly once
     which = match.float().argmax(1)
     assert torch.equal(tokens["patches"], stored["patches"][which])  # patches travel with their [cls]

@@ -359,15 +359,21 @@ def _copy_rows(
     out: dict[str, torch.Tensor],
     keys: Sequence[str],
 ) -> None:
-    """out[k][i] = the i-th row of `local` (grouped by piece: counts[j] rows of piece j, for j in `used`)."""
-    wide_out = {k: _as_wide(out[k], pool.pieces[used[0]].wide[k]) for k in keys}  # (B, X) views
+    """out[k][i] = the i-th row of `local` (grouped by piece: counts[j] rows of piece j, for j in `used`).
+    Pieces of one pool may differ in layout (a contiguous carry buffer next to strided views of one block
+    of a multi-block shard), so `out` is viewed once per layout met."""
+    wide_out: dict[tuple[str, torch.dtype, int], torch.Tensor] = {}
     pos = 0
     for j in used:
         c = counts[j]
         index = local[pos : pos + c]
         wide = pool.pieces[j].wide
         for k in keys:
-            torch.index_select(wide[k], 0, index, out=wide_out[k][pos : pos + c])
+            src = wide[k]
+            layout = (k, src.dtype, src.dim())
+            if layout not in wide_out:
+                wide_out[layout] = _as_wide(out[k], src)  # (B, X) or out[k] itself
+            torch.index_select(src, 0, index, out=wide_out[layout][pos : pos + c])
         pos += c
 
 
