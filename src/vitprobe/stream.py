@@ -181,9 +181,6 @@ class Piece:
     def __post_init__(self) -> None:
         self.wide = {k: _wide(t) for k, t in self.tensors.items()}
 
-    def subset(self, sel: torch.Tensor) -> Piece:
-        return Piece(self.tensors, self.local[sel], self.rows[sel], self.reused)
-
 
 @dataclass
 class Pool:
@@ -204,6 +201,14 @@ class Pool:
 
     def __len__(self) -> int:
         return len(self.local)
+
+    def by_piece(self, positions: torch.Tensor) -> tuple[torch.Tensor, list[int], list[int]]:
+        """`positions` (pool positions) regrouped piece by piece (stable), the count of each piece's rows
+        among them, and the pieces with any."""
+        piece = torch.searchsorted(self.offsets, positions, right=True) - 1  # which piece each row is in
+        positions = positions[torch.argsort(piece, stable=True)]
+        counts = torch.bincount(piece, minlength=len(self.pieces)).tolist()
+        return positions, counts, [j for j, c in enumerate(counts) if c]
 
 
 def memory_batches(
@@ -325,11 +330,7 @@ def _assemble(
 ) -> Batch:
     """The batch of pool positions `take`, grouped by piece; zero-copy views when it is one row run."""
     with _one_thread():
-        piece = torch.searchsorted(pool.offsets, take, right=True) - 1  # (B,) which piece each row is in
-        order = torch.argsort(piece, stable=True)
-        take = take[order]
-        counts = torch.bincount(piece, minlength=len(pool.pieces)).tolist()
-        used = [j for j, c in enumerate(counts) if c]
+        take, counts, used = pool.by_piece(take)
         local = pool.local[take]  # (B,) positions inside their pieces, grouped by piece
         if views and len(used) == 1 and not pool.pieces[used[0]].reused:
             first = int(local[0])
@@ -385,11 +386,7 @@ def _leftover(pool: Pool, rest: torch.Tensor, buffers: dict[str, torch.Tensor] |
     if len(rest) == 0:
         return []
     with _one_thread():
-        piece = torch.searchsorted(pool.offsets, rest, right=True) - 1
-        order = torch.argsort(piece, stable=True)
-        rest = rest[order]
-        counts = torch.bincount(piece, minlength=len(pool.pieces)).tolist()
-        used = [j for j, c in enumerate(counts) if c]
+        rest, counts, used = pool.by_piece(rest)
         like = pool.pieces[used[0]].tensors
         if buffers is None:
             out = {k: torch.empty((len(rest), *v.shape[1:]), dtype=v.dtype) for k, v in like.items()}
