@@ -54,8 +54,7 @@ def stratified_holdout(
     held = []
     for c in torch.unique(group_labels).tolist():
         members = uniq[group_labels == c]
-        count = round(fraction * len(members))
-        count = min(max(count, 1) if at_least_one else count, len(members) - 1)
+        count = _held_count(fraction, len(members), at_least_one)
         if count > 0:
             held.append(members[torch.randperm(len(members), generator=generator)[:count]])
     held_groups = torch.cat(held) if held else groups[:0]
@@ -78,8 +77,8 @@ def holdout_fraction(
     sizes = torch.bincount(labels[first]).tolist()
     sizes = [m for m in sizes if m > 0]
 
-    def held(f: float) -> int:  # as stratified_holdout counts them
-        return sum(min(round(f * m), m - 1) for m in sizes)
+    def held(f: float) -> int:
+        return sum(_held_count(f, m, at_least_one=False) for m in sizes)
 
     if min_images <= 0 or held(fraction) >= min_images or fraction >= cap:
         return fraction
@@ -87,6 +86,13 @@ def holdout_fraction(
         if held(percent / 100) >= min_images:
             return percent / 100
     return cap
+
+
+def _held_count(fraction: float, groups: int, at_least_one: bool) -> int:
+    """How many of a class's `groups` the stratified holdout takes: `fraction` of them rounded, at least
+    one with `at_least_one`, and never all of them."""
+    count = round(fraction * groups)
+    return min(max(count, 1) if at_least_one else count, groups - 1)
 
 
 def _first_occurrence(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
