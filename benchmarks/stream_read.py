@@ -46,9 +46,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from _caches import write_cache  # noqa: E402
 
+from vitprobe.buffers import release  # noqa: E402
 from vitprobe.cache import open_cache  # noqa: E402
 from vitprobe.probe.selection import stratified_holdout  # noqa: E402
-from vitprobe.stream import release  # noqa: E402
 from vitprobe.tokens import CacheSource, Split, iter_batches, to_tokens  # noqa: E402
 from vitprobe.verified import VERIFIED_FILE  # noqa: E402
 

@@ -6,7 +6,8 @@ order of all windows; consecutive windows form a group of about half the buffer,
 batch buffers, one copy per byte. A reader thread opens and pages in the next group (and verifies its
 shards) while the current one is consumed, so reading overlaps compute and memory stays at about the
 buffer plus a few batches, whatever the shard or cache size. Every permutation is drawn in the caller's
-thread from its generator, so the batches depend on the seed and epoch only, never on timing.
+thread from its generator, so the batches depend on the seed and epoch only, never on timing. The buffers and
+the batches they hold are `vitprobe.buffers`.
 
 Shards are verified (`TokenSource.verify_block`: sha256 the first time) on background threads while they
 are consumed; the stream waits for every verification before its last batch, so a corrupt shard stops the
@@ -16,145 +17,21 @@ pass with a CacheError before any result is computed from it.
 from __future__ import annotations
 
 import os
-from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 
+from vitprobe.buffers import Batch, Fp32Buffers, Ring, one_thread
 from vitprobe.tokens import WINDOW_BYTES
 
 if TYPE_CHECKING:
     from vitprobe.tokens import TokenSource
 
 STREAM_BUFFER_BYTES = 512 << 20  # default feed memory: the group being consumed plus the one read ahead
-RING = 3  # batch buffers kept for reuse (CUDA copies from one while the next two are filled)
 VERIFIERS = max(1, min(4, (os.cpu_count() or 2) - 1))  # shards hashed at once (hashlib frees the GIL)
-
-
-class Batch(dict):
-    """A streamed batch (keys -> tensors) whose token tensors live in a reused buffer, `slot`."""
-
-    slot: _Slot | None = None
-    moved: dict[tuple[str, str], torch.Tensor] | None = None  # whole (B, L, ...) tensors copied to a GPU
-    fp32: Fp32Buffers | None = None  # the stream's reused buffers for fp32 copies on the CPU
-
-
-def fp32_on_cpu(batch: dict[str, torch.Tensor], t: torch.Tensor) -> torch.Tensor | None:
-    """`t` (a tensor of the batch, or a view of one) as fp32 in one of its stream's reused CPU buffers; None
-    when the batch has none (not streamed)."""
-    if not isinstance(batch, Batch) or batch.fp32 is None or t.device.type != "cpu":
-        return None
-    return batch.fp32.convert(t)
-
-
-_use_count = getattr(torch._C, "_storage_Use_Count", None)  # tensors (views included) sharing a storage
-
-
-def _holders(t: torch.Tensor) -> int:
-    return _use_count(t.untyped_storage()._cdata) if _use_count is not None else -1
-
-
-class Fp32Buffers:
-    """fp32 copies of a stream's batches on the CPU, written into a few reused buffers per tensor shape:
-    converting into fresh memory runs at a fraction of copy speed (every page is faulted in and zeroed).
-
-    A buffer is written again only when nothing but this pool holds its memory (its storage's use count:
-    every view handed out, and every tensor autograd saved from one, counts). So a batch still in use —
-    the previous step's tokens, a prefetch queue, features kept in a list — is never overwritten; when all
-    kept buffers are in use, the copy goes to fresh memory, as without the pool.
-    """
-
-    def __init__(self, keep: int = RING) -> None:
-        self.keep = keep
-        self.buffers: dict[tuple[int, ...], list[tuple[torch.Tensor, int]]] = {}  # row shape: (buffer, idle)
-
-    def convert(self, t: torch.Tensor) -> torch.Tensor:
-        """`t` as fp32 (same shape), in a buffer that nothing else is using."""
-        kept = self.buffers.setdefault(tuple(t.shape[1:]), [])
-        for buffer, idle in kept:
-            if len(buffer) >= len(t) and _holders(buffer) == idle:
-                with _one_thread():
-                    return buffer[: len(t)].copy_(t)  # (B, ...) a view: held, it keeps the buffer busy
-        buffer = torch.empty(t.shape, dtype=torch.float32)
-        if _use_count is not None and len(kept) < self.keep:
-            kept.append((buffer, _holders(buffer)))
-            buffer = buffer[:]  # hand out a view, as above
-        with _one_thread():
-            return buffer.copy_(t)
-
-
-def on_device(batch: dict[str, torch.Tensor], key: str, device: torch.device) -> torch.Tensor:
-    """`batch[key]` on `device` in its stored dtype, copied once per batch (several blocks are then picked
-    on the device instead of each one copied from a strided host view)."""
-    t = batch[key]
-    if not isinstance(batch, Batch) or t.device == device:
-        return t
-    if batch.moved is None:
-        batch.moved = {}
-    if (key, str(device)) not in batch.moved:
-        batch.moved[(key, str(device))] = t.to(device, non_blocking=True)
-    return batch.moved[(key, str(device))]
-
-
-def reused(batch: dict[str, torch.Tensor]) -> bool:
-    """Whether the batch's token tensors live in a buffer the feed reuses (copy them to keep them)."""
-    return isinstance(batch, Batch) and batch.slot is not None
-
-
-def release(batch: dict[str, torch.Tensor], device: torch.device) -> None:
-    """Give a batch's buffer back to the feed once its tensors were copied out (on `device`'s stream)."""
-    if isinstance(batch, Batch) and batch.slot is not None:
-        batch.slot.release(device)
-
-
-class _Slot:
-    """One batch buffer per key; back in its ring's free list once released."""
-
-    def __init__(self, tensors: dict[str, torch.Tensor], free: deque[_Slot]) -> None:
-        self.tensors, self.free, self.event, self.available = tensors, free, None, False
-
-    def release(self, device: torch.device) -> None:
-        if device.type == "cuda":  # the copy out of this pinned buffer may still run: wait for it on reuse
-            self.event = torch.cuda.Event()
-            self.event.record(torch.cuda.current_stream(device))
-        if not self.available:
-            self.available = True
-            self.free.append(self)
-
-    def claim(self) -> dict[str, torch.Tensor]:
-        if self.event is not None:
-            self.event.synchronize()
-            self.event = None
-        self.available = False
-        return self.tensors
-
-
-class _Ring:
-    """Batch buffers shaped like `like` (pinned when `pin`), reused once `to_tokens` released them; a batch
-    that is never released keeps its buffer, and the ring makes a new one."""
-
-    def __init__(self, like: dict[str, torch.Tensor], batch_size: int, pin: bool) -> None:
-        self.specs = {k: (tuple(v.shape[1:]), v.dtype) for k, v in like.items()}
-        self.batch_size, self.pin = batch_size, pin
-        self.free: deque[_Slot] = deque()
-        self.made = 0
-
-    def take(self, n: int) -> tuple[dict[str, torch.Tensor], _Slot]:
-        spare = 2 if self.pin else 1  # on CUDA, keep one buffer in flight while another is filled
-        if len(self.free) >= spare or (self.free and self.made >= RING):
-            slot = self.free.popleft()
-        else:
-            tensors = {
-                k: torch.empty((self.batch_size, *shape), dtype=dtype, pin_memory=self.pin)
-                for k, (shape, dtype) in self.specs.items()
-            }
-            slot = _Slot(tensors, self.free)
-            self.made += 1
-        return {k: v[:n] for k, v in slot.claim().items()}, slot
 
 
 @dataclass
@@ -222,11 +99,11 @@ def memory_batches(
 ) -> Iterator[Batch]:
     """Batches of rows `order` of tensors in pinned host memory, gathered into pinned reused buffers so each
     copies to the GPU asynchronously (an index into pinned memory would give pageable memory)."""
-    ring = _Ring({k: memory[k] for k in keys}, batch_size, pin=pin)
+    ring = Ring({k: memory[k] for k in keys}, batch_size, pin=pin)
     for b in range(count):
         take = order[b * batch_size : (b + 1) * batch_size]
         out, slot = ring.take(len(take))
-        with _one_thread():
+        with one_thread():
             for k in keys:
                 gather(memory[k], take, out[k])
         batch = Batch(out)
@@ -306,30 +183,16 @@ def _as_wide(out: torch.Tensor, wide_src: torch.Tensor) -> torch.Tensor:
     return out.view(len(out), -1).view(torch.uint8).view(wide_src.dtype)
 
 
-@contextmanager
-def _one_thread() -> Iterator[None]:
-    """Row copies on one thread: a copy is memory-bound, one core reaches memory speed, and a parallel copy
-    waits for its slowest thread (on a busy machine, for a thread that is not running)."""
-    threads = torch.get_num_threads()
-    if threads > 1:
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        if threads > 1:
-            torch.set_num_threads(threads)
-
-
 def _assemble(
     pool: Pool,
     take: torch.Tensor,
     keys: Sequence[str],
     labels: torch.Tensor,
-    sink: _Ring | None,
+    sink: Ring | None,
     views: bool,
 ) -> Batch:
     """The batch of pool positions `take`, grouped by piece; zero-copy views when it is one row run."""
-    with _one_thread():
+    with one_thread():
         take, counts, used = pool.by_piece(take)
         local = pool.local[take]  # (B,) positions inside their pieces, grouped by piece
         if views and len(used) == 1 and not pool.pieces[used[0]].reused:
@@ -385,7 +248,7 @@ def _leftover(pool: Pool, rest: torch.Tensor, buffers: dict[str, torch.Tensor] |
     given, else fresh memory."""
     if len(rest) == 0:
         return []
-    with _one_thread():
+    with one_thread():
         rest, counts, used = pool.by_piece(rest)
         like = pool.pieces[used[0]].tensors
         if buffers is None:
@@ -432,7 +295,7 @@ def stream_batches(
     blocks = list(dict.fromkeys(w.block for w in windows))  # in the order the pass first reads them
     labels = source.labels
     views = generator is None and not pin and not into_memory  # in order: batches can be file views
-    sink: _Ring | None = None
+    sink: Ring | None = None
     fp32 = None if into_memory else Fp32Buffers()
     carry: list[Piece] = []
     spare: dict[int, dict[str, torch.Tensor]] = {}  # the two carry buffers (batch_size rows each)
@@ -453,7 +316,7 @@ def stream_batches(
             order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
             like = pool.pieces[0].tensors
             if sink is None and not into_memory:
-                sink = _Ring({k: like[k] for k in keys}, batch_size, pin)
+                sink = Ring({k: like[k] for k in keys}, batch_size, pin)
             full = n // batch_size
             for b in range(full):
                 take = order[b * batch_size : (b + 1) * batch_size]

@@ -452,13 +452,13 @@ def to_tokens(
 ) -> Tokens:
     """A batch dict as fp32 `Tokens` on `device` (the dtype conversion happens there), with the final norm
     applied when asked. The tokens own their memory: the feed may reuse the batch's buffers afterwards.
-    On the CPU a streamed batch is converted into its stream's reused fp32 buffers (`stream.Fp32Buffers`),
+    On the CPU a streamed batch is converted into its stream's reused fp32 buffers (`buffers.Fp32Buffers`),
     which are not written again while anything holds these tokens.
 
     `layer` picks a position on the batch's block axis (batches of several blocks are (B, L, ...)); None
     when the batch holds one block.
     """
-    from vitprobe.stream import fp32_on_cpu, on_device, release, reused
+    from vitprobe.buffers import fp32_on_cpu, on_device, release, reused
 
     shared = reused(batch)
 
