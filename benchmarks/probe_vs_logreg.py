@@ -59,7 +59,8 @@ def extract_caches(work: Path, model: str, dataset: str, folder: Path) -> dict[s
 def features(cache: Path, pool: str) -> tuple[np.ndarray, np.ndarray, torch.Tensor, torch.Tensor]:
     """(n, D) features as the probe reads them (un-normed last block), labels, and the holdout groups."""
     from vitprobe.cache import open_cache
-    from vitprobe.tokens import CacheSource, load_whole
+    from vitprobe.sources import CacheSource
+    from vitprobe.tokens import load_whole
 
     c = open_cache(cache)
     src = CacheSource(c, max(c.layers))

@@ -49,7 +49,8 @@ from _caches import write_cache  # noqa: E402
 from vitprobe.buffers import release  # noqa: E402
 from vitprobe.cache import open_cache  # noqa: E402
 from vitprobe.probe.selection import stratified_holdout  # noqa: E402
-from vitprobe.tokens import CacheSource, Split, iter_batches, to_tokens  # noqa: E402
+from vitprobe.sources import CacheSource  # noqa: E402
+from vitprobe.tokens import Split, iter_batches, to_tokens  # noqa: E402
 from vitprobe.verified import VERIFIED_FILE  # noqa: E402
 
 KEYS = ("cls", "patches")

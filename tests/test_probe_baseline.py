@@ -16,7 +16,7 @@ from vitprobe.probe.baseline import (
     choose,
     shortfall_margin,
 )
-from vitprobe.tokens import MemorySource
+from vitprobe.sources import MemorySource
 
 
 def digits() -> tuple[torch.Tensor, torch.Tensor]:

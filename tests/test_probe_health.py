@@ -8,7 +8,7 @@ import torch
 from vitprobe.errors import ProbeError
 from vitprobe.probe import ProbeConfig, train_probes
 from vitprobe.probe.selection import health
-from vitprobe.tokens import MemorySource
+from vitprobe.sources import MemorySource
 
 
 def blobs(n: int, *, classes: int = 4, dim: int = 8, seed: int = 0, noise: float = 1.0) -> MemorySource:

@@ -14,7 +14,8 @@ import torch
 from vitprobe.heads import HeadSpec
 from vitprobe.probe import ProbeConfig, train_probes
 from vitprobe.probe.logreg import fit_logreg, standardise, standardised, to_head
-from vitprobe.tokens import MemorySource, Tokens
+from vitprobe.sources import MemorySource
+from vitprobe.tokens import Tokens
 
 
 def digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

@@ -12,7 +12,8 @@ from vitprobe.heads import HeadSpec
 from vitprobe.probe import ProbeConfig, train_probes
 from vitprobe.probe.protocols import Schedule, lr_factor, plan_schedule
 from vitprobe.probe.selection import holdout_fraction, stratified_holdout
-from vitprobe.tokens import MemorySource, Split, iter_batches
+from vitprobe.sources import MemorySource
+from vitprobe.tokens import Split, iter_batches
 
 
 def blobs(n: int, *, classes: int = 4, dim: int = 8, patches: int = 4, seed: int = 0) -> MemorySource:

@@ -22,16 +22,9 @@ from vitprobe.cache import (
 )
 from vitprobe.errors import CacheError
 from vitprobe.mapped import MappedFile
+from vitprobe.sources import CacheSource, MemorySource
 from vitprobe.stream import plan_groups, plan_windows, stream_batches
-from vitprobe.tokens import (
-    CacheSource,
-    MemorySource,
-    Split,
-    iter_batches,
-    load_whole,
-    pooled_source,
-    to_tokens,
-)
+from vitprobe.tokens import Split, iter_batches, load_whole, pooled_source, to_tokens
 
 GRID, DIM, CLASSES = (2, 2), 8, 3
 CPU = torch.device("cpu")

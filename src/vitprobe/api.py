@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
     from vitprobe.cache import TokenCache
     from vitprobe.models import Backbone
-    from vitprobe.tokens import TokenSource
+    from vitprobe.sources import TokenSource
 
 Data = Any  # a dataset spec ("cub:/data/CUB_200_2011"), a torch Dataset, or a DataLoader of (images, labels)
 Tokens = Any  # a token cache (path or TokenCache) or in-memory tokens (`vp.extract_tokens(..., out=None)`)
@@ -165,7 +165,7 @@ def extract_tokens(
         class_names: names of the labels of a Dataset / DataLoader (default: its `classes`, else numbers).
 
     Returns:
-        The opened `TokenCache` (out given), or in-memory tokens (a `vitprobe.tokens.MemorySource`).
+        The opened `TokenCache` (out given), or in-memory tokens (a `vitprobe.sources.MemorySource`).
     """
     bb = load(backbone)
     if out is not None:
@@ -233,7 +233,7 @@ def _extract_memory(
 
     from vitprobe.devices import resolve_device
     from vitprobe.extract import split_tokens
-    from vitprobe.tokens import MemorySource
+    from vitprobe.sources import MemorySource
 
     dev = resolve_device(device)
     loader, names = _loader(bb, data, split, batch_size, workers, limit, dev)

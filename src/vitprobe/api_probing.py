@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
     from vitprobe.probe.protocols import ProbeConfig
     from vitprobe.results import KnnResults, ProbeResults, Readout
-    from vitprobe.tokens import TokenSource
+    from vitprobe.sources import TokenSource
 
 
 # ------------------------------------------------------------------------------------------------ probing
@@ -72,7 +72,7 @@ def fit_probes(
             device, seed, ...).
     """
     from vitprobe.probe import ProbeConfig
-    from vitprobe.tokens import MemorySource
+    from vitprobe.sources import MemorySource
 
     cfg = ProbeConfig.from_protocol(protocol, pools=tuple(pools) if pools else None, **overrides)
     if isinstance(train, MemorySource) or isinstance(test, MemorySource):
@@ -153,7 +153,7 @@ def knn_accuracy(
         overwrite: replace an earlier knn.json in `out` (refused otherwise).
     """
     from vitprobe.knn import KnnConfig, clipped_k_warnings, knn_evaluate, run_knn
-    from vitprobe.tokens import MemorySource
+    from vitprobe.sources import MemorySource
 
     cfg = KnnConfig(ks=tuple(ks), temperature=temperature, pool=pool, device=device)
     if not (isinstance(train, MemorySource) or isinstance(test, MemorySource)):

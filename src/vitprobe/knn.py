@@ -246,15 +246,8 @@ def cache_features(
     cache: Any, *, pool: str, layer: int, final_norm: bool, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One feature per image (view 0) from a token cache: (n, D) features and (n,) labels, on `device`."""
-    from vitprobe.tokens import (
-        CacheSource,
-        Split,
-        Tokens,
-        cache_token_keys,
-        final_norm_state,
-        iter_batches,
-        to_tokens,
-    )
+    from vitprobe.sources import CacheSource, cache_token_keys
+    from vitprobe.tokens import Split, Tokens, final_norm_state, iter_batches, to_tokens
 
     available = cache_token_keys(cache)
     if pool == "cls" and "cls" not in available:

@@ -28,7 +28,7 @@ from vitprobe.buffers import Batch, Fp32Buffers, Ring, one_thread
 from vitprobe.tokens import WINDOW_BYTES
 
 if TYPE_CHECKING:
-    from vitprobe.tokens import TokenSource
+    from vitprobe.sources import TokenSource
 
 STREAM_BUFFER_BYTES = 512 << 20  # default feed memory: the group being consumed plus the one read ahead
 VERIFIERS = max(1, min(4, (os.cpu_count() or 2) - 1))  # shards hashed at once (hashlib frees the GIL)

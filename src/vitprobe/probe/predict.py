@@ -14,7 +14,8 @@ from vitprobe.heads import HeadSpec
 from vitprobe.probe.protocols import ProbeConfig
 from vitprobe.probe.runs import needed_keys, resolve_specs
 from vitprobe.probe.saved import check_head_matches_cache, head_blocks, load_head
-from vitprobe.tokens import CacheSource, Split, cache_token_keys, final_norm_state, iter_batches, to_tokens
+from vitprobe.sources import CacheSource, cache_token_keys
+from vitprobe.tokens import Split, final_norm_state, iter_batches, to_tokens
 
 
 @dataclass(frozen=True)

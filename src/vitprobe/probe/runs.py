@@ -208,7 +208,8 @@ def run_probe(
     from vitprobe.pairing import backbone_identity, check_pair, pair_warnings
     from vitprobe.probe.saved import save_head
     from vitprobe.probe.train import train_probes
-    from vitprobe.tokens import CacheSource, cache_token_keys, final_norm_state
+    from vitprobe.sources import CacheSource, cache_token_keys
+    from vitprobe.tokens import final_norm_state
 
     out_dir = Path(out_dir)
     repaired = rundir.recover(out_dir)  # a kill mid-swap: roll back to a consistent pair, drop debris

@@ -22,7 +22,8 @@ from vitprobe.probe.outcome import ProbeOutcome, ReadoutResult
 from vitprobe.probe.protocols import ProbeConfig, plan_schedule
 from vitprobe.probe.selection import holdout_fraction, stratified_holdout
 from vitprobe.probe.validate import check_labels, refuse_nonfinite
-from vitprobe.tokens import Split, TokenSource, load_whole, memory_budget, pooled_source
+from vitprobe.sources import TokenSource
+from vitprobe.tokens import Split, load_whole, memory_budget, pooled_source
 
 if TYPE_CHECKING:
     from rich.console import Console

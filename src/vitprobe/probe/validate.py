@@ -8,7 +8,8 @@ import torch
 
 from vitprobe.errors import ProbeError
 from vitprobe.pairing import unseen_class_warnings
-from vitprobe.tokens import TokenSource, non_finite_rows
+from vitprobe.sources import TokenSource
+from vitprobe.tokens import non_finite_rows
 
 
 def _where(source: TokenSource) -> str:
