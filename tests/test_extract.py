@@ -24,6 +24,7 @@ from typer.testing import CliRunner
 
 import vitprobe.extract as extract_mod
 import vitprobe.rows as rows_mod
+import vitprobe.shardfill as shardfill_mod
 from vitprobe.cache import LOCK_FILE, MANIFEST_FILE, open_cache
 from vitprobe.cli import app
 from vitprobe.data import open_dataset, stratified_subset
@@ -502,12 +503,12 @@ def test_a_real_ctrl_c_to_the_process_group_with_workers_is_one_line_and_exit_13
 def test_tokens_that_overflow_the_store_dtype_are_refused_not_written_as_inf(
     data_spec: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real_split = extract_mod.split_tokens
+    real_split = shardfill_mod.split_tokens
 
     def huge(outs, **kwargs):  # residual streams with outliers beyond fp16's range (65504)
         return real_split([o * 1e5 for o in outs], **kwargs)
 
-    monkeypatch.setattr(extract_mod, "split_tokens", huge)
+    monkeypatch.setattr(shardfill_mod, "split_tokens", huge)
     config = _config(data_spec, tmp_path / "c", store="fp16", limit=4)
     overflow = "finite in its fp32 forward pass but not once stored as fp16"
     with pytest.raises(CacheError, match=overflow) as info:

@@ -232,7 +232,7 @@ def _extract_memory(
     import torch
 
     from vitprobe.devices import resolve_device
-    from vitprobe.extract import split_tokens
+    from vitprobe.rows import split_tokens
     from vitprobe.sources import MemorySource
 
     dev = resolve_device(device)
