@@ -30,6 +30,13 @@ def init_distributed(device: torch.device) -> tuple[int, int, bool]:
 
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size(), False
+    # torch.distributed.nn's collectives take `group=group.WORLD` as a default argument, bound at import.
+    # Imported after the group exists (timm imports it, through torch._dynamo), they would keep the group
+    # alive past destroy_process_group, and its gloo threads would be torn down with the interpreter instead,
+    # where they abort the process at random ("terminate called without an active exception") after a
+    # finished run.
+    import torch.distributed.nn  # noqa: F401
+
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=2))
